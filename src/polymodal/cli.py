@@ -1,0 +1,135 @@
+"""The ``polymodal`` command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.logging import RichHandler
+from rich.table import Table
+
+from polymodal.errors import InputError
+from polymodal.progress import console, progress_bar
+
+app = typer.Typer(help="Build, train, evaluate and serve multimodal models.", no_args_is_help=True,
+                  pretty_exceptions_show_locals=False)
+data_app = typer.Typer(help="Make, pack and look at data sets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False):
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)])
+
+
+def fail(error: Exception) -> typer.Exit:
+    console.print(f"[red]error:[/red] {error}")
+    return typer.Exit(2)
+
+
+@data_app.command("shapes")
+def data_shapes(
+    out: Annotated[Path, typer.Argument(help="Folder to write the data set to.")],
+    n: Annotated[int, typer.Option("--n", help="Number of samples.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same world.")] = 0,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,
+    speech: Annotated[bool, typer.Option(help="Speak captions and questions (eSpeak NG).")] = True,
+    video_fraction: Annotated[float, typer.Option(help="Share of samples with a video clip.")] = 0.05,
+    workers: Annotated[int, typer.Option(help="Worker processes (0: one per core).")] = 0,
+):
+    """Generate the shapes world: images, captions, speech, QA, fusion task, videos, splits."""
+    from polymodal.data.shapes import WorldConfig, generate_world
+
+    try:
+        config = WorldConfig(n=n, seed=seed, size=size, speech=speech, video_fraction=video_fraction)
+    except ValueError as e:
+        raise fail(e) from None
+    start = time.perf_counter()
+    with progress_bar("shapes world", n) as update:
+        generate_world(out, config, workers=workers or None, progress=update)
+    console.print(f"wrote {n} samples to {out} in {time.perf_counter() - start:.1f} s")
+
+
+@data_app.command("inspect")
+def data_inspect(
+    location: Annotated[Path, typer.Argument(help="Data set folder, shard folder or .tar shard.")],
+    sheet: Annotated[Path | None, typer.Option(help="Contact-sheet PNG (default: LOCATION/contact_sheet.png).")] = None,
+    decode: Annotated[bool, typer.Option(help="Decode every file to find bad ones.")] = True,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON.")] = None,
+):
+    """Counts per split and modality, bad samples, and a contact sheet of images and captions."""
+    from polymodal.data.inspect import inspect_dataset
+
+    sheet = sheet or (location / "contact_sheet.png" if location.is_dir() else location.with_suffix(".png"))
+    try:
+        with progress_bar("inspecting", None) as update:
+            report = inspect_dataset(location, decode=decode, sheet=sheet, progress=update)
+    except InputError as e:
+        raise fail(e) from None
+    print_inspection(report)
+    if json_out:
+        json_out.write_text(json.dumps(inspection_json(report), indent=2) + "\n")
+
+
+def inspection_json(report) -> dict:
+    return {
+        "samples": report.samples, "per_split": dict(report.per_split),
+        "per_modality": {s: dict(c) for s, c in report.per_modality.items()},
+        "bad": [{"source": b.source, "reason": b.reason} for b in report.bad],
+        "sheet": str(report.sheet) if report.sheet else None,
+    }
+
+
+def print_inspection(report) -> None:
+    modalities = sorted({m for c in report.per_modality.values() for m in c})
+    table = Table(title=f"{report.samples} samples")
+    for header in ["split", "samples", *modalities]:
+        table.add_column(header, justify="right" if header != "split" else "left")
+    for split, count in sorted(report.per_split.items()):
+        table.add_row(split, str(count), *[str(report.per_modality[split].get(m, 0)) for m in modalities])
+    console.print(table)
+    if report.bad:
+        console.print(f"[yellow]{len(report.bad)} bad samples:[/yellow]")
+        for b in report.bad[:50]:
+            console.print(f"  {b.source}: {b.reason}")
+    else:
+        console.print("no bad samples found")
+    if report.sheet:
+        console.print(f"contact sheet: {report.sheet}")
+
+
+@data_app.command("shard")
+def data_shard(
+    directory: Annotated[Path, typer.Argument(help="Data set folder with metadata.jsonl.")],
+    out: Annotated[Path, typer.Argument(help="Folder for the .tar shards.")],
+    samples_per_shard: Annotated[int, typer.Option(help="Samples in each shard.")] = 1000,
+):
+    """Pack a data set folder into WebDataset tar shards that the same loader streams."""
+    from polymodal.data.source import SkipLog, write_shards
+
+    skips = SkipLog()
+    try:
+        shards = write_shards(directory, out, samples_per_shard=samples_per_shard, skips=skips)
+    except InputError as e:
+        raise fail(e) from None
+    console.print(f"wrote {len(shards)} shards to {out}; {skips.summary()}")
+
+
+@app.command("demo")
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for everything the demo makes.")] = Path("outputs/demo"),
+    n: Annotated[int, typer.Option("--n", help="Samples in the demo's shapes world.")] = 2000,
+):
+    """The main job on built-in data: make a shapes world, inspect it, and say what was made."""
+    from polymodal.demo import run_demo
+
+    run_demo(out, n=n)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,1 @@
+"""Data sets: folders and shards, streaming, collation, and the built-in shapes world."""

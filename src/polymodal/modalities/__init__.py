@@ -1,0 +1,1 @@
+"""Per-modality loading, validation, preprocessing and tokenisation."""

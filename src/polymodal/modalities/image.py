@@ -1,0 +1,141 @@
+"""Images: decode with PIL, validate, resize / centre-crop / normalise, patchify and back."""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from polymodal.errors import InputError
+
+DEFAULT_MAX_PIXELS = 64_000_000  # about 8000 x 8000; raise it for larger images
+Source = str | os.PathLike | bytes
+
+
+def load_image(
+    source: Source, *, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """Decode an image file (path or bytes) into an RGB PIL image.
+
+    Raises :class:`InputError` naming the file for: a missing or zero-length file, a format
+    PIL does not know, a corrupt or truncated file, and an image of more than ``max_pixels``.
+    """
+    if isinstance(source, bytes | bytearray):
+        data, name = bytes(source), name or "<image bytes>"
+    else:
+        path = Path(source)
+        name = name or str(path)
+        if not path.is_file():
+            raise InputError(name, "file not found")
+        data = path.read_bytes()
+    if not data:
+        raise InputError(name, "zero-length file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width <= 0 or height <= 0:
+                raise InputError(name, f"invalid image size {width}x{height}")
+            if width * height > max_pixels:
+                raise InputError(
+                    name, f"{width}x{height} pixels exceeds the limit of {max_pixels:,} (max_pixels)"
+                )
+            image.load()  # decode now, so truncated data fails here and not later
+    except UnidentifiedImageError as e:
+        raise InputError(name, "unsupported or unrecognised image format") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InputError(name, f"image too large: {e}") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(name, f"corrupt or truncated image: {e}") from e
+    if image.mode != "RGB":  # grey, palette, alpha, CMYK...: composite onto white, then RGB
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    return image
+
+
+def to_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
+    """RGB image -> float tensor ``(3, H, W)`` in [0, 1]."""
+    array = np.array(image)  # a writable copy
+    if array.ndim == 2:
+        array = array[:, :, None].repeat(3, axis=2)
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+        raise InputError("image", f"expected 1, 3 or 4 channels (H, W, C); got shape {array.shape}")
+    if array.shape[2] == 1:
+        array = array.repeat(3, axis=2)
+    array = array[:, :, :3]
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float() / 255.0
+
+
+def to_pil(tensor: torch.Tensor) -> Image.Image:
+    """Float tensor ``(3, H, W)`` in [0, 1] -> RGB PIL image."""
+    if tensor.ndim != 3 or tensor.shape[0] not in (1, 3):
+        raise InputError("image", f"expected a (3, H, W) or (1, H, W) tensor; got {tuple(tensor.shape)}")
+    array = (tensor.detach().float().clamp(0, 1) * 255).round().byte().cpu()
+    if array.shape[0] == 1:
+        array = array.repeat(3, 1, 1)
+    return Image.fromarray(array.permute(1, 2, 0).numpy(), "RGB")
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Resize the shorter side to ``size``, centre-crop to ``size`` x ``size``, normalise.
+
+    ``mean`` / ``std`` are per channel on [0, 1] values; the default maps [0, 1] to [-1, 1].
+    """
+
+    size: int = 64
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    resample: int = Image.Resampling.BICUBIC
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        width, height = image.size
+        if (width, height) != (self.size, self.size):
+            scale = self.size / min(width, height)
+            new_size = (max(self.size, round(width * scale)), max(self.size, round(height * scale)))
+            image = image.resize(new_size, self.resample)
+            left = (new_size[0] - self.size) // 2
+            top = (new_size[1] - self.size) // 2
+            image = image.crop((left, top, left + self.size, top + self.size))
+        return self.normalize(to_tensor(image))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(3, 1, 1)
+        return (x - mean) / std
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (3, 1, 1) if x.ndim == 3 else (1, 3, 1, 1)
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(shape)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(shape)
+        return x * std + mean
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B, N, C * p * p)`` with patches in row-major order."""
+    b, c, h, w = images.shape
+    p = patch_size
+    if h % p or w % p:
+        raise ValueError(f"image {h}x{w} is not divisible by patch size {p}")
+    x = images.reshape(b, c, h // p, p, w // p, p)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def unpatchify(patches: torch.Tensor, patch_size: int, height: int, width: int, channels: int = 3) -> torch.Tensor:
+    """Inverse of :func:`patchify`: ``(B, N, C * p * p)`` -> ``(B, C, H, W)``."""
+    b, n, d = patches.shape
+    p = patch_size
+    gh, gw = height // p, width // p
+    if n != gh * gw or d != channels * p * p:
+        raise ValueError(f"patches {tuple(patches.shape)} do not tile a {channels}x{height}x{width} image")
+    x = patches.reshape(b, gh, gw, channels, p, p)
+    return x.permute(0, 3, 1, 4, 2, 5).reshape(b, channels, height, width)
