@@ -1,6 +1,12 @@
 import pytest
 
-from polymodal.data.scene import SceneObject, answer_question, check_caption, parse_claims, question_type
+from polymodal.data.scene import (
+    SceneObject,
+    answer_question,
+    check_caption,
+    parse_claims,
+    question_type,
+)
 
 RED_CIRCLE_TL = SceneObject("circle", "red", "small", 0, 0)
 BLUE_SQUARE_C = SceneObject("square", "blue", "large", 1, 1)

@@ -120,6 +120,119 @@ def data_shard(
     console.print(f"wrote {len(shards)} shards to {out}; {skips.summary()}")
 
 
+@app.command("train")
+def train_command(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see recipes/).")],
+    data: Annotated[Path, typer.Option(help="Data set folder or shards.")],
+    out: Annotated[Path, typer.Option(help="Output folder: model/, checkpoints/, logs/, curves.png.")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value settings, e.g. trainer.max_minutes=5")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.ckpt.")] = False,
+):
+    """Train a model from a recipe; writes a from_pretrained-ready folder, logs and curves."""
+    from polymodal.train.recipe import load_recipe
+    from polymodal.train.run import train
+
+    try:
+        loaded = load_recipe(recipe, overrides or [])
+        model_dir = train(loaded, data, out, resume=resume)
+    except (InputError, ValueError) as e:
+        raise fail(e) from None
+    console.print(f"model saved to {model_dir}; curves: {out / 'curves.png'}")
+
+
+@app.command("eval")
+def eval_command(
+    model: Annotated[Path, typer.Argument(help="A saved model folder.")],
+    data: Annotated[Path, typer.Option(help="Data set folder or shards.")],
+    split: Annotated[list[str] | None, typer.Option(help="Split(s) to score (default: val, test, test_novel).")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many samples per split.")] = 1000,
+    classes: Annotated[Path | None, typer.Option(help="File of class names, one a line (label column data).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write every metric as JSON.")] = None,
+):
+    """Score a model: retrieval Recall@1/5/10 both ways and zero-shot accuracy, per split."""
+    from polymodal.eval.run import DEFAULT_SPLITS, evaluate, format_table
+
+    try:
+        names = [line.strip() for line in classes.read_text().splitlines() if line.strip()] if classes else None
+        results = evaluate(model, data, split or DEFAULT_SPLITS, limit=limit, class_names=names)
+    except (InputError, ValueError) as e:
+        raise fail(e) from None
+    console.print(format_table(results))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(results, indent=2) + "\n")
+        console.print(f"metrics written to {json_out}")
+
+
+index_app = typer.Typer(help="Vector indexes of embeddings for search.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("build")
+def index_build(
+    model: Annotated[Path, typer.Argument(help="A saved contrastive model folder.")],
+    data: Annotated[Path, typer.Argument(help="Data set folder or shards to index.")],
+    out: Annotated[Path, typer.Argument(help="Folder for the index.")],
+    modality: Annotated[str, typer.Option(help="Which tower embeds the samples.")] = "image",
+    split: Annotated[str | None, typer.Option(help="Only this split.")] = None,
+    kind: Annotated[str, typer.Option(help="auto (exact up to 50,000 vectors, else HNSW), exact or hnsw.")] = "auto",
+):
+    """Embed a data set with a model and write a FAISS index (memory-mapped when searched)."""
+    from polymodal.index.build import build_index
+
+    try:
+        with progress_bar("indexing", None) as update:
+            index = build_index(model, data, out, modality=modality, split=split, kind=kind, progress=update)
+    except (InputError, ValueError) as e:
+        raise fail(e) from None
+    console.print(f"indexed {index.index.ntotal} items in {out}")
+
+
+@app.command("search")
+def search_command(
+    index: Annotated[Path, typer.Argument(help="An index folder from `polymodal index build`.")],
+    query: Annotated[str | None, typer.Argument(help="A text query.")] = None,
+    image: Annotated[Path | None, typer.Option(help="An image file as the query.")] = None,
+    audio: Annotated[Path | None, typer.Option(help="An audio file as the query.")] = None,
+    k: Annotated[int, typer.Option("--k", "-k", help="How many hits.")] = 10,
+    sheet: Annotated[Path | None, typer.Option(help="Contact sheet of the hits (default: search.png).")] = None,
+):
+    """Search an index by text, image or audio; prints the top k and draws them."""
+    from polymodal.index.build import embed_query
+    from polymodal.index.vectors import VectorIndex
+    from polymodal.models.clip import ContrastiveModel
+
+    try:
+        vectors = VectorIndex.open(index)
+        model = ContrastiveModel.from_pretrained(vectors.info["model"])
+        query_vector = embed_query(model, text=query, image=str(image) if image else None,
+                                   audio=str(audio) if audio else None)
+        scores, positions = vectors.search(query_vector, k)
+    except (InputError, ValueError) as e:
+        raise fail(e) from None
+    table = Table(title=f"top {k} for {query or image or audio}")
+    for column in ("rank", "score", "id", "text"):
+        table.add_column(column)
+    hits = []
+    for rank, (score, pos) in enumerate(zip(scores[0], positions[0], strict=True), 1):
+        if pos < 0:
+            continue
+        item = vectors.items[pos]
+        hits.append((score, item))
+        table.add_row(str(rank), f"{score:.3f}", str(item.get("id")), str(item.get("text") or item.get("file")))
+    console.print(table)
+    files = [(s, it) for s, it in hits if it.get("file") and Path(it["file"]).is_file()]
+    if files:
+        from polymodal.data.inspect import contact_sheet
+        from polymodal.modalities.image import load_image
+
+        sheet = sheet or Path("search.png")
+        contact_sheet([(load_image(it["file"]), f"#{i} · {s:.3f}\n{it.get('text') or ''}")
+                       for i, (s, it) in enumerate(files, 1)], sheet, columns=min(5, len(files)),
+                      title=f"query: {query or image or audio}")
+        console.print(f"hits drawn in {sheet}")
+
+
 @app.command("demo")
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for everything the demo makes.")] = Path("outputs/demo"),

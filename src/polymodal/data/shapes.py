@@ -33,8 +33,19 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from polymodal.data.scene import (
-    COLOURS, NUMBERS, POSITION_PHRASES, RELATION_PHRASES, SHAPE_PLURALS, SHAPE_WORDS, SHAPES,
-    COLOUR_WORDS, POSITIONS, SIZE_WORDS, SIZES, SceneObject, relation_holds,
+    COLOUR_WORDS,
+    COLOURS,
+    NUMBERS,
+    POSITION_PHRASES,
+    POSITIONS,
+    RELATION_PHRASES,
+    SHAPE_PLURALS,
+    SHAPE_WORDS,
+    SHAPES,
+    SIZE_WORDS,
+    SIZES,
+    SceneObject,
+    relation_holds,
 )
 from polymodal.modalities.audio import save_wav
 from polymodal.modalities.speech import ENGLISH_VOICES, synthesize
@@ -227,6 +238,30 @@ def caption(rng: np.random.Generator, objects: list[SceneObject]) -> str:
             return _join(parts)
         templates += [counted, counted]
     return _choose(rng, templates)()
+
+
+# Words and sentence shapes that training captions never use, for paraphrased queries.
+PARAPHRASE_COLOURS = {"red": ("scarlet", "crimson"), "green": ("emerald", "lime"), "blue": ("azure", "cobalt"),
+                      "yellow": ("golden", "lemon"), "purple": ("lilac", "plum"), "orange": ("tangerine", "amber")}
+PARAPHRASE_SHAPES = {"circle": ("ring", "round dot"), "square": ("tile", "block"), "triangle": ("pyramid", "wedge"),
+                     "star": ("five-pointed star", "starburst"), "cross": ("plus symbol", "cross mark")}
+PARAPHRASE_SIZES = {"small": ("minuscule", "compact"), "large": ("huge", "giant")}
+PARAPHRASE_PLACES = ("upper-left corner", "top edge", "upper-right corner", "left edge", "dead center",
+                     "right edge", "lower-left corner", "bottom edge", "lower-right corner")
+
+
+def paraphrase(rng: np.random.Generator, objects: list[SceneObject]) -> str:
+    """A description in words and sentence shapes the training captions never use."""
+    parts = []
+    for o in objects:
+        size = _choose(rng, PARAPHRASE_SIZES[o.size])
+        colour = _choose(rng, PARAPHRASE_COLOURS[o.colour])
+        shape = _choose(rng, PARAPHRASE_SHAPES[o.shape])
+        place = PARAPHRASE_PLACES[o.cell]
+        parts.append(_choose(rng, (f"{size} {colour} {shape} near the {place}",
+                                   f"{colour} {shape}, {size}, by the {place}")))
+    lead = _choose(rng, ("this scene shows ", "we see ", "the picture holds ", "look: "))
+    return lead + "; ".join(parts)
 
 
 def questions(rng: np.random.Generator, objects: list[SceneObject], split: str) -> list[dict]:

@@ -1,0 +1,140 @@
+"""``polymodal eval``: every metric of a saved model on the splits of a data set.
+
+The contract for every model family: metrics keyed by split, then by metric name, printed as
+a table and written as JSON with ``--json``. For contrastive models: Recall@1/5/10 in both
+directions for every pair of towers (also pairs never trained together, such as audio->image
+in a bound model), and zero-shot classification: on the shapes world per attribute (colour,
+shape, size and position on single-object images, count on all), on any other data set over
+its ``label`` column.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Sequence
+
+import torch
+
+from polymodal.data.dataset import Collator, DecodeOptions
+from polymodal.data.memory import MemoryDataset
+from polymodal.eval.retrieval import retrieval_metrics
+from polymodal.eval.zeroshot import (
+    class_embeddings,
+    shapes_attribute_prompts,
+    shapes_count_prompts,
+    template_prompts,
+    zero_shot_accuracy,
+)
+
+DEFAULT_SPLITS = ("val", "test", "test_novel")
+EMBED_BATCH = 500
+
+
+def default_fields(model) -> dict[str, str]:
+    """Batch fields for each tower: modality name -> ``modality:column``."""
+    out = {}
+    for modality, spec in model.config.towers.items():
+        kind = "text" if spec["type"] in ("text", "minilm") else ("image" if spec["type"] in ("cnn", "vit") else spec["type"])
+        out[modality] = kind
+    return out
+
+
+@torch.no_grad()
+def embed_items(model, items: list[dict], fields, modalities: Sequence[str]) -> dict[str, torch.Tensor]:
+    collate = Collator(fields)
+    out: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
+    for start in range(0, len(items), EMBED_BATCH):
+        batch = collate(items[start : start + EMBED_BATCH])
+        for m in modalities:
+            out[m].append(model.embed(m, batch).cpu())
+    return {m: torch.cat(v) for m, v in out.items()}
+
+
+def validation_function(model, data, split: str, fields, options: DecodeOptions, limit: int):
+    """A function ``model -> metrics`` over ``limit`` samples of ``split``, decoded once."""
+    items = MemoryDataset(data, fields, split=split, options=options, limit=limit).items
+    pairs = model.config.pairs
+
+    def validate(m) -> dict[str, float]:
+        if not items:
+            return {}
+        emb = embed_items(m, items, fields, sorted({x for p in pairs for x in p}))
+        metrics: dict[str, float] = {}
+        for a, b in pairs:
+            metrics.update(retrieval_metrics(emb[b], emb[a], b, a, ks=(1, 5)))
+        return metrics
+
+    return validate
+
+
+def contrastive_metrics(model, items: list[dict], fields, shapes_world: bool, class_names: list[str] | None = None) -> dict[str, float]:
+    modalities = list(model.config.towers)
+    emb = embed_items(model, items, fields, modalities)
+    metrics: dict[str, float] = {"samples": float(len(items))}
+    for a, b in itertools.combinations(modalities, 2):
+        metrics.update(retrieval_metrics(emb[a], emb[b], a, b))
+    text = next((m for m in modalities if model.config.towers[m]["type"] in ("text", "minilm")), None)
+    rows = [item["row"] for item in items]
+    if text is None:
+        return metrics
+    embed_text = lambda texts: model.embed_text(texts, modality=text).cpu()  # noqa: E731
+    for query in (m for m in modalities if m != text):
+        prefix = "" if query == "image" else f"{query} "
+        if shapes_world:
+            single = [i for i, r in enumerate(rows) if len(r.get("objects", [])) == 1]
+            for attribute in ("colour", "shape", "size", "position"):
+                names, classes = class_embeddings(embed_text, shapes_attribute_prompts(attribute))
+                labels = [rows[i]["objects"][0][attribute] for i in single]
+                if single:
+                    metrics[f"{prefix}zero-shot {attribute}"] = zero_shot_accuracy(emb[query][single], labels, names, classes)
+            names, classes = class_embeddings(embed_text, shapes_count_prompts())
+            metrics[f"{prefix}zero-shot count"] = zero_shot_accuracy(
+                emb[query], [str(len(r["objects"])) for r in rows], names, classes)
+        elif "label" in rows[0]:
+            names = class_names or sorted({str(r["label"]) for r in rows})
+            names_, classes = class_embeddings(embed_text, template_prompts(names))
+            metrics[f"{prefix}zero-shot label"] = zero_shot_accuracy(emb[query], [str(r["label"]) for r in rows], names_, classes)
+    return metrics
+
+
+def evaluate(model_dir: str | os.PathLike, data: str | os.PathLike, splits: Sequence[str] = DEFAULT_SPLITS, *,
+             limit: int | None = 1000, class_names: list[str] | None = None, image_size: int | None = None,
+             progress=None) -> dict[str, dict[str, float]]:
+    """Metrics of the model saved in ``model_dir`` on each split of ``data``."""
+    from polymodal.modalities.image import ImageTransform
+    from polymodal.models.clip import ContrastiveModel
+
+    model = ContrastiveModel.from_pretrained(model_dir)
+    torch.set_grad_enabled(False)
+    fields = default_fields(model)
+    size = image_size or next((s.get("image_size", 64) for s in model.config.towers.values()
+                               if s["type"] in ("cnn", "vit")), 64)
+    options = DecodeOptions(image_transform=ImageTransform(size))
+    results: dict[str, dict[str, float]] = {}
+    for split in splits:
+        items = MemoryDataset(data, fields, split=split, options=options, limit=limit, progress=progress).items
+        if not items:
+            continue
+        shapes_world = "objects" in items[0]["row"]
+        results[split] = contrastive_metrics(model, items, fields, shapes_world, class_names)
+    return results
+
+
+def format_table(results: dict[str, dict[str, float]]):
+    from rich.table import Table
+
+    table = Table(title="evaluation")
+    table.add_column("metric")
+    splits = list(results)
+    for s in splits:
+        table.add_column(s, justify="right")
+    names = list(dict.fromkeys(k for r in results.values() for k in r))
+    for name in names:
+        cells = []
+        for s in splits:
+            v = results[s].get(name)
+            cells.append("" if v is None else (f"{int(v)}" if name == "samples" else f"{v:.3f}"))
+        table.add_row(name, *cells)
+    return table
+

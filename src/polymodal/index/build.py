@@ -1,0 +1,92 @@
+"""Build an index of a data set's samples with a saved contrastive model, and search it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from polymodal.data.dataset import Collator, DecodeOptions, MultimodalDataset
+from polymodal.data.source import SkipLog
+from polymodal.errors import InputError
+from polymodal.index.vectors import EXACT_LIMIT, VectorIndex, make_index
+from polymodal.modalities.audio import load_audio, log_mel_spectrogram
+from polymodal.modalities.image import ImageTransform, load_image
+
+BATCH = 256
+
+
+def image_size_of(model) -> int:
+    return next((s.get("image_size", 64) for s in model.config.towers.values() if s["type"] in ("cnn", "vit")), 64)
+
+
+@torch.no_grad()
+def build_index(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
+                modality: str = "image", split: str | None = None, kind: str = "auto",
+                exact_limit: int = EXACT_LIMIT, progress=None) -> VectorIndex:
+    """Embed every sample's ``modality`` of ``data`` and write an index folder to ``out``."""
+    from polymodal.models.clip import ContrastiveModel
+
+    model = ContrastiveModel.from_pretrained(model_dir)
+    if modality not in model.config.towers:
+        raise InputError(model_dir, f"model has no {modality!r} tower (has {sorted(model.config.towers)})")
+    spec = model.config.towers[modality]["type"]
+    field = "image" if spec in ("cnn", "vit") else ("text" if spec in ("text", "minilm") else spec)
+    fields = {modality: field}
+    options = DecodeOptions(image_transform=ImageTransform(image_size_of(model)))
+    skips = SkipLog()
+    dataset = MultimodalDataset(data, fields, split=split, options=options, skips=skips)
+    collate = Collator(fields)
+    vectors, items, pending = [], [], []
+    root = Path(data).resolve()
+
+    def flush():
+        batch = collate(pending)
+        vectors.append(model.embed(modality, batch).numpy())
+        for row in batch["rows"]:
+            items.append({"id": row.get("id"), "text": row.get("text"), "split": row.get("split"),
+                          "file": str(root / row["file_name"]) if row.get("file_name") else None})
+        pending.clear()
+        if progress:
+            progress(len(items))
+
+    for item in dataset:
+        pending.append(item)
+        if len(pending) == BATCH:
+            flush()
+    if pending:
+        flush()
+    if not items:
+        raise InputError(data, f"no samples to index ({skips.summary()})")
+    index = VectorIndex(make_index(np.concatenate(vectors), kind, exact_limit), items,
+                        {"model": str(Path(model_dir).resolve()), "modality": modality, "data": str(root),
+                         "split": split, "skipped": skips.total})
+    index.save(out)
+    return index
+
+
+@torch.no_grad()
+def embed_query(model, *, text: str | None = None, image: str | None = None, audio: str | None = None) -> np.ndarray:
+    """The embedding of one query given as text, an image file or an audio file."""
+    given = [x for x in (text, image, audio) if x is not None]
+    if len(given) != 1:
+        raise ValueError("give exactly one query: text, --image or --audio")
+    towers = model.config.towers
+    if text is not None:
+        name = next((m for m, s in towers.items() if s["type"] in ("text", "minilm")), None)
+        if name is None:
+            raise ValueError("this model has no text tower")
+        return model.embed_text([text], modality=name).numpy()
+    if image is not None:
+        name = next((m for m, s in towers.items() if s["type"] in ("cnn", "vit")), None)
+        if name is None:
+            raise ValueError("this model has no image tower")
+        pixels = ImageTransform(image_size_of(model))(load_image(image))
+        return model.embed_image(pixels[None], modality=name).numpy()
+    name = next((m for m, s in towers.items() if s["type"] == "audio"), None)
+    if name is None:
+        raise ValueError("this model has no audio tower")
+    mel = log_mel_spectrogram(load_audio(audio))[None]
+    return model.embed_audio(mel, modality=name).numpy()

@@ -1,0 +1,235 @@
+"""Contrastive models: one embedding space for two or more modalities.
+
+CLIP (image-text), CLAP (audio-text) and bound models (image, text and audio in one space
+through a shared anchor, as ImageBind) are the same class with different ``towers`` and
+``pairs``. Each tower is an encoder from :mod:`polymodal.nn.encoders` followed by a linear
+projection to ``embed_dim``; embeddings are L2-normalised; each pair of modalities is trained
+with the symmetric InfoNCE loss at a learnable temperature, initialised to 0.07 and clamped so
+the logit scale never exceeds 100, as CLIP does.
+
+With several processes, embeddings are gathered across them *with gradients*
+(:func:`gather_with_grad`), so every process computes the loss of the global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from polymodal.errors import InputError
+from polymodal.modalities.text import TextTokenizer
+from polymodal.nn.encoders import build_encoder
+
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+@dataclass
+class ContrastiveConfig:
+    towers: dict[str, dict] = field(default_factory=lambda: {
+        "image": {"type": "cnn", "preset": "small"}, "text": {"type": "text", "preset": "small"}})
+    # modality -> encoder spec (see polymodal.nn.encoders); "minilm" is the locked MiniLM text tower
+    pairs: list[tuple[str, str]] = field(default_factory=lambda: [("image", "text")])  # trained pairs
+    embed_dim: int = 256  # width of the shared space
+    init_temperature: float = 0.07  # logit scale starts at 1 / this
+    max_logit_scale: float = 100.0  # the logit scale is clamped to at most this
+    locked: list[str] = field(default_factory=list)  # towers whose encoder is frozen (LiT)
+
+    def __post_init__(self):
+        self.pairs = [tuple(p) for p in self.pairs]
+        for a, b in self.pairs:
+            for m in (a, b):
+                if m not in self.towers:
+                    raise ValueError(f"pair ({a}, {b}) names {m!r}, which has no tower")
+        for m in self.locked:
+            if m not in self.towers:
+                raise ValueError(f"locked tower {m!r} does not exist")
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All processes' ``x`` concatenated in rank order; gradients flow back to each piece."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
+def contrastive_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE between L2-normalised ``a`` and ``b`` (N, D); row i of each is a pair.
+
+    Local rows are scored against the global batch gathered from all processes; the result is
+    the mean over the global batch, so it equals the single-process loss on the same batch.
+    """
+    all_a, all_b = gather_with_grad(a), gather_with_grad(b)
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    targets = torch.arange(a.shape[0], device=a.device) + rank * a.shape[0]
+    logits_ab = logit_scale * a @ all_b.T  # (n, N)
+    logits_ba = logit_scale * b @ all_a.T
+    # Mean over local rows; DDP's gradient averaging over processes then gives the gradient of
+    # the global-batch loss (all_gather's backward sums each process's share back to its owner).
+    return (F.cross_entropy(logits_ab, targets) + F.cross_entropy(logits_ba, targets)) / 2
+
+
+class ContrastiveModel(nn.Module):
+    def __init__(self, config: ContrastiveConfig, tokenizer: TextTokenizer | None = None):
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.encoders = nn.ModuleDict()
+        self.projections = nn.ModuleDict()
+        for modality, spec in config.towers.items():
+            if spec.get("type") == "minilm":
+                from polymodal.nn.pretrained import MiniLMTextEncoder
+
+                encoder = MiniLMTextEncoder(spec.get("path"))
+            elif spec.get("type") == "text":
+                if tokenizer is None:
+                    raise ValueError("a text tower needs a tokenizer")
+                encoder = build_encoder({**spec, "vocab_size": tokenizer.vocab_size}, tokenizer=tokenizer)
+            else:
+                encoder = build_encoder(spec)
+            self.encoders[modality] = encoder
+            self.projections[modality] = nn.Linear(encoder.width, config.embed_dim, bias=False)
+        for modality in config.locked:
+            self.encoders[modality].requires_grad_(False).eval()
+        # A locked text tower always gives the same features for the same text: cache them.
+        self._locked_text_cache: dict[str, dict[str, torch.Tensor]] = {m: {} for m in config.locked
+                                                                       if config.towers[m]["type"] in ("text", "minilm")}
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / config.init_temperature)))
+
+    # ---- embedding ----
+
+    def encode(self, modality: str, batch: dict) -> torch.Tensor:
+        """Unnormalised features of ``modality`` from a collated batch (see Collator)."""
+        encoder = self.encoders[modality]
+        kind = self.config.towers[modality]["type"]
+        if modality in self._locked_text_cache:
+            features = self._locked_text_features(modality, list(batch[modality]))
+        elif kind in ("text", "minilm"):
+            inputs = encoder.tokenize(batch[modality])
+            inputs = {k: v.to(self.logit_scale.device) for k, v in inputs.items()}
+            features = encoder(**inputs)
+        elif kind == "audio":
+            features = encoder(batch[modality], batch.get(f"{modality}_mask"))
+        elif kind == "video":
+            features = encoder(batch[modality], batch[f"{modality}_audio"], batch.get(f"{modality}_audio_mask"))
+        else:
+            features = encoder(batch[modality])
+        return self.projections[modality](features)
+
+    @torch.no_grad()
+    def _locked_text_features(self, modality: str, texts: list[str]) -> torch.Tensor:
+        cache, encoder = self._locked_text_cache[modality], self.encoders[modality]
+        missing = list(dict.fromkeys(t for t in texts if t not in cache))
+        encoder.eval()
+        for start in range(0, len(missing), 256):
+            chunk = missing[start : start + 256]
+            inputs = {k: v.to(self.logit_scale.device) for k, v in encoder.tokenize(chunk).items()}
+            for text, feature in zip(chunk, encoder(**inputs), strict=True):
+                cache[text] = feature
+        return torch.stack([cache[t] for t in texts])
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for modality in self.config.locked:  # locked towers stay in eval mode (no dropout, fixed norms)
+            self.encoders[modality].eval()
+        return self
+
+    def embed(self, modality: str, batch: dict) -> torch.Tensor:
+        """L2-normalised embeddings ``(B, embed_dim)``."""
+        return F.normalize(self.encode(modality, batch), dim=-1)
+
+    @torch.no_grad()
+    def embed_text(self, texts: list[str], modality: str = "text") -> torch.Tensor:
+        return self.embed(modality, {modality: list(texts)})
+
+    @torch.no_grad()
+    def embed_image(self, images: torch.Tensor, modality: str = "image") -> torch.Tensor:
+        return self.embed(modality, {modality: images.to(self.logit_scale.device)})
+
+    @torch.no_grad()
+    def embed_audio(self, mel: torch.Tensor, mask: torch.Tensor | None = None, modality: str = "audio") -> torch.Tensor:
+        return self.embed(modality, {modality: mel, f"{modality}_mask": mask})
+
+    # ---- training ----
+
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.exp().clamp(max=self.config.max_logit_scale)
+
+    def loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        needed = {m for pair in self.config.pairs for m in pair}
+        embeddings = {m: self.embed(m, batch) for m in needed}
+        scale = self.scale()
+        out: dict[str, torch.Tensor] = {}
+        total = 0.0
+        for a, b in self.config.pairs:
+            pair_loss = contrastive_loss(embeddings[a], embeddings[b], scale)
+            out[f"loss_{a}_{b}"] = pair_loss.detach()
+            total = total + pair_loss
+        out["loss"] = total / len(self.config.pairs)
+        out["logit_scale"] = scale.detach()
+        return out
+
+    # ---- saving and loading ----
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json``, ``model.safetensors`` and ``tokenizer.json`` atomically."""
+        directory = Path(directory)
+        tmp = directory.with_name(directory.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        config = {"model_type": "contrastive", "towers": self.config.towers,
+                  "pairs": [list(p) for p in self.config.pairs], "embed_dim": self.config.embed_dim,
+                  "init_temperature": self.config.init_temperature,
+                  "max_logit_scale": self.config.max_logit_scale, "locked": self.config.locked}
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()
+                 if not k.startswith(self._locked_prefixes())}
+        save_file(state, str(tmp / WEIGHTS_FILE))
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(tmp)
+        if directory.exists():  # swap in the new folder, then drop the old one
+            old = directory.with_name(directory.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+        return directory
+
+    def _locked_prefixes(self) -> tuple[str, ...]:
+        # the locked MiniLM weights ship with their package; they are not copied into every model
+        return tuple(f"encoders.{m}." for m, s in self.config.towers.items() if s.get("type") == "minilm")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> ContrastiveModel:
+        directory = Path(directory)
+        from polymodal.models.hf_clip import is_hf_clip, load_hf_clip
+
+        if is_hf_clip(directory):  # a transformers CLIPModel folder
+            return load_hf_clip(directory)
+        config_path = directory / CONFIG_FILE
+        if not config_path.is_file():
+            raise InputError(directory, f"no {CONFIG_FILE}: not a saved polymodal model")
+        raw = json.loads(config_path.read_text())
+        raw.pop("model_type", None)
+        config = ContrastiveConfig(**raw)
+        tokenizer = TextTokenizer.from_pretrained(directory) if (directory / "tokenizer.json").exists() else None
+        model = cls(config, tokenizer)
+        state = load_file(str(directory / WEIGHTS_FILE))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith(model._locked_prefixes())]
+        if missing or unexpected:
+            raise InputError(directory / WEIGHTS_FILE, f"weights do not fit the config: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        return model.eval()

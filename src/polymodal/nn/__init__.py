@@ -1,0 +1,1 @@
+"""Building blocks: attention, Transformer, per-modality encoders."""

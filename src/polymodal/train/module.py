@@ -1,0 +1,113 @@
+"""The one Lightning module: it trains any model that has ``loss(batch) -> dict``.
+
+It knows nothing about model families. The optimiser is AdamW with weight decay on matrices
+only; the learning rate warms up linearly, then follows a cosine to zero over the budget, which
+is either a step count or a wall-clock time (``max_minutes``: the schedule follows the elapsed
+fraction of the budget, so a run ends with a cooled-down model whatever the machine's speed).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import lightning as L
+import torch
+from torch import nn
+
+
+class TrainModule(L.LightningModule):
+    def __init__(self, model: nn.Module, *, lr: float, weight_decay: float, betas=(0.9, 0.98),
+                 warmup_steps: int = 100, max_steps: int | None = None, max_minutes: float | None = None,
+                 validate: Callable[[nn.Module], dict[str, float]] | None = None):
+        super().__init__()
+        self.model = model
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.warmup_steps, self.max_steps, self.max_minutes = warmup_steps, max_steps, max_minutes
+        self.validate_fn = validate
+        self.started: float | None = None
+        self.elapsed_before = 0.0  # training seconds spent before a resume
+
+    def budget_fraction(self) -> float:
+        if self.max_steps:
+            return min(1.0, self.global_step / self.max_steps)
+        if self.max_minutes:
+            spent = self.elapsed_before + (time.perf_counter() - self.started if self.started else 0.0)
+            return min(1.0, spent / (self.max_minutes * 60))
+        return 0.0
+
+    def learning_rate(self) -> float:
+        warm = min(1.0, (self.global_step + 1) / max(self.warmup_steps, 1))
+        return self.lr * warm * 0.5 * (1 + math.cos(math.pi * self.budget_fraction()))
+
+    def on_train_start(self) -> None:
+        self.started = time.perf_counter()
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.budget_fraction() >= 1.0:
+            return -1  # ends the epoch; the trainer stops (see BudgetStop)
+        for group in self.optimizers().param_groups:
+            group["lr"] = self.learning_rate()
+
+    def training_step(self, batch, batch_idx):
+        out = self.model.loss(batch)
+        size = len(batch["rows"]) if "rows" in batch else None
+        self.log_dict({f"train/{k}": v.float() for k, v in out.items()}, prog_bar=False, batch_size=size)
+        self.log("loss", out["loss"].detach(), prog_bar=True, logger=False, batch_size=size)
+        self.log("train/lr", self.learning_rate(), batch_size=size)
+        self.log("train/minutes", self.training_minutes(), batch_size=size)
+        return out["loss"]
+
+    def training_minutes(self) -> float:
+        return (self.elapsed_before + (time.perf_counter() - self.started if self.started else 0.0)) / 60
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
+        return torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.lr, betas=self.betas)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["training_seconds"] = self.training_minutes() * 60
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.elapsed_before = float(checkpoint.get("training_seconds", 0.0))
+
+
+class BudgetStop(L.Callback):
+    """Stops training when the module's budget is spent, and runs periodic validation."""
+
+    def __init__(self, val_every_minutes: float | None):
+        self.val_every = val_every_minutes
+        self.next_val = val_every_minutes
+
+    def on_train_batch_end(self, trainer, module: TrainModule, outputs, batch, batch_idx):
+        if module.budget_fraction() >= 1.0:
+            trainer.should_stop = True
+        minutes = module.training_minutes()
+        if self.val_every and module.validate_fn and minutes >= self.next_val:
+            self.next_val = minutes + self.val_every
+            run_validation(trainer, module)
+
+    def on_train_end(self, trainer, module: TrainModule):
+        if module.validate_fn:
+            run_validation(trainer, module)
+
+
+def run_validation(trainer, module: TrainModule) -> None:
+    if not trainer.is_global_zero or module.validate_fn is None:
+        return
+    was_training = module.model.training
+    module.model.eval()
+    with torch.no_grad():
+        metrics = module.validate_fn(module.model)
+    module.model.train(was_training)
+    metrics = {f"val/{k}": float(v) for k, v in metrics.items()}
+    metrics["train/minutes"] = module.training_minutes()
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)

@@ -1,0 +1,109 @@
+"""Recipes: one YAML file says what to train (model), on what (data) and how (trainer).
+
+``key=value`` overrides on the command line change any setting by its dotted path, e.g.
+``trainer.max_minutes=5`` or ``model.towers.image.width=384``; values are read as YAML.
+Unknown sections and settings are errors, not silently ignored.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from polymodal.errors import InputError
+
+
+@dataclass
+class DataSettings:
+    fields: list[str] | dict[str, str] = field(default_factory=lambda: ["image", "text"])  # inputs (see dataset.Field)
+    train_split: str = "train"
+    val_split: str | None = "val"
+    in_memory: bool = True  # decode the split once into RAM (small data sets)
+    batch_size: int = 256  # global batch, split over processes
+    image_size: int = 64
+    val_limit: int = 1000  # validation samples scored during training
+    num_workers: int = 0
+
+
+@dataclass
+class TrainerSettings:
+    max_minutes: float | None = 20.0  # wall-clock budget of the training loop; the schedule follows it
+    max_steps: int | None = None  # or a step budget (takes precedence when set)
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = 100
+    devices: int = 1  # processes (CPU: gloo DDP when > 1)
+    accelerator: str = "auto"  # cpu | gpu | auto
+    precision: str = "32-true"  # bf16-mixed on GPUs; never bf16 on CPU
+    val_every_minutes: float = 4.0  # validation retrieval during training
+    seed: int = 0
+    vocab_size: int = 1024  # BPE vocabulary when a text tokenizer is trained
+    threads: int | None = None  # torch threads per process (default: cores / devices)
+    log_every_steps: int = 10
+
+
+@dataclass
+class Recipe:
+    model: dict  # the model family's config, with ``type`` (contrastive, ...)
+    data: DataSettings = field(default_factory=DataSettings)
+    trainer: TrainerSettings = field(default_factory=TrainerSettings)
+    name: str = "run"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "model": self.model, "data": asdict(self.data), "trainer": asdict(self.trainer)}
+
+
+def _parse_value(text: str):
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(item, "an override is key=value, e.g. trainer.max_minutes=5")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise InputError(item, f"{part!r} is not a section")
+        node[parts[-1]] = _parse_value(value)
+    return raw
+
+
+def _settings(cls, raw: dict | None, section: str, source: str):
+    raw = raw or {}
+    known = {f.name for f in fields(cls)}
+    unknown = set(raw) - known
+    if unknown:
+        raise InputError(source, f"{section}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
+    values = {k: tuple(v) if isinstance(v, list) and k == "betas" else v for k, v in raw.items()}
+    return cls(**values)
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "recipe not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise InputError(path, f"invalid YAML: {e}") from e
+    raw = apply_overrides(raw, overrides or [])
+    unknown = set(raw) - {"model", "data", "trainer", "name"}
+    if unknown:
+        raise InputError(path, f"unknown sections {sorted(unknown)}; a recipe has model, data, trainer, name")
+    if not isinstance(raw.get("model"), dict) or "type" not in raw["model"]:
+        raise InputError(path, "model: a mapping with a 'type' is required")
+    return Recipe(
+        model=raw["model"], name=raw.get("name", path.stem),
+        data=_settings(DataSettings, raw.get("data"), "data", str(path)),
+        trainer=_settings(TrainerSettings, raw.get("trainer"), "trainer", str(path)),
+    )

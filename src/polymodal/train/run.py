@@ -1,0 +1,125 @@
+"""``polymodal train``: a recipe, a data set and an output folder in; a trained model out.
+
+The output folder holds ``model/`` (``from_pretrained``-ready), ``checkpoints/`` (Lightning,
+written atomically; ``--resume`` continues from ``last.ckpt``), ``logs/`` (TensorBoard and
+CSV), ``curves.png`` and ``recipe.yaml`` (the settings actually used).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+from polymodal.data.dataset import Collator, DecodeOptions, MultimodalDataset
+from polymodal.data.memory import MemoryDataset
+from polymodal.data.source import SkipLog
+from polymodal.modalities.image import ImageTransform
+from polymodal.modalities.text import TextTokenizer
+from polymodal.train.recipe import Recipe
+
+log = logging.getLogger("polymodal.train")
+
+
+def build_model(recipe: Recipe, data: Path):
+    """The model a recipe names; a text tokenizer is trained on the training split when needed."""
+    spec = dict(recipe.model)
+    kind = spec.pop("type")
+    if kind == "contrastive":
+        from polymodal.models.clip import ContrastiveConfig, ContrastiveModel
+
+        config = ContrastiveConfig(**spec)
+        tokenizer = None
+        if any(t.get("type") == "text" for t in config.towers.values()):
+            tokenizer = train_tokenizer(data, recipe.data.train_split, recipe.trainer.vocab_size)
+        return ContrastiveModel(config, tokenizer)
+    raise ValueError(f"unknown model type {kind!r} in recipe (known: contrastive)")
+
+
+def train_tokenizer(data: Path, split: str, vocab_size: int) -> TextTokenizer:
+    dataset = MultimodalDataset(data, {"text": "text"}, split=split)
+    return TextTokenizer.train((item["text"] for item in dataset), vocab_size=vocab_size)
+
+
+class AtomicCheckpointIO:
+    """Lightning checkpoint I/O that writes to a temporary file and renames it into place."""
+
+    def __new__(cls):
+        from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+        class _IO(TorchCheckpointIO):
+            def save_checkpoint(self, checkpoint, path, storage_options=None):
+                path = Path(path)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+                os.close(fd)
+                try:
+                    torch.save(checkpoint, tmp)
+                    os.replace(tmp, path)
+                finally:
+                    if os.path.exists(tmp):
+                        os.remove(tmp)
+
+        return _IO()
+
+
+def train(recipe: Recipe, data: str | os.PathLike, out: str | os.PathLike, *, resume: bool = False,
+          progress: bool = True) -> Path:
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from torch.utils.data import DataLoader
+
+    from polymodal.train.module import BudgetStop, TrainModule
+
+    data, out = Path(data), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t = recipe.trainer
+    devices = t.devices
+    torch.set_num_threads(t.threads or max(1, (os.cpu_count() or 1) // devices))
+    L.seed_everything(t.seed, workers=True, verbose=False)
+    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+
+    model = build_model(recipe, data)
+    options = DecodeOptions(image_transform=ImageTransform(recipe.data.image_size))
+    skips = SkipLog()
+    fields = recipe.data.fields
+    if recipe.data.in_memory:
+        train_set = MemoryDataset(data, fields, split=recipe.data.train_split, options=options, skips=skips)
+    else:
+        train_set = MultimodalDataset(data, fields, split=recipe.data.train_split, options=options, skips=skips)
+    log.info("training data: %s; %s", len(train_set) if recipe.data.in_memory else "streamed", skips.summary())
+    per_process = max(1, recipe.data.batch_size // devices)
+    loader = DataLoader(train_set, batch_size=per_process, shuffle=recipe.data.in_memory, drop_last=True,
+                        num_workers=recipe.data.num_workers, collate_fn=Collator(fields),
+                        persistent_workers=recipe.data.num_workers > 0)
+    validate = None
+    if recipe.data.val_split:
+        from polymodal.eval.run import validation_function
+
+        validate = validation_function(model, data, recipe.data.val_split, fields, options, recipe.data.val_limit)
+    module = TrainModule(model, lr=t.lr, weight_decay=t.weight_decay, betas=t.betas, warmup_steps=t.warmup_steps,
+                         max_steps=t.max_steps, max_minutes=t.max_minutes, validate=validate)
+    checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0,
+                                  every_n_train_steps=200)
+    trainer = L.Trainer(
+        accelerator=t.accelerator, devices=devices, strategy="ddp" if devices > 1 else "auto",
+        precision=t.precision, max_epochs=-1, max_steps=t.max_steps or -1,
+        logger=[TensorBoardLogger(out / "logs", name="tensorboard"), CSVLogger(out / "logs", name="csv")],
+        callbacks=[checkpoints, BudgetStop(t.val_every_minutes)], plugins=[AtomicCheckpointIO()],
+        enable_progress_bar=progress, log_every_n_steps=t.log_every_steps, enable_model_summary=False,
+        num_sanity_val_steps=0, use_distributed_sampler=recipe.data.in_memory,
+    )
+    last = out / "checkpoints" / "last.ckpt"
+    trainer.fit(module, loader, ckpt_path=str(last) if resume and last.exists() else None)
+    if trainer.is_global_zero:
+        trainer.save_checkpoint(last)
+        model.save_pretrained(out / "model")
+        from polymodal.train.curves import plot_curves
+
+        plot_curves(out / "logs" / "csv", out / "curves.png")
+    return out / "model"

@@ -1,0 +1,73 @@
+import numpy as np
+import pytest
+
+from polymodal.modalities.speech import ENGLISH_VOICES, synthesize
+
+TEXT = "a small red circle in the top left corner"
+
+
+@pytest.fixture(scope="module")
+def speech():
+    return synthesize(TEXT)
+
+
+def test_samples_are_float32_in_range_and_not_silent(speech):
+    assert speech.dtype == np.float32 and speech.ndim == 1
+    assert np.isfinite(speech).all()
+    assert np.abs(speech).max() <= 1.0
+    assert np.abs(speech).max() > 0.05
+    assert np.sqrt(np.mean(speech**2)) > 0.01
+
+
+def test_length_is_plausible_at_16k(speech):
+    seconds = len(speech) / 16_000
+    words = len(TEXT.split())
+    assert 0.15 * words < seconds < 1.0 * words + 1.0, seconds
+
+
+def test_other_sample_rate_scales_length(speech):
+    at_8k = synthesize(TEXT, sample_rate=8_000)
+    assert abs(len(at_8k) * 2 - len(speech)) < 0.01 * len(speech)
+
+
+def test_faster_speech_is_shorter():
+    slow = synthesize(TEXT, words_per_minute=120)
+    fast = synthesize(TEXT, words_per_minute=240)
+    assert len(fast) < 0.8 * len(slow)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: eSpeak NG keeps state between calls, so the same text and voice give "
+    "different samples (and lengths: 39950, 39943, 39951, ... samples) on successive calls "
+    "in one process; shapes worlds are then not byte-identical across runs or worker counts",
+)
+def test_same_input_gives_same_samples():
+    first, second = synthesize(TEXT), synthesize(TEXT)
+    assert len(first) == len(second) and np.array_equal(first, second)
+
+
+@pytest.mark.parametrize("voice", ENGLISH_VOICES)
+def test_every_english_voice_speaks(voice):
+    samples = synthesize("is there a blue star?", voice=voice)
+    assert samples.dtype == np.float32
+    assert 0.3 * 16_000 < len(samples) < 5 * 16_000
+    assert 0.05 < np.abs(samples).max() <= 1.0
+
+
+def test_voices_sound_different():
+    a = synthesize("hello there", voice="en-us")
+    b = synthesize("hello there", voice="en-us+f3")
+    assert len(a) != len(b) or not np.allclose(a, b)
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\n\t"])
+def test_empty_text_is_refused(text):
+    with pytest.raises(ValueError, match="empty"):
+        synthesize(text)
+
+
+def test_unknown_voice_is_refused():
+    with pytest.raises(ValueError, match="no-such-voice"):
+        synthesize("hello", voice="no-such-voice")
+    assert len(synthesize("hello")) > 0  # the library still works afterwards
