@@ -185,11 +185,6 @@ def test_patchify_rejects_indivisible_sizes():
         unpatchify(torch.zeros(1, 4, 48), 4, 12, 12)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: 16-bit greyscale (mode I;16) is converted with convert('RGBA'), which clips "
-    "instead of scaling, so 1000/65535 (1.5% grey) becomes 255 (white)",
-)
 def test_16_bit_greyscale_is_scaled_not_clipped():
     pixels = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
     image = np.asarray(load_image(png_bytes(Image.fromarray(pixels)), name="deep.png"))

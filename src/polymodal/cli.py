@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from polymodal.errors import InputError
@@ -28,7 +29,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debu
 
 
 def fail(error: Exception) -> typer.Exit:
-    console.print(f"[red]error:[/red] {error}")
+    console.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)
     return typer.Exit(2)
 
 

@@ -15,8 +15,9 @@ drawn on a lightly noisy background, with:
 
 Splits: ``train`` / ``val`` / ``test`` never contain the shape-colour pairs in
 :data:`HELD_OUT_PAIRS`; every ``test_novel`` scene contains at least one of them.
-Every sample depends only on ``(seed, index)``, so a world is byte-identical on every run and
-any number of worker processes.
+Every sample depends only on ``(seed, index)``, so a world's metadata and images are
+byte-identical on every run and any number of worker processes (its speech says the same words
+in the same voice, but eSpeak NG can shift an utterance by a few samples from run to run).
 """
 
 from __future__ import annotations

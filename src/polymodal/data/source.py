@@ -200,10 +200,10 @@ def write_shards(
     import webdataset as wds
 
     skips = skips if skips is not None else SkipLog()
+    find_metadata(Path(directory))  # a missing or empty folder fails before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pattern = str(out / "shard-%06d.tar")
-    written: list[Path] = []
     seen: set[str] = set()
     with wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0, mtime=0.0) as sink:
         for number, raw in enumerate(iter_folder(Path(directory), skips)):
@@ -217,7 +217,7 @@ def write_shards(
                 skips.add(e.source, e.problem)
                 continue
             sink.write(sample)
-        written = [Path(pattern % i) for i in range(sink.shard)]
+        written = [Path(pattern % i) for i in range(sink.shard)]  # a shard opens on its first sample
     return [p for p in written if p.exists()]
 
 

@@ -146,9 +146,11 @@ def log_mel_spectrogram(waveform: torch.Tensor) -> torch.Tensor:
     if waveform.ndim not in (1, 2):
         raise ValueError(f"waveform must be (samples,) or (batch, samples), got {tuple(waveform.shape)}")
     window = torch.hann_window(WINDOW, periodic=True, device=waveform.device)
+    # reflect padding needs more than n_fft / 2 samples; shorter clips are padded with zeros
+    pad_mode = "reflect" if waveform.shape[-1] > N_FFT // 2 else "constant"
     spec = torch.stft(
         waveform.float(), N_FFT, hop_length=HOP, win_length=WINDOW, window=window,
-        center=True, pad_mode="reflect", return_complex=True,
+        center=True, pad_mode=pad_mode, return_complex=True,
     )
     power = spec.abs() ** 2  # (..., 201, frames)
     mel = mel_filter_bank().to(waveform.device) @ power

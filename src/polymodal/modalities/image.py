@@ -56,6 +56,10 @@ def load_image(
         if isinstance(e, InputError):
             raise
         raise InputError(name, f"corrupt or truncated image: {e}") from e
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16/32-bit grey: scale to 8 bits
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+        image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).round().astype(np.uint8), "L")
     if image.mode != "RGB":  # grey, palette, alpha, CMYK...: composite onto white, then RGB
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")

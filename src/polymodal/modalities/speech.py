@@ -2,8 +2,9 @@
 
 The ``espeakng-loader`` package ships ``libespeak-ng`` and its data, so no system package is
 needed. Synthesis runs in synchronous mode: ``espeak_Synth`` returns once every chunk of audio
-has been handed to our callback. The library keeps global state, so one process holds one
-:class:`Speaker` at a time (create it in each worker process).
+has been handed to our callback. The library keeps global state: calls are serialised by a lock,
+and an utterance can differ by a few milliseconds of samples depending on what the process
+spoke before (the words and voice are always the same).
 """
 
 from __future__ import annotations
@@ -32,6 +33,15 @@ _library: ctypes.CDLL | None = None
 _native_rate = 0
 
 
+def _initialise(lib: ctypes.CDLL) -> int:
+    import espeakng_loader
+
+    rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(), 0)
+    if rate <= 0:
+        raise RuntimeError(f"eSpeak NG failed to initialise (returned {rate})")
+    return rate
+
+
 def _load() -> tuple[ctypes.CDLL, int]:
     global _library, _native_rate
     if _library is None:
@@ -40,11 +50,7 @@ def _load() -> tuple[ctypes.CDLL, int]:
         lib = ctypes.CDLL(espeakng_loader.get_library_path())
         lib.espeak_Initialize.restype = ctypes.c_int
         lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-        rate = lib.espeak_Initialize(
-            _AUDIO_OUTPUT_SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(), 0
-        )
-        if rate <= 0:
-            raise RuntimeError(f"eSpeak NG failed to initialise (returned {rate})")
+        rate = _initialise(lib)
         lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
         lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
         lib.espeak_Synth.argtypes = [

@@ -31,6 +31,7 @@ from polymodal.modalities.text import TextTokenizer
 from polymodal.nn.encoders import build_encoder
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+CACHE_LIMIT = 500_000  # texts whose fixed-tower features are kept
 
 
 @dataclass
@@ -42,7 +43,8 @@ class ContrastiveConfig:
     embed_dim: int = 256  # width of the shared space
     init_temperature: float = 0.07  # logit scale starts at 1 / this
     max_logit_scale: float = 100.0  # the logit scale is clamped to at most this
-    locked: list[str] = field(default_factory=list)  # towers whose encoder is frozen (LiT)
+    locked: list[str] = field(default_factory=list)  # towers whose encoder is frozen, projection trained (LiT)
+    frozen: list[str] = field(default_factory=list)  # towers frozen whole, encoder and projection (anchors)
 
     def __post_init__(self):
         self.pairs = [tuple(p) for p in self.pairs]
@@ -50,9 +52,9 @@ class ContrastiveConfig:
             for m in (a, b):
                 if m not in self.towers:
                     raise ValueError(f"pair ({a}, {b}) names {m!r}, which has no tower")
-        for m in self.locked:
+        for m in [*self.locked, *self.frozen]:
             if m not in self.towers:
-                raise ValueError(f"locked tower {m!r} does not exist")
+                raise ValueError(f"locked or frozen tower {m!r} does not exist")
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -100,11 +102,13 @@ class ContrastiveModel(nn.Module):
                 encoder = build_encoder(spec)
             self.encoders[modality] = encoder
             self.projections[modality] = nn.Linear(encoder.width, config.embed_dim, bias=False)
-        for modality in config.locked:
+        for modality in self.fixed_encoders:
             self.encoders[modality].requires_grad_(False).eval()
-        # A locked text tower always gives the same features for the same text: cache them.
-        self._locked_text_cache: dict[str, dict[str, torch.Tensor]] = {m: {} for m in config.locked
-                                                                       if config.towers[m]["type"] in ("text", "minilm")}
+        for modality in config.frozen:
+            self.projections[modality].requires_grad_(False)
+        # A fixed text encoder always gives the same features for the same text: cache them.
+        self._locked_text_cache: dict[str, dict[str, torch.Tensor]] = {
+            m: {} for m in self.fixed_encoders if config.towers[m]["type"] in ("text", "minilm")}
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / config.init_temperature)))
 
     # ---- embedding ----
@@ -130,6 +134,8 @@ class ContrastiveModel(nn.Module):
     @torch.no_grad()
     def _locked_text_features(self, modality: str, texts: list[str]) -> torch.Tensor:
         cache, encoder = self._locked_text_cache[modality], self.encoders[modality]
+        if len(cache) > CACHE_LIMIT:
+            cache.clear()
         missing = list(dict.fromkeys(t for t in texts if t not in cache))
         encoder.eval()
         for start in range(0, len(missing), 256):
@@ -137,11 +143,15 @@ class ContrastiveModel(nn.Module):
             inputs = {k: v.to(self.logit_scale.device) for k, v in encoder.tokenize(chunk).items()}
             for text, feature in zip(chunk, encoder(**inputs), strict=True):
                 cache[text] = feature
-        return torch.stack([cache[t] for t in texts])
+        return torch.stack([cache[t] for t in texts]).to(self.logit_scale.device)
+
+    @property
+    def fixed_encoders(self) -> list[str]:
+        return list(dict.fromkeys([*self.config.locked, *self.config.frozen]))
 
     def train(self, mode: bool = True):
         super().train(mode)
-        for modality in self.config.locked:  # locked towers stay in eval mode (no dropout, fixed norms)
+        for modality in self.fixed_encoders:  # fixed towers stay in eval mode (no dropout, fixed norms)
             self.encoders[modality].eval()
         return self
 
@@ -180,6 +190,16 @@ class ContrastiveModel(nn.Module):
         out["logit_scale"] = scale.detach()
         return out
 
+    def init_towers_from(self, other: ContrastiveModel) -> list[str]:
+        """Copy the encoder and projection of every tower ``other`` has with the same spec."""
+        copied = []
+        for modality, spec in self.config.towers.items():
+            if other.config.towers.get(modality) == spec and other.config.embed_dim == self.config.embed_dim:
+                self.encoders[modality].load_state_dict(other.encoders[modality].state_dict())
+                self.projections[modality].load_state_dict(other.projections[modality].state_dict())
+                copied.append(modality)
+        return copied
+
     # ---- saving and loading ----
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
@@ -190,7 +210,8 @@ class ContrastiveModel(nn.Module):
         config = {"model_type": "contrastive", "towers": self.config.towers,
                   "pairs": [list(p) for p in self.config.pairs], "embed_dim": self.config.embed_dim,
                   "init_temperature": self.config.init_temperature,
-                  "max_logit_scale": self.config.max_logit_scale, "locked": self.config.locked}
+                  "max_logit_scale": self.config.max_logit_scale, "locked": self.config.locked,
+                  "frozen": self.config.frozen}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()
                  if not k.startswith(self._locked_prefixes())}

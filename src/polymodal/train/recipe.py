@@ -27,6 +27,7 @@ class DataSettings:
     image_size: int = 64
     val_limit: int = 1000  # validation samples scored during training
     num_workers: int = 0
+    bucket_by_length: bool = False  # batch audio of similar length together (one process, in memory)
 
 
 @dataclass

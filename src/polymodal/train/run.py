@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from polymodal.data.dataset import Collator, DecodeOptions, MultimodalDataset
-from polymodal.data.memory import MemoryDataset
+from polymodal.data.memory import LengthBucketBatchSampler, MemoryDataset, item_length
 from polymodal.data.source import SkipLog
 from polymodal.modalities.image import ImageTransform
 from polymodal.modalities.text import TextTokenizer
@@ -29,14 +29,20 @@ def build_model(recipe: Recipe, data: Path):
     """The model a recipe names; a text tokenizer is trained on the training split when needed."""
     spec = dict(recipe.model)
     kind = spec.pop("type")
+    init_from = spec.pop("init_from", None)  # a saved model whose matching towers start this one
     if kind == "contrastive":
         from polymodal.models.clip import ContrastiveConfig, ContrastiveModel
 
         config = ContrastiveConfig(**spec)
-        tokenizer = None
-        if any(t.get("type") == "text" for t in config.towers.values()):
+        base = ContrastiveModel.from_pretrained(init_from) if init_from else None
+        tokenizer = base.tokenizer if base is not None else None
+        if tokenizer is None and any(t.get("type") == "text" for t in config.towers.values()):
             tokenizer = train_tokenizer(data, recipe.data.train_split, recipe.trainer.vocab_size)
-        return ContrastiveModel(config, tokenizer)
+        model = ContrastiveModel(config, tokenizer)
+        if base is not None:
+            copied = model.init_towers_from(base)
+            log.info("towers %s start from %s", copied, init_from)
+        return model
     raise ValueError(f"unknown model type {kind!r} in recipe (known: contrastive)")
 
 
@@ -94,9 +100,14 @@ def train(recipe: Recipe, data: str | os.PathLike, out: str | os.PathLike, *, re
         train_set = MultimodalDataset(data, fields, split=recipe.data.train_split, options=options, skips=skips)
     log.info("training data: %s; %s", len(train_set) if recipe.data.in_memory else "streamed", skips.summary())
     per_process = max(1, recipe.data.batch_size // devices)
-    loader = DataLoader(train_set, batch_size=per_process, shuffle=recipe.data.in_memory, drop_last=True,
-                        num_workers=recipe.data.num_workers, collate_fn=Collator(fields),
-                        persistent_workers=recipe.data.num_workers > 0)
+    common = dict(num_workers=recipe.data.num_workers, collate_fn=Collator(fields),
+                  persistent_workers=recipe.data.num_workers > 0)
+    bucketed = recipe.data.in_memory and recipe.data.bucket_by_length and devices == 1
+    if bucketed:  # variable-length audio: batches of similar length waste less on padding
+        sampler = LengthBucketBatchSampler([item_length(x) for x in train_set.items], per_process, seed=t.seed)
+        loader = DataLoader(train_set, batch_sampler=sampler, **common)
+    else:
+        loader = DataLoader(train_set, batch_size=per_process, shuffle=recipe.data.in_memory, drop_last=True, **common)
     validate = None
     if recipe.data.val_split:
         from polymodal.eval.run import validation_function
@@ -112,7 +123,7 @@ def train(recipe: Recipe, data: str | os.PathLike, out: str | os.PathLike, *, re
         logger=[TensorBoardLogger(out / "logs", name="tensorboard"), CSVLogger(out / "logs", name="csv")],
         callbacks=[checkpoints, BudgetStop(t.val_every_minutes)], plugins=[AtomicCheckpointIO()],
         enable_progress_bar=progress, log_every_n_steps=t.log_every_steps, enable_model_summary=False,
-        num_sanity_val_steps=0, use_distributed_sampler=recipe.data.in_memory,
+        num_sanity_val_steps=0, use_distributed_sampler=recipe.data.in_memory and not bucketed,
     )
     last = out / "checkpoints" / "last.ckpt"
     trainer.fit(module, loader, ckpt_path=str(last) if resume and last.exists() else None)
