@@ -130,13 +130,26 @@ def test_missing_folder_exits_2_naming_it(tmp_path, command):
     assert str(missing) in text
 
 
-def test_demo_runs(tmp_path):
+def test_demo_runs_every_step(tmp_path):
+    import json
+
     from polymodal.demo import run_demo
 
-    state = run_demo(tmp_path, n=16)
-    sheet = tmp_path / "contact_sheet.png"
-    assert sheet.is_file()
-    assert (state["world"] / "metadata.jsonl").read_text().count("\n") == 16
+    state = run_demo(tmp_path, n=60, clip_minutes=0.05)  # every step, on a tiny budget
+    assert (tmp_path / "contact_sheet.png").is_file()
+    assert (state["world"] / "metadata.jsonl").read_text().count("\n") == 60
+    assert (tmp_path / "clip" / "model" / "model.safetensors").is_file()
+    metrics = json.loads((tmp_path / "clip_metrics.json").read_text())
+    assert "text->image R@5" in metrics["test"]
+    assert (tmp_path / "search.png").is_file() and (tmp_path / "index" / "vectors.faiss").is_file()
+
+
+def test_demo_runs_chosen_steps_only(tmp_path):
+    result = invoke("demo", "--out", tmp_path, "--n", "12", "--steps", "world,inspect")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "contact_sheet.png").is_file() and not (tmp_path / "clip").exists()
+    result = invoke("demo", "--out", tmp_path, "--steps", "world,dance")
+    assert result.exit_code == 2 and "dance" in one_line(result.output)
 
 
 def test_failed_shard_leaves_no_tar_behind(tmp_path):

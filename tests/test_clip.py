@@ -128,3 +128,25 @@ def test_gathered_loss_and_gradients_equal_single_process():
     grad_a = torch.cat([results[r][1] for r in range(2)]) / 2
     grad_b = torch.cat([results[r][2] for r in range(2)]) / 2
     assert torch.allclose(grad_a, ga.grad, atol=1e-6) and torch.allclose(grad_b, gb.grad, atol=1e-6)
+
+
+def test_frozen_towers_do_not_train_and_locked_text_features_are_cached(tokenizer):
+    config = ContrastiveConfig(towers=TINY, pairs=[("audio", "text")], embed_dim=16, frozen=["image", "text"])
+    model = ContrastiveModel(config, tokenizer).train()
+    assert not any(p.requires_grad for p in model.encoders["text"].parameters())
+    assert not any(p.requires_grad for p in model.projections["text"].parameters())
+    assert all(p.requires_grad for p in model.encoders["audio"].parameters())
+    assert not model.encoders["text"].training  # fixed towers stay in eval mode
+    model.loss(batch_of())["loss"].backward()
+    assert len(model._locked_text_cache["text"]) == 4
+    locked = ContrastiveModel(ContrastiveConfig(towers=TINY, embed_dim=16, locked=["text"]), tokenizer)
+    assert all(p.requires_grad for p in locked.projections["text"].parameters())
+    assert not any(p.requires_grad for p in locked.encoders["text"].parameters())
+
+
+def test_init_towers_from_copies_matching_towers(tokenizer):
+    clip = ContrastiveModel(ContrastiveConfig(towers={k: TINY[k] for k in ("image", "text")}, embed_dim=16), tokenizer)
+    bound = ContrastiveModel(ContrastiveConfig(towers=TINY, pairs=[("audio", "text")], embed_dim=16), tokenizer)
+    assert bound.init_towers_from(clip) == ["image", "text"]
+    b = batch_of()
+    assert torch.equal(clip.embed("image", b), bound.embed("image", b))

@@ -237,12 +237,21 @@ def search_command(
 @app.command("demo")
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for everything the demo makes.")] = Path("outputs/demo"),
-    n: Annotated[int, typer.Option("--n", help="Samples in the demo's shapes world.")] = 2000,
+    n: Annotated[int, typer.Option("--n", help="Samples in the demo's shapes world.")] = 4000,
+    clip_minutes: Annotated[float, typer.Option(help="Training budget of the demo's CLIP.")] = 8.0,
+    steps: Annotated[str | None, typer.Option(help="Comma-separated steps to run (default: all).")] = None,
 ):
-    """The main job on built-in data: make a shapes world, inspect it, and say what was made."""
-    from polymodal.demo import run_demo
+    """The main job on built-in data: make a shapes world, train, evaluate and search with it."""
+    from polymodal.demo import STEPS, run_demo
 
-    run_demo(out, n=n)
+    chosen = STEPS
+    if steps:
+        names = [s.strip() for s in steps.split(",")]
+        unknown = set(names) - {s.name for s in STEPS}
+        if unknown:
+            raise fail(ValueError(f"unknown steps {sorted(unknown)}; the demo has {[s.name for s in STEPS]}"))
+        chosen = [s for s in STEPS if s.name in names]
+    run_demo(out, n=n, clip_minutes=clip_minutes, steps=chosen)
 
 
 if __name__ == "__main__":

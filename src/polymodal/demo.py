@@ -43,16 +43,65 @@ def inspect_world(state: dict) -> dict:
     return {"contact sheet": report.sheet, "bad samples": len(report.bad)}
 
 
+def train_clip(state: dict) -> dict:
+    from polymodal.train.recipe import load_recipe
+    from polymodal.train.run import train
+
+    recipe = load_recipe(RECIPES / "clip-shapes.yaml", [f"trainer.max_minutes={state['clip_minutes']}"])
+    run = state["out"] / "clip"
+    state["clip"] = train(recipe, state["world"], run)
+    return {"CLIP model": state["clip"], "training curves": run / "curves.png"}
+
+
+def evaluate_clip(state: dict) -> dict:
+    import json
+
+    from polymodal.eval.run import evaluate, format_table
+
+    results = evaluate(state["clip"], state["world"], ["test", "test_novel"])
+    console.print(format_table(results))
+    path = state["out"] / "clip_metrics.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    test = results.get("test", {})
+    return {"metrics": path, "text->image R@5 (test)": f"{test.get('text->image R@5', float('nan')):.3f}",
+            "zero-shot shape (test)": f"{test.get('zero-shot shape', float('nan')):.3f}"}
+
+
+def search_world(state: dict) -> dict:
+    from polymodal.data.inspect import contact_sheet
+    from polymodal.index.build import build_index, embed_query
+    from polymodal.modalities.image import load_image
+    from polymodal.models.clip import ContrastiveModel
+
+    index_dir = state["out"] / "index"
+    index = build_index(state["clip"], state["world"], index_dir, split="test")
+    model = ContrastiveModel.from_pretrained(state["clip"])
+    query = "a large red circle to the left of a small blue square"
+    scores, positions = index.search(embed_query(model, text=query), 8)
+    hits = [index.items[p] for p in positions[0]]
+    for score, hit in zip(scores[0], hits, strict=True):
+        console.print(f"  {score:.3f}  {hit['text']}")
+    sheet = contact_sheet([(load_image(h["file"]), f"#{i + 1} · {s:.3f}\n{h['text']}")
+                           for i, (s, h) in enumerate(zip(scores[0], hits, strict=True))],
+                          state["out"] / "search.png", columns=4, title=f"query: {query}")
+    return {"index": index_dir, "search hits": sheet}
+
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
 STEPS: list[Step] = [
     Step("world", "Generate the shapes world (images, captions, speech, QA, videos)", make_world),
     Step("inspect", "Inspect it and draw a contact sheet", inspect_world),
+    Step("clip", "Train a CLIP (image and text in one embedding space)", train_clip),
+    Step("eval", "Evaluate it: retrieval and zero-shot classification", evaluate_clip),
+    Step("search", "Index the test images and search them by text", search_world),
 ]
 
 
-def run_demo(out: Path, n: int = 2000, steps: list[Step] = STEPS) -> dict:
+def run_demo(out: Path, n: int = 4000, clip_minutes: float = 8.0, steps: list[Step] = STEPS) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    state: dict = {"out": out, "n": n}
+    state: dict = {"out": out, "n": n, "clip_minutes": clip_minutes}
     made: list[tuple[str, str, object]] = []
     start = time.perf_counter()
     for number, step in enumerate(steps, 1):

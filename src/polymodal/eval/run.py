@@ -14,11 +14,12 @@ import itertools
 import os
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from polymodal.data.dataset import Collator, DecodeOptions
 from polymodal.data.memory import MemoryDataset
-from polymodal.eval.retrieval import retrieval_metrics
+from polymodal.eval.retrieval import recall_at_k, retrieval_metrics
 from polymodal.eval.zeroshot import (
     class_embeddings,
     shapes_attribute_prompts,
@@ -51,6 +52,14 @@ def embed_items(model, items: list[dict], fields, modalities: Sequence[str]) -> 
     return {m: torch.cat(v) for m, v in out.items()}
 
 
+def paraphrased_queries(rows: list[dict], seed: int = 0) -> list[str]:
+    from polymodal.data.scene import SceneObject
+    from polymodal.data.shapes import paraphrase
+
+    rng = np.random.default_rng(seed)
+    return [paraphrase(rng, [SceneObject.from_dict(o) for o in r["objects"]]) for r in rows]
+
+
 def validation_function(model, data, split: str, fields, options: DecodeOptions, limit: int):
     """A function ``model -> metrics`` over ``limit`` samples of ``split``, decoded once."""
     items = MemoryDataset(data, fields, split=split, options=options, limit=limit).items
@@ -78,6 +87,13 @@ def contrastive_metrics(model, items: list[dict], fields, shapes_world: bool, cl
     rows = [item["row"] for item in items]
     if text is None:
         return metrics
+    if shapes_world and "image" in emb:
+        # queries in words and sentence shapes that training captions never use
+        queries = paraphrased_queries(rows)
+        paraphrased = torch.cat([model.embed_text(queries[i : i + EMBED_BATCH], modality=text).cpu()
+                                 for i in range(0, len(queries), EMBED_BATCH)])
+        for key, value in recall_at_k(paraphrased, emb["image"], (1, 5, 10)).items():
+            metrics[f"paraphrase text->image {key}"] = value
     embed_text = lambda texts: model.embed_text(texts, modality=text).cpu()  # noqa: E731
     for query in (m for m in modalities if m != text):
         prefix = "" if query == "image" else f"{query} "

@@ -117,7 +117,9 @@ class ContrastiveModel(nn.Module):
         """Unnormalised features of ``modality`` from a collated batch (see Collator)."""
         encoder = self.encoders[modality]
         kind = self.config.towers[modality]["type"]
-        if modality in self._locked_text_cache:
+        if kind in ("text", "minilm") and f"{modality}_ids" in batch:  # already tokenised
+            features = encoder(batch[f"{modality}_ids"], batch[f"{modality}_mask"])
+        elif modality in self._locked_text_cache:
             features = self._locked_text_features(modality, list(batch[modality]))
         elif kind in ("text", "minilm"):
             inputs = encoder.tokenize(batch[modality])
