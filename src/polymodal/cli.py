@@ -26,6 +26,8 @@ app.add_typer(data_app, name="data")
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False):
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)])
+    for name in ("lightning.pytorch", "lightning.fabric"):  # these print through their own handler
+        logging.getLogger(name).propagate = False
 
 
 def fail(error: Exception) -> typer.Exit:
@@ -138,7 +140,8 @@ def train_command(
         model_dir = train(loaded, data, out, resume=resume)
     except (InputError, ValueError) as e:
         raise fail(e) from None
-    console.print(f"model saved to {model_dir}; curves: {out / 'curves.png'}")
+    if model_dir is not None:  # the first process reports
+        console.print(f"model saved to {model_dir}; curves: {out / 'curves.png'}")
 
 
 @app.command("eval")

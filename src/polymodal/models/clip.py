@@ -61,9 +61,9 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """All processes' ``x`` concatenated in rank order; gradients flow back to each piece."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
+    from torch.distributed._functional_collectives import all_gather_single_autograd
 
-    return torch.cat(all_gather(x), dim=0)
+    return all_gather_single_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
 
 
 def contrastive_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ class TrainModule(L.LightningModule):
         self.validate_fn = validate
         self.started: float | None = None
         self.elapsed_before = 0.0  # training seconds spent before a resume
+        self.fraction = 0.0  # of the budget spent, as of the current step (same in every process)
 
     def budget_fraction(self) -> float:
         if self.max_steps:
@@ -39,14 +40,24 @@ class TrainModule(L.LightningModule):
 
     def learning_rate(self) -> float:
         warm = min(1.0, (self.global_step + 1) / max(self.warmup_steps, 1))
-        return self.lr * warm * 0.5 * (1 + math.cos(math.pi * self.budget_fraction()))
+        return self.lr * warm * 0.5 * (1 + math.cos(math.pi * self.fraction))
 
     def on_train_start(self) -> None:
         self.started = time.perf_counter()
 
+    def synced_fraction(self) -> float:
+        """The budget fraction, the same in every process (the largest), so that all replicas
+        use one learning rate and stop at the same step."""
+        fraction = self.budget_fraction()
+        if self.trainer.world_size > 1:
+            fraction = float(self.trainer.strategy.reduce(torch.tensor(fraction), reduce_op="max"))
+        return fraction
+
     def on_train_batch_start(self, batch, batch_idx):
-        if self.budget_fraction() >= 1.0:
-            return -1  # ends the epoch; the trainer stops (see BudgetStop)
+        self.fraction = self.synced_fraction()
+        if self.fraction >= 1.0:
+            self.trainer.should_stop = True
+            return -1  # skips the rest of the epoch; should_stop ends the run
         for group in self.optimizers().param_groups:
             group["lr"] = self.learning_rate()
 
@@ -79,16 +90,14 @@ class TrainModule(L.LightningModule):
         self.elapsed_before = float(checkpoint.get("training_seconds", 0.0))
 
 
-class BudgetStop(L.Callback):
-    """Stops training when the module's budget is spent, and runs periodic validation."""
+class PeriodicValidation(L.Callback):
+    """Runs the module's validation every ``val_every_minutes`` of training and at the end."""
 
     def __init__(self, val_every_minutes: float | None):
         self.val_every = val_every_minutes
         self.next_val = val_every_minutes
 
     def on_train_batch_end(self, trainer, module: TrainModule, outputs, batch, batch_idx):
-        if module.budget_fraction() >= 1.0:
-            trainer.should_stop = True
         minutes = module.training_minutes()
         if self.val_every and module.validate_fn and minutes >= self.next_val:
             self.next_val = minutes + self.val_every

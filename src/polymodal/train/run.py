@@ -74,13 +74,15 @@ class AtomicCheckpointIO:
 
 
 def train(recipe: Recipe, data: str | os.PathLike, out: str | os.PathLike, *, resume: bool = False,
-          progress: bool = True) -> Path:
+          progress: bool = True) -> Path | None:
+    """Train ``recipe`` on ``data`` into ``out``; returns the model folder (None in every
+    process but the first when several train together)."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
     from torch.utils.data import DataLoader
 
-    from polymodal.train.module import BudgetStop, TrainModule
+    from polymodal.train.module import PeriodicValidation, TrainModule
 
     data, out = Path(data), Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,16 +123,17 @@ def train(recipe: Recipe, data: str | os.PathLike, out: str | os.PathLike, *, re
         accelerator=t.accelerator, devices=devices, strategy="ddp" if devices > 1 else "auto",
         precision=t.precision, max_epochs=-1, max_steps=t.max_steps or -1,
         logger=[TensorBoardLogger(out / "logs", name="tensorboard"), CSVLogger(out / "logs", name="csv")],
-        callbacks=[checkpoints, BudgetStop(t.val_every_minutes)], plugins=[AtomicCheckpointIO()],
+        callbacks=[checkpoints, PeriodicValidation(t.val_every_minutes)], plugins=[AtomicCheckpointIO()],
         enable_progress_bar=progress, log_every_n_steps=t.log_every_steps, enable_model_summary=False,
         num_sanity_val_steps=0, use_distributed_sampler=recipe.data.in_memory and not bucketed,
     )
     last = out / "checkpoints" / "last.ckpt"
     trainer.fit(module, loader, ckpt_path=str(last) if resume and last.exists() else None)
+    trainer.save_checkpoint(last)  # every process takes part; the first one writes
     if trainer.is_global_zero:
-        trainer.save_checkpoint(last)
         model.save_pretrained(out / "model")
         from polymodal.train.curves import plot_curves
 
         plot_curves(out / "logs" / "csv", out / "curves.png")
-    return out / "model"
+        return out / "model"
+    return None
