@@ -150,3 +150,16 @@ def test_init_towers_from_copies_matching_towers(tokenizer):
     assert bound.init_towers_from(clip) == ["image", "text"]
     b = batch_of()
     assert torch.equal(clip.embed("image", b), bound.embed("image", b))
+
+
+def test_video_tower_embeds_frames_and_sound(tokenizer):
+    config = ContrastiveConfig(towers={"video": {"type": "video", "preset": "tiny"}, "text": TINY["text"]},
+                               pairs=[("video", "text")], embed_dim=16)
+    model = ContrastiveModel(config, tokenizer)
+    batch = {"video": torch.randn(4, 3, 3, 64, 64), "video_audio": torch.randn(4, 80, 50) - 8,
+             "video_audio_mask": torch.ones(4, 50, dtype=torch.bool), "text": CAPTIONS[:4]}
+    out = model.loss(batch)
+    out["loss"].backward()
+    silent = dict(batch, video_audio=torch.zeros(4, 80, 0), video_audio_mask=torch.zeros(4, 0, dtype=torch.bool))
+    assert model.embed("video", silent).shape == (4, 16)  # a clip without sound still embeds
+    assert not torch.allclose(model.embed("video", silent), model.embed("video", batch))

@@ -72,3 +72,22 @@ def test_bad_recipe_settings_are_named(small_world, tmp_path):
     result = CliRunner().invoke(app, ["train", "recipes/clip-shapes.yaml", "--data", str(small_world), "--out",
                                       str(tmp_path), "trainer.max_stepz=3"])
     assert result.exit_code == 2 and "max_stepz" in result.output
+
+
+def test_zero_shot_over_a_label_column_of_user_data(trained, small_world, tmp_path):
+    import shutil
+
+    rows = [json.loads(x) for x in (small_world / "metadata.jsonl").read_text().splitlines()][:40]
+    (tmp_path / "images").mkdir()
+    with open(tmp_path / "metadata.jsonl", "w") as f:
+        for r in rows:
+            shutil.copy(small_world / r["file_name"], tmp_path / r["file_name"])
+            f.write(json.dumps({"file_name": r["file_name"], "text": r["text"], "split": "test",
+                                "label": r["objects"][0]["colour"]}) + "\n")
+    (tmp_path / "classes.txt").write_text("red\ngreen\nblue\nyellow\npurple\norange\n")
+    out = tmp_path / "m.json"
+    result = CliRunner().invoke(app, ["eval", str(trained / "model"), "--data", str(tmp_path), "--split", "test",
+                                      "--classes", str(tmp_path / "classes.txt"), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(out.read_text())["test"]
+    assert 0.0 <= metrics["zero-shot label"] <= 1.0 and "zero-shot colour" not in metrics
