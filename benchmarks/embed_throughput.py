@@ -3,7 +3,9 @@
 Both models have the identical architecture (a ViT image tower and a causal text Transformer
 as CLIP's, built from one CLIP config) and the same weights; they get the same inputs. Timings
 are interleaved (A, B, A, B, ...) in one process and reported as medians; peak memory is
-measured in a fresh process per model and mode (CPU: peak RSS; CUDA: peak allocated). FLOP
+measured in a fresh process per model and mode, as the peak a step reaches above what the
+process already held after one warm-up step (CPU: peak RSS, reset through
+/proc/self/clear_refs; CUDA: peak allocated). FLOP
 utilisation is the model's counted FLOPs per second over a fp32 matmul peak measured in the
 same run.
 
@@ -16,7 +18,6 @@ import argparse
 import json
 import multiprocessing as mp
 import platform
-import resource
 import statistics
 import time
 
@@ -117,18 +118,29 @@ def counted_flops(fn) -> int:
     return counter.get_total_flops()
 
 
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
 def _memory_child(which: str, mode: str, batch: int, device: str, queue) -> None:
     hf, ours = build(device)
     fn = steps(hf, ours, batch, device)[mode][0 if which == "polymodal" else 1]
+    fn()  # first step allocates optimiser state and caches
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        base = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:  # reset the peak-RSS mark (Linux)
+            f.write("5")
+        base = _status_kb("VmRSS") * 1024
     for _ in range(3):
         fn()
-    if device == "cuda":
-        queue.put(torch.cuda.max_memory_allocated() / 2**20)
-    else:
-        queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _status_kb("VmHWM") * 1024
+    queue.put((peak - base) / 2**20)  # memory a step needs above what is already held
 
 
 def peak_memory_mb(which: str, mode: str, batch: int, device: str) -> float:

@@ -31,12 +31,15 @@ def main():
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--uniform", action="store_true", help="uniform random vectors (the worst case)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     centres = unit(rng.normal(size=(1000, args.dim)))
     vectors = unit(centres[rng.integers(1000, size=args.n)] + 0.35 * rng.normal(size=(args.n, args.dim)) / np.sqrt(args.dim) * 4)
     queries = unit(centres[rng.integers(1000, size=args.queries)] + 0.35 * rng.normal(size=(args.queries, args.dim)) / np.sqrt(args.dim) * 4)
+    if args.uniform:
+        vectors, queries = unit(rng.normal(size=(args.n, args.dim))), unit(rng.normal(size=(args.queries, args.dim)))
 
     start = time.perf_counter()
     approx = make_index(vectors)  # auto: HNSW at this size
@@ -45,7 +48,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         VectorIndex(approx, [{} for _ in range(args.n)], {}).save(tmp)
         opened = VectorIndex.open(tmp)  # memory-mapped
-        report = {"n": args.n, "dim": args.dim, "kind": opened.info["kind"], "build_s": build_s}
+        report = {"n": args.n, "dim": args.dim, "data": "uniform" if args.uniform else "clustered",
+                  "kind": opened.info["kind"], "build_s": build_s}
         for name, index in (("approx", opened), ("exact", VectorIndex(exact, [], {}))):
             times, hits = [], []
             for q in queries:
