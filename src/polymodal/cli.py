@@ -28,6 +28,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debu
                         handlers=[RichHandler(console=console, show_path=False)])
     for name in ("lightning.pytorch", "lightning.fabric"):  # these print through their own handler
         logging.getLogger(name).propagate = False
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it picked
 
 
 def fail(error: Exception) -> typer.Exit:

@@ -76,15 +76,22 @@ def search_world(state: dict) -> dict:
     index_dir = state["out"] / "index"
     index = build_index(state["clip"], state["world"], index_dir, split="test")
     model = ContrastiveModel.from_pretrained(state["clip"])
-    query = "a large red circle to the left of a small blue square"
+    # the query describes one held-out test image: where does that image rank?
+    target = next(item for item in index.items if item["text"].startswith(("a ", "there are")))
+    query = target["text"]
     scores, positions = index.search(embed_query(model, text=query), 8)
     hits = [index.items[p] for p in positions[0]]
+    console.print(f"query: {query!r}")
     for score, hit in zip(scores[0], hits, strict=True):
-        console.print(f"  {score:.3f}  {hit['text']}")
+        mark = "  <- the described image" if hit["id"] == target["id"] else ""
+        console.print(f"  {score:.3f}  {hit['text']}{mark}")
     sheet = contact_sheet([(load_image(h["file"]), f"#{i + 1} · {s:.3f}\n{h['text']}")
                            for i, (s, h) in enumerate(zip(scores[0], hits, strict=True))],
                           state["out"] / "search.png", columns=4, title=f"query: {query}")
-    return {"index": index_dir, "search hits": sheet}
+    rank = next((i + 1 for i, h in enumerate(hits) if h["id"] == target["id"]), None)
+    state["search_rank"] = rank
+    return {"index": index_dir, "search hits": sheet,
+            "rank of the described image": rank if rank else "not in the top 8"}
 
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
