@@ -362,11 +362,6 @@ def test_workers_yield_every_sample_once(small_world, world_rows):
     assert Counter(ids) == Counter(r["id"] for r in world_rows)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug/limitation: with num_workers > 0 each worker fills its own copy of the SkipLog, "
-    "so the SkipLog given to make_loader stays empty: bad samples are logged but not counted",
-)
 def test_workers_report_skipped_samples(small_world, world_rows, tmp_path):
     folder = copy_rows(small_world, tmp_path / "w", world_rows[:6])
     (folder / world_rows[0]["file_name"]).write_bytes(b"")

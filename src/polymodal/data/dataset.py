@@ -181,6 +181,8 @@ def make_loader(
     max_text_length: int | None = None, where=None,
 ) -> DataLoader:
     """A DataLoader over a data set folder or shards, yielding collated batches."""
+    if num_workers > 0 and skips is not None:
+        skips.share()  # workers report their skips into the caller's log
     dataset = MultimodalDataset(location, fields, split=split, options=options, skips=skips, where=where)
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                       collate_fn=Collator(fields, tokenizer, max_text_length))

@@ -19,7 +19,7 @@ import os
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from polymodal.errors import InputError
@@ -39,20 +39,52 @@ class BadSample:
     reason: str
 
 
-@dataclass
 class SkipLog:
-    """Bad samples skipped while streaming: counted, kept (up to ``keep``) and logged."""
+    """Bad samples skipped while streaming: counted, kept (up to ``keep``) and logged.
 
-    keep: int = 1000
-    bad: list[BadSample] = field(default_factory=list)
-    counts: Counter = field(default_factory=Counter)
+    ``counts`` maps a kind ("bad", "missing") to how many; ``bad`` holds the first ``keep``
+    as :class:`BadSample`. After :meth:`share`, DataLoader worker processes report into the
+    same log (through a multiprocessing manager) instead of into their own copies.
+    """
+
+    def __init__(self, keep: int = 1000):
+        self.keep = keep
+        self.bad: list[BadSample] = []
+        self._counts: dict[str, int] = {}
+        self._lock = None
+        self._manager = None
+
+    def share(self) -> SkipLog:
+        """Make the log shared with worker processes (keeps what it already holds)."""
+        if self._manager is None:
+            import multiprocessing as mp
+
+            self._manager = mp.Manager()
+            self.bad = self._manager.list(self.bad)
+            self._counts = self._manager.dict(self._counts)
+            self._lock = self._manager.Lock()
+        return self
+
+    def __getstate__(self):
+        return {**self.__dict__, "_manager": None}  # proxies travel to workers; the manager stays
 
     def add(self, source: str, reason: str, kind: str = "bad") -> None:
-        self.counts[kind] += 1
-        if len(self.bad) < self.keep:
-            self.bad.append(BadSample(source, reason))
+        if self._lock is not None:
+            with self._lock:
+                self._record(source, reason, kind)
+        else:
+            self._record(source, reason, kind)
         if kind == "bad":
             log.warning("skipped %s: %s", source, reason)
+
+    def _record(self, source: str, reason: str, kind: str) -> None:
+        self._counts[kind] = self._counts.get(kind, 0) + 1
+        if len(self.bad) < self.keep:
+            self.bad.append(BadSample(source, reason))
+
+    @property
+    def counts(self) -> Counter:
+        return Counter(dict(self._counts))
 
     @property
     def total(self) -> int:

@@ -16,7 +16,7 @@ config has named size ``PRESETS``, always including ``tiny`` for tests.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -351,11 +351,6 @@ def encoder_config(spec: dict):
             spec[k] = tuple(v)
     preset = spec.pop("preset", None)
     return _preset(cls, preset, spec) if preset else cls(**spec)
-
-
-def config_dict(config) -> dict:
-    d = asdict(config)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 def build_encoder(spec: dict | object, **kwargs) -> nn.Module:
