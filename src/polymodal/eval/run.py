@@ -33,12 +33,8 @@ EMBED_BATCH = 500
 
 
 def default_fields(model) -> dict[str, str]:
-    """Batch fields for each tower: modality name -> ``modality:column``."""
-    out = {}
-    for modality, spec in model.config.towers.items():
-        kind = "text" if spec["type"] in ("text", "minilm") else ("image" if spec["type"] in ("cnn", "vit") else spec["type"])
-        out[modality] = kind
-    return out
+    """Batch fields for each tower: tower name -> the kind of input it reads (default column)."""
+    return {tower: model.input_kind(tower) for tower in model.config.towers}
 
 
 @torch.no_grad()
@@ -83,7 +79,7 @@ def contrastive_metrics(model, items: list[dict], fields, shapes_world: bool, cl
     metrics: dict[str, float] = {"samples": float(len(items))}
     for a, b in itertools.combinations(modalities, 2):
         metrics.update(retrieval_metrics(emb[a], emb[b], a, b))
-    text = next((m for m in modalities if model.config.towers[m]["type"] in ("text", "minilm")), None)
+    text = model.tower_reading("text")
     rows = [item["row"] for item in items]
     if text is None:
         return metrics
@@ -124,9 +120,7 @@ def evaluate(model_dir: str | os.PathLike, data: str | os.PathLike, splits: Sequ
     model = ContrastiveModel.from_pretrained(model_dir)
     torch.set_grad_enabled(False)
     fields = default_fields(model)
-    size = image_size or next((s.get("image_size", 64) for s in model.config.towers.values()
-                               if s["type"] in ("cnn", "vit")), 64)
-    options = DecodeOptions(image_transform=ImageTransform(size))
+    options = DecodeOptions(image_transform=ImageTransform(image_size or model.image_size))
     results: dict[str, dict[str, float]] = {}
     for split in splits:
         items = MemoryDataset(data, fields, split=split, options=options, limit=limit, progress=progress).items

@@ -18,10 +18,6 @@ from polymodal.modalities.image import ImageTransform, load_image
 BATCH = 256
 
 
-def image_size_of(model) -> int:
-    return next((s.get("image_size", 64) for s in model.config.towers.values() if s["type"] in ("cnn", "vit")), 64)
-
-
 @torch.no_grad()
 def build_index(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
                 modality: str = "image", split: str | None = None, kind: str = "auto",
@@ -32,10 +28,8 @@ def build_index(model_dir: str | os.PathLike, data: str | os.PathLike, out: str 
     model = ContrastiveModel.from_pretrained(model_dir)
     if modality not in model.config.towers:
         raise InputError(model_dir, f"model has no {modality!r} tower (has {sorted(model.config.towers)})")
-    spec = model.config.towers[modality]["type"]
-    field = "image" if spec in ("cnn", "vit") else ("text" if spec in ("text", "minilm") else spec)
-    fields = {modality: field}
-    options = DecodeOptions(image_transform=ImageTransform(image_size_of(model)))
+    fields = {modality: model.input_kind(modality)}
+    options = DecodeOptions(image_transform=ImageTransform(model.image_size))
     skips = SkipLog()
     dataset = MultimodalDataset(data, fields, split=split, options=options, skips=skips)
     collate = Collator(fields)
@@ -73,20 +67,14 @@ def embed_query(model, *, text: str | None = None, image: str | None = None, aud
     given = [x for x in (text, image, audio) if x is not None]
     if len(given) != 1:
         raise ValueError("give exactly one query: text, --image or --audio")
-    towers = model.config.towers
+    kind = "text" if text is not None else ("image" if image is not None else "audio")
+    name = model.tower_reading(kind)
+    if name is None:
+        raise ValueError(f"this model has no {kind} tower")
     if text is not None:
-        name = next((m for m, s in towers.items() if s["type"] in ("text", "minilm")), None)
-        if name is None:
-            raise ValueError("this model has no text tower")
         return model.embed_text([text], modality=name).numpy()
     if image is not None:
-        name = next((m for m, s in towers.items() if s["type"] in ("cnn", "vit")), None)
-        if name is None:
-            raise ValueError("this model has no image tower")
-        pixels = ImageTransform(image_size_of(model))(load_image(image))
+        pixels = ImageTransform(model.image_size)(load_image(image))
         return model.embed_image(pixels[None], modality=name).numpy()
-    name = next((m for m, s in towers.items() if s["type"] == "audio"), None)
-    if name is None:
-        raise ValueError("this model has no audio tower")
     mel = log_mel_spectrogram(load_audio(audio))[None]
     return model.embed_audio(mel, modality=name).numpy()

@@ -32,6 +32,8 @@ from polymodal.nn.encoders import build_encoder
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 CACHE_LIMIT = 500_000  # texts whose fixed-tower features are kept
+# which kind of input each encoder type reads
+INPUT_KIND = {"cnn": "image", "vit": "image", "text": "text", "minilm": "text", "audio": "audio", "video": "video"}
 
 
 @dataclass
@@ -108,7 +110,7 @@ class ContrastiveModel(nn.Module):
             self.projections[modality].requires_grad_(False)
         # A fixed text encoder always gives the same features for the same text: cache them.
         self._locked_text_cache: dict[str, dict[str, torch.Tensor]] = {
-            m: {} for m in self.fixed_encoders if config.towers[m]["type"] in ("text", "minilm")}
+            m: {} for m in self.fixed_encoders if self.input_kind(m) == "text"}
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / config.init_temperature)))
 
     # ---- embedding ----
@@ -117,11 +119,11 @@ class ContrastiveModel(nn.Module):
         """Unnormalised features of ``modality`` from a collated batch (see Collator)."""
         encoder = self.encoders[modality]
         kind = self.config.towers[modality]["type"]
-        if kind in ("text", "minilm") and f"{modality}_ids" in batch:  # already tokenised
+        if INPUT_KIND[kind] == "text" and f"{modality}_ids" in batch:  # already tokenised
             features = encoder(batch[f"{modality}_ids"], batch[f"{modality}_mask"])
         elif modality in self._locked_text_cache:
             features = self._locked_text_features(modality, list(batch[modality]))
-        elif kind in ("text", "minilm"):
+        elif INPUT_KIND[kind] == "text":
             inputs = encoder.tokenize(batch[modality])
             inputs = {k: v.to(self.logit_scale.device) for k, v in inputs.items()}
             features = encoder(**inputs)
@@ -146,6 +148,19 @@ class ContrastiveModel(nn.Module):
             for text, feature in zip(chunk, encoder(**inputs), strict=True):
                 cache[text] = feature
         return torch.stack([cache[t] for t in texts]).to(self.logit_scale.device)
+
+    def input_kind(self, tower: str) -> str:
+        """What the tower reads: image, text, audio or video."""
+        return INPUT_KIND[self.config.towers[tower]["type"]]
+
+    def tower_reading(self, kind: str) -> str | None:
+        """The first tower that reads ``kind`` input, or None."""
+        return next((m for m in self.config.towers if self.input_kind(m) == kind), None)
+
+    @property
+    def image_size(self) -> int:
+        tower = self.tower_reading("image")
+        return self.config.towers[tower].get("image_size", 64) if tower else 64
 
     @property
     def fixed_encoders(self) -> list[str]:
