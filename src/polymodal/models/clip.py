@@ -28,12 +28,10 @@ from torch import nn
 
 from polymodal.errors import InputError
 from polymodal.modalities.text import TextTokenizer
-from polymodal.nn.encoders import build_encoder
+from polymodal.nn.encoders import INPUT_KIND, build_encoder
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 CACHE_LIMIT = 500_000  # texts whose fixed-tower features are kept
-# which kind of input each encoder type reads
-INPUT_KIND = {"cnn": "image", "vit": "image", "text": "text", "minilm": "text", "audio": "audio", "video": "video"}
 
 
 @dataclass

@@ -335,6 +335,10 @@ ENCODERS = {
 }
 
 
+# the kind of input each encoder type reads ("minilm" is the pretrained text encoder)
+INPUT_KIND = {"cnn": "image", "vit": "image", "text": "text", "minilm": "text", "audio": "audio", "video": "video"}
+
+
 def encoder_config(spec: dict):
     """``{"type": "cnn", "preset": "small", "width": 384}`` -> a filled config dataclass."""
     spec = dict(spec)

@@ -1,0 +1,181 @@
+"""Fusion classifiers: early, late and hybrid fusion of per-modality encoders.
+
+Each input (a *tower*: an encoder over one field of the batch) becomes a sequence of token
+states with a mask. The strategies differ in where the modalities meet:
+
+- ``early``: every tower's tokens, projected to one width and tagged with a modality
+  embedding, form one sequence with a class token; a Transformer reads it all.
+- ``late``: each tower has its own head; their logits are merged (mean over the modalities
+  present, or a learned weighting).
+- ``hybrid``: the last tower's tokens (the question, say) pass through blocks that, at every
+  depth, also attend to the other towers' tokens through a tanh-gated cross-attention that
+  starts closed (as Flamingo does), so training begins from the single-modality model.
+- ``single``: one tower and a head: the single-modality baselines.
+
+A missing modality is a tower whose tokens are all masked: training drops each modality of
+each sample with probability ``modality_dropout`` (never all of them), and at inference a
+batch may simply lack a tower's field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from polymodal.nn.encoders import INPUT_KIND, build_encoder
+from polymodal.nn.fusion import masked_mean
+from polymodal.nn.layers import MLP, Attention, Transformer, attention_mask
+
+STRATEGIES = ("early", "late", "hybrid", "single")
+
+
+@dataclass
+class FusionConfig:
+    towers: dict[str, dict] = field(default_factory=lambda: {
+        "image": {"type": "cnn", "preset": "small"}, "question": {"type": "audio", "preset": "small"}})
+    # batch field -> encoder spec; for hybrid the last tower is the stream that attends to the others
+    strategy: str = "early"  # early | late | hybrid | single
+    width: int = 192  # width of the fusion layers
+    depth: int = 2  # fusion Transformer blocks (early) or gated cross-attention blocks (hybrid)
+    heads: int = 4
+    classes: list[str] = field(default_factory=lambda: ["no", "yes"])  # label values, in logit order
+    label_column: str = "fusion_label"  # metadata column holding the label
+    modality_dropout: float = 0.1  # chance of dropping each modality of a training sample
+    late_merge: str = "mean"  # late fusion: mean of present modalities' logits | learned weights
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose from {STRATEGIES}")
+        if self.strategy == "single" and len(self.towers) != 1:
+            raise ValueError("strategy 'single' takes exactly one tower")
+        if self.strategy in ("early", "hybrid") and len(self.towers) < 2:
+            raise ValueError(f"strategy {self.strategy!r} needs at least two towers")
+        if self.late_merge not in ("mean", "learned"):
+            raise ValueError(f"unknown late_merge {self.late_merge!r}; choose mean or learned")
+
+
+class GatedCrossBlock(nn.Module):
+    """Self-attention, then tanh-gated cross-attention to the context, then an MLP."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(width), nn.LayerNorm(width), nn.LayerNorm(width)
+        self.self_attn = Attention(width, heads)
+        self.cross_attn = Attention(width, heads)
+        self.gate = nn.Parameter(torch.zeros(1))  # tanh(0) = 0: the cross path starts closed
+        self.mlp = MLP(width, 4 * width)
+
+    def forward(self, x, x_mask, context, context_mask):
+        x = x + self.self_attn(self.norm1(x), mask=attention_mask(x_mask, x.shape[1], False))
+        if context is not None:
+            attended = self.cross_attn(self.norm2(x), context=context, mask=context_mask[:, None, None, :])
+            # a sample whose context is all masked gets nothing from it
+            has_context = context_mask.any(1)[:, None, None].to(x.dtype)
+            x = x + torch.tanh(self.gate) * attended * has_context
+        return x + self.mlp(self.norm3(x))
+
+
+class FusionClassifier(nn.Module):
+    def __init__(self, config: FusionConfig):
+        super().__init__()
+        self.config = c = config
+        self.names = list(c.towers)
+        self.encoders = nn.ModuleDict({n: build_encoder(spec) for n, spec in c.towers.items()})
+        self.inputs = nn.ModuleDict({n: nn.Linear(self._token_width(n), c.width) for n in self.names})
+        self.modality_embedding = nn.ParameterDict({n: nn.Parameter(torch.zeros(c.width)) for n in self.names})
+        n_classes = len(c.classes)
+        if c.strategy == "early":
+            self.cls = nn.Parameter(torch.zeros(1, 1, c.width))
+            self.fusion = Transformer(c.width, c.depth, c.heads)
+            self.head = nn.Sequential(nn.LayerNorm(c.width), nn.Linear(c.width, n_classes))
+        elif c.strategy == "hybrid":
+            self.blocks = nn.ModuleList(GatedCrossBlock(c.width, c.heads) for _ in range(c.depth))
+            self.head = nn.Sequential(nn.LayerNorm(c.width), nn.Linear(c.width, n_classes))
+        else:  # late, single: a head per tower
+            self.heads = nn.ModuleDict({n: nn.Sequential(nn.LayerNorm(c.width), nn.Linear(c.width, c.width),
+                                                         nn.GELU(), nn.Linear(c.width, n_classes))
+                                        for n in self.names})
+            self.merge_weights = nn.Parameter(torch.zeros(len(self.names)))
+
+    def _token_width(self, name: str) -> int:
+        encoder = self.encoders[name]
+        if self.config.towers[name]["type"] == "cnn":
+            return encoder.config.widths[-1]
+        return encoder.width
+
+    # ---- tokens of each tower ----
+
+    def tokens(self, name: str, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, T, width)`` token states of one tower and their mask ``(B, T)``."""
+        encoder, kind = self.encoders[name], self.config.towers[name]["type"]
+        if INPUT_KIND.get(kind) == "audio":
+            x, mask = encoder.tokens(batch[name], batch.get(f"{name}_mask"))
+        elif INPUT_KIND.get(kind) == "image":
+            x = encoder.tokens(batch[name])
+            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        else:
+            raise ValueError(f"tower {name!r}: encoder type {kind!r} is not supported in fusion models")
+        return self.inputs[name](x) + self.modality_embedding[name], mask
+
+    def _drop_modalities(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Training: mask whole modalities of some samples, never every modality of one."""
+        p = self.config.modality_dropout
+        if not self.training or p <= 0 or len(masks) < 2:
+            return masks
+        b = next(iter(masks.values())).shape[0]
+        device = next(iter(masks.values())).device
+        drop = torch.rand(b, len(masks), device=device) < p
+        drop[drop.all(1), torch.randint(len(masks), (1,)).item()] = False  # keep one modality
+        return {n: m & ~drop[:, i : i + 1] for i, (n, m) in enumerate(masks.items())}
+
+    # ---- forward ----
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Class logits ``(B, classes)`` from whichever towers' fields the batch has."""
+        present = [n for n in self.names if n in batch]
+        if not present:
+            raise ValueError(f"the batch has none of this model's inputs {self.names}")
+        states, masks = {}, {}
+        for n in present:
+            states[n], masks[n] = self.tokens(n, batch)
+        masks = self._drop_modalities(masks)
+        strategy = self.config.strategy
+        if strategy == "early":
+            b = next(iter(states.values())).shape[0]
+            x = torch.cat([self.cls.expand(b, -1, -1), *states.values()], 1)
+            mask = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=x.device), *masks.values()], 1)
+            return self.head(self.fusion(x, key_mask=mask)[:, 0])
+        if strategy == "hybrid":
+            stream = self.names[-1]
+            context_names = [n for n in present if n != stream]
+            context = torch.cat([states[n] for n in context_names], 1) if context_names else None
+            context_mask = torch.cat([masks[n] for n in context_names], 1) if context_names else None
+            if stream not in states:  # no question: the context alone, pooled
+                return self.head(masked_mean(context, context_mask))
+            x = states[stream]
+            for block in self.blocks:
+                x = block(x, masks[stream], context, context_mask)
+            return self.head(masked_mean(x, masks[stream]))
+        # late / single: per-modality logits, merged over the modalities each sample has
+        logits = torch.stack([self.heads[n](masked_mean(states[n], masks[n])) for n in present], 1)  # (B, M, K)
+        has = torch.stack([masks[n].any(1) for n in present], 1).to(logits.dtype)  # (B, M)
+        if self.config.late_merge == "learned":
+            weights = torch.softmax(self.merge_weights[[self.names.index(n) for n in present]], 0)
+            has = has * weights
+        return (logits * has[:, :, None]).sum(1) / has.sum(1, keepdim=True).clamp(min=1e-6)
+
+    def labels(self, batch: dict) -> torch.Tensor:
+        column, classes = self.config.label_column, self.config.classes
+        try:
+            return torch.tensor([classes.index(str(r[column])) for r in batch["rows"]])
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"every row needs {column!r} with a value in {classes}: {e}") from e
+
+    def loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        logits = self(batch)
+        labels = self.labels(batch).to(logits.device)
+        loss = F.cross_entropy(logits, labels)
+        return {"loss": loss, "accuracy": (logits.argmax(1) == labels).float().mean().detach()}

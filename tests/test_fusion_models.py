@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from polymodal.models.fusion import FusionClassifier, FusionConfig
+
+TOWERS = {"image": {"type": "cnn", "preset": "tiny"}, "question": {"type": "audio", "preset": "tiny"}}
+
+
+def batch(n=4):
+    torch.manual_seed(0)
+    return {"image": torch.randn(n, 3, 64, 64), "question": torch.randn(n, 80, 60) - 8,
+            "question_mask": torch.ones(n, 60, dtype=torch.bool),
+            "rows": [{"fusion_label": "yes" if i % 2 else "no"} for i in range(n)]}
+
+
+def model(strategy, **kw):
+    towers = {"image": TOWERS["image"]} if strategy == "single" else TOWERS
+    return FusionClassifier(FusionConfig(towers=towers, strategy=strategy, width=32, depth=1, heads=2, **kw))
+
+
+@pytest.mark.parametrize("strategy", ["early", "late", "hybrid", "single"])
+def test_forward_backward_and_loss(strategy):
+    m = model(strategy)
+    out = m.loss(batch())
+    assert 0 <= out["accuracy"] <= 1
+    out["loss"].backward()
+    assert sum(p.grad.abs().sum() for p in m.parameters() if p.grad is not None) > 0
+
+
+@pytest.mark.parametrize("strategy", ["early", "late", "hybrid"])
+@pytest.mark.parametrize("missing", ["image", "question"])
+def test_a_missing_modality_still_answers(strategy, missing):
+    m = model(strategy).eval()
+    b = batch()
+    b.pop(missing)
+    b.pop(f"{missing}_mask", None)
+    logits = m(b)
+    assert logits.shape == (4, 2) and torch.isfinite(logits).all()
+
+
+def test_hybrid_gates_start_closed_so_it_starts_as_the_question_model():
+    m = model("hybrid").eval()
+    b = batch()
+    other = dict(b, image=torch.randn(4, 3, 64, 64))
+    assert torch.allclose(m(b), m(other))  # the image cannot matter until a gate opens
+    with torch.no_grad():
+        m.blocks[0].gate.fill_(1.0)
+    assert not torch.allclose(m(b), m(other))
+
+
+def test_modality_dropout_never_drops_everything():
+    m = model("late", modality_dropout=0.99).train()
+    masks = {"a": torch.ones(64, 3, dtype=torch.bool), "b": torch.ones(64, 5, dtype=torch.bool)}
+    dropped = m._drop_modalities(masks)
+    assert (dropped["a"].any(1) | dropped["b"].any(1)).all()
+    assert not dropped["a"].any(1).all()  # but it does drop
+
+
+def test_config_errors_are_named():
+    with pytest.raises(ValueError, match="unknown strategy"):
+        FusionConfig(towers=TOWERS, strategy="middle")
+    with pytest.raises(ValueError, match="exactly one tower"):
+        FusionConfig(towers=TOWERS, strategy="single")
+    with pytest.raises(ValueError, match="fusion_label"):
+        model("late").labels({"rows": [{"label": "yes"}]})
