@@ -63,3 +63,17 @@ def test_config_errors_are_named():
         FusionConfig(towers=TOWERS, strategy="single")
     with pytest.raises(ValueError, match="fusion_label"):
         model("late").labels({"rows": [{"label": "yes"}]})
+
+
+def test_save_and_load_restore_exactly(tmp_path):
+    m = model("hybrid").eval()
+    with torch.no_grad():
+        m.blocks[0].gate.fill_(0.5)
+    m.save_pretrained(tmp_path / "f")
+    loaded = FusionClassifier.from_pretrained(tmp_path / "f")
+    assert torch.equal(m(batch()), loaded(batch()))
+    from polymodal.errors import InputError
+    from polymodal.models.clip import ContrastiveModel
+
+    with pytest.raises(InputError, match="not a 'contrastive' model"):
+        ContrastiveModel.from_pretrained(tmp_path / "f")

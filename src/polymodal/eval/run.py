@@ -59,6 +59,16 @@ def paraphrased_queries(rows: list[dict], seed: int = 0) -> list[str]:
 def validation_function(model, data, split: str, fields, options: DecodeOptions, limit: int):
     """A function ``model -> metrics`` over ``limit`` samples of ``split``, decoded once."""
     items = MemoryDataset(data, fields, split=split, options=options, limit=limit).items
+    if hasattr(model, "labels"):  # a classifier: accuracy
+        def accuracy(m) -> dict[str, float]:
+            correct = 0
+            collate = Collator(fields)
+            for start in range(0, len(items), EMBED_BATCH):
+                batch = collate(items[start : start + EMBED_BATCH])
+                correct += (m(batch).argmax(1).cpu() == m.labels(batch)).sum().item()
+            return {"accuracy": correct / max(len(items), 1)}
+
+        return accuracy
     pairs = model.config.pairs
 
     def validate(m) -> dict[str, float]:

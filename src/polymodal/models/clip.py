@@ -13,24 +13,21 @@ With several processes, embeddings are gathered across them *with gradients*
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from polymodal.errors import InputError
 from polymodal.modalities.text import TextTokenizer
+from polymodal.models.folder import read_model_folder, write_model_folder
 from polymodal.nn.encoders import INPUT_KIND, build_encoder
 
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 CACHE_LIMIT = 500_000  # texts whose fixed-tower features are kept
 
 
@@ -219,29 +216,15 @@ class ContrastiveModel(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``config.json``, ``model.safetensors`` and ``tokenizer.json`` atomically."""
-        directory = Path(directory)
-        tmp = directory.with_name(directory.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
         config = {"model_type": "contrastive", "towers": self.config.towers,
                   "pairs": [list(p) for p in self.config.pairs], "embed_dim": self.config.embed_dim,
                   "init_temperature": self.config.init_temperature,
                   "max_logit_scale": self.config.max_logit_scale, "locked": self.config.locked,
                   "frozen": self.config.frozen}
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()
-                 if not k.startswith(self._locked_prefixes())}
-        save_file(state, str(tmp / WEIGHTS_FILE))
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(tmp)
-        if directory.exists():  # swap in the new folder, then drop the old one
-            old = directory.with_name(directory.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-        return directory
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith(self._locked_prefixes())}
+        tokenizer = self.tokenizer
+        return write_model_folder(directory, config, state,
+                                  extra=tokenizer.save_pretrained if tokenizer is not None else None)
 
     def _locked_prefixes(self) -> tuple[str, ...]:
         # the locked MiniLM weights ship with their package; they are not copied into every model
@@ -254,18 +237,13 @@ class ContrastiveModel(nn.Module):
 
         if is_hf_clip(directory):  # a transformers CLIPModel folder
             return load_hf_clip(directory)
-        config_path = directory / CONFIG_FILE
-        if not config_path.is_file():
-            raise InputError(directory, f"no {CONFIG_FILE}: not a saved polymodal model")
-        raw = json.loads(config_path.read_text())
-        raw.pop("model_type", None)
+        raw, state = read_model_folder(directory, "contrastive")
         config = ContrastiveConfig(**raw)
         tokenizer = TextTokenizer.from_pretrained(directory) if (directory / "tokenizer.json").exists() else None
         model = cls(config, tokenizer)
-        state = load_file(str(directory / WEIGHTS_FILE))
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith(model._locked_prefixes())]
         if missing or unexpected:
-            raise InputError(directory / WEIGHTS_FILE, f"weights do not fit the config: missing {missing[:5]}, "
+            raise InputError(directory / "model.safetensors", f"weights do not fit the config: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
         return model.eval()

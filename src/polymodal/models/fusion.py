@@ -19,12 +19,15 @@ batch may simply lack a tower's field.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from polymodal.models.folder import read_model_folder, write_model_folder
 from polymodal.nn.encoders import INPUT_KIND, build_encoder
 from polymodal.nn.fusion import masked_mean
 from polymodal.nn.layers import MLP, Attention, Transformer, attention_mask
@@ -106,6 +109,16 @@ class FusionClassifier(nn.Module):
             return encoder.config.widths[-1]
         return encoder.width
 
+    def init_encoders_from(self, other) -> list[str]:
+        """Copy each encoder from a tower of a contrastive model with the identical spec."""
+        copied = []
+        for name, spec in self.config.towers.items():
+            match = next((m for m, s in other.config.towers.items() if s == spec), None)
+            if match is not None:
+                self.encoders[name].load_state_dict(other.encoders[match].state_dict())
+                copied.append(f"{name}<-{match}")
+        return copied
+
     # ---- tokens of each tower ----
 
     def tokens(self, name: str, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,6 +186,16 @@ class FusionClassifier(nn.Module):
             return torch.tensor([classes.index(str(r[column])) for r in batch["rows"]])
         except (KeyError, ValueError) as e:
             raise ValueError(f"every row needs {column!r} with a value in {classes}: {e}") from e
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        return write_model_folder(directory, {"model_type": "fusion", **asdict(self.config)}, self.state_dict())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> FusionClassifier:
+        raw, state = read_model_folder(directory, "fusion")
+        model = cls(FusionConfig(**raw))
+        model.load_state_dict(state)
+        return model.eval()
 
     def loss(self, batch: dict) -> dict[str, torch.Tensor]:
         logits = self(batch)

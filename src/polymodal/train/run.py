@@ -43,7 +43,16 @@ def build_model(recipe: Recipe, data: Path):
             copied = model.init_towers_from(base)
             log.info("towers %s start from %s", copied, init_from)
         return model
-    raise ValueError(f"unknown model type {kind!r} in recipe (known: contrastive)")
+    if kind == "fusion":
+        from polymodal.models.clip import ContrastiveModel
+        from polymodal.models.fusion import FusionClassifier, FusionConfig
+
+        model = FusionClassifier(FusionConfig(**spec))
+        if init_from:
+            copied = model.init_encoders_from(ContrastiveModel.from_pretrained(init_from))
+            log.info("encoders %s start from %s", copied, init_from)
+        return model
+    raise ValueError(f"unknown model type {kind!r} in recipe (known: contrastive, fusion)")
 
 
 def train_tokenizer(data: Path, split: str, vocab_size: int) -> TextTokenizer:
