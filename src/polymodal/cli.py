@@ -238,6 +238,29 @@ def search_command(
         console.print(f"hits drawn in {sheet}")
 
 
+bench_app = typer.Typer(help="Train and compare model variants side by side.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("fusion")
+def bench_fusion_command(
+    data: Annotated[Path, typer.Option(help="A shapes world (with speech).")],
+    out: Annotated[Path, typer.Option(help="Folder for the runs, results.json and accuracy.png.")],
+    minutes: Annotated[float, typer.Option(help="Training budget of each model.")] = 4.0,
+    init_from: Annotated[str | None, typer.Option(help="A bound model whose towers start the encoders.")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value settings for every run.")] = None,
+):
+    """Train image-only, audio-only, early, late and hybrid fusion on the fusion task; compare."""
+    from polymodal.eval.fusion_bench import bench_fusion, format_results
+
+    try:
+        results = bench_fusion(data, out, minutes=minutes, init_from=init_from, extra=overrides or [])
+    except (InputError, ValueError) as e:
+        raise fail(e) from None
+    console.print(format_results(results))
+    console.print(f"results: {out / 'results.json'}; chart: {out / 'accuracy.png'}")
+
+
 @app.command("demo")
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for everything the demo makes.")] = Path("outputs/demo"),
