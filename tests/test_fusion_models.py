@@ -77,3 +77,14 @@ def test_save_and_load_restore_exactly(tmp_path):
 
     with pytest.raises(InputError, match="not a 'contrastive' model"):
         ContrastiveModel.from_pretrained(tmp_path / "f")
+
+
+def test_late_fusion_of_embeddings_answers_with_and_without_a_modality():
+    m = model("late", late_merge="embedding")
+    out = m.loss(batch())
+    out["loss"].backward()
+    b = batch()
+    b.pop("image")
+    assert m.eval()(b).shape == (4, 2)
+    with pytest.raises(ValueError, match="exactly two towers"):
+        FusionConfig(towers=TOWERS, strategy="early", late_merge="embedding")

@@ -47,7 +47,8 @@ class FusionConfig:
     classes: list[str] = field(default_factory=lambda: ["no", "yes"])  # label values, in logit order
     label_column: str = "fusion_label"  # metadata column holding the label
     modality_dropout: float = 0.1  # chance of dropping each modality of a training sample
-    late_merge: str = "mean"  # late fusion: mean of present modalities' logits | learned weights
+    late_merge: str = "mean"  # late fusion: mean of present modalities' logits | learned weights |
+    # embedding: each tower's pooled embedding, L2-normalised, then one head on [e_1, e_2, e_1 * e_2]
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -56,8 +57,10 @@ class FusionConfig:
             raise ValueError("strategy 'single' takes exactly one tower")
         if self.strategy in ("early", "hybrid") and len(self.towers) < 2:
             raise ValueError(f"strategy {self.strategy!r} needs at least two towers")
-        if self.late_merge not in ("mean", "learned"):
-            raise ValueError(f"unknown late_merge {self.late_merge!r}; choose mean or learned")
+        if self.late_merge not in ("mean", "learned", "embedding"):
+            raise ValueError(f"unknown late_merge {self.late_merge!r}; choose mean, learned or embedding")
+        if self.late_merge == "embedding" and (self.strategy != "late" or len(self.towers) != 2):
+            raise ValueError("late_merge 'embedding' is late fusion of exactly two towers")
 
 
 class GatedCrossBlock(nn.Module):
@@ -97,6 +100,10 @@ class FusionClassifier(nn.Module):
         elif c.strategy == "hybrid":
             self.blocks = nn.ModuleList(GatedCrossBlock(c.width, c.heads) for _ in range(c.depth))
             self.head = nn.Sequential(nn.LayerNorm(c.width), nn.Linear(c.width, n_classes))
+        elif c.late_merge == "embedding":  # late fusion of embeddings in one space
+            self.projections = nn.ModuleDict({n: nn.Linear(self.encoders[n].width, c.width, bias=False)
+                                              for n in self.names})
+            self.head = nn.Sequential(nn.Linear(3 * c.width, c.width), nn.GELU(), nn.Linear(c.width, n_classes))
         else:  # late, single: a head per tower
             self.heads = nn.ModuleDict({n: nn.Sequential(nn.LayerNorm(c.width), nn.Linear(c.width, c.width),
                                                          nn.GELU(), nn.Linear(c.width, n_classes))
@@ -117,6 +124,8 @@ class FusionClassifier(nn.Module):
             if match is not None:
                 self.encoders[name].load_state_dict(other.encoders[match].state_dict())
                 copied.append(f"{name}<-{match}")
+                if hasattr(self, "projections") and other.config.embed_dim == self.config.width:
+                    self.projections[name].load_state_dict(other.projections[match].state_dict())
         return copied
 
     # ---- tokens of each tower ----
@@ -151,6 +160,8 @@ class FusionClassifier(nn.Module):
         present = [n for n in self.names if n in batch]
         if not present:
             raise ValueError(f"the batch has none of this model's inputs {self.names}")
+        if self.config.late_merge == "embedding":
+            return self._embedding_logits(batch, present)
         states, masks = {}, {}
         for n in present:
             states[n], masks[n] = self.tokens(n, batch)
@@ -179,6 +190,23 @@ class FusionClassifier(nn.Module):
             weights = torch.softmax(self.merge_weights[[self.names.index(n) for n in present]], 0)
             has = has * weights
         return (logits * has[:, :, None]).sum(1) / has.sum(1, keepdim=True).clamp(min=1e-6)
+
+    def _embedding_logits(self, batch: dict, present: list[str]) -> torch.Tensor:
+        b = len(batch["rows"]) if "rows" in batch else batch[present[0]].shape[0]
+        embeddings = []
+        for n in self.names:
+            if n not in batch:  # a missing modality contributes a zero embedding
+                embeddings.append(next(self.parameters()).new_zeros(b, self.config.width))
+                continue
+            encoder, kind = self.encoders[n], INPUT_KIND[self.config.towers[n]["type"]]
+            pooled = encoder(batch[n], batch.get(f"{n}_mask")) if kind == "audio" else encoder(batch[n])
+            embeddings.append(F.normalize(self.projections[n](pooled), dim=-1))
+        a, c = embeddings
+        if self.training and self.config.modality_dropout > 0:
+            keep = (torch.rand(b, 2, device=a.device) >= self.config.modality_dropout).to(a.dtype)
+            keep[keep.sum(1) == 0, 0] = 1.0
+            a, c = a * keep[:, :1], c * keep[:, 1:]
+        return self.head(torch.cat([a, c, a * c], dim=-1))
 
     def labels(self, batch: dict) -> torch.Tensor:
         column, classes = self.config.label_column, self.config.classes
