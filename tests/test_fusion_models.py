@@ -88,3 +88,11 @@ def test_late_fusion_of_embeddings_answers_with_and_without_a_modality():
     assert m.eval()(b).shape == (4, 2)
     with pytest.raises(ValueError, match="exactly two towers"):
         FusionConfig(towers=TOWERS, strategy="early", late_merge="embedding")
+
+
+def test_frozen_encoders_stay_fixed():
+    m = model("early", freeze_encoders=True).train()
+    assert not any(p.requires_grad for p in m.encoders.parameters())
+    assert not m.encoders["image"].training and m.inputs.training
+    m.loss(batch())["loss"].backward()
+    assert all(p.grad is None for p in m.encoders.parameters())

@@ -47,6 +47,7 @@ class FusionConfig:
     classes: list[str] = field(default_factory=lambda: ["no", "yes"])  # label values, in logit order
     label_column: str = "fusion_label"  # metadata column holding the label
     modality_dropout: float = 0.1  # chance of dropping each modality of a training sample
+    freeze_encoders: bool = False  # keep the (pretrained) encoders fixed; train only the fusion layers
     late_merge: str = "mean"  # late fusion: mean of present modalities' logits | learned weights |
     # embedding: each tower's pooled embedding, L2-normalised, then one head on [e_1, e_2, e_1 * e_2]
 
@@ -90,6 +91,8 @@ class FusionClassifier(nn.Module):
         self.config = c = config
         self.names = list(c.towers)
         self.encoders = nn.ModuleDict({n: build_encoder(spec) for n, spec in c.towers.items()})
+        if c.freeze_encoders:
+            self.encoders.requires_grad_(False)
         self.inputs = nn.ModuleDict({n: nn.Linear(self._token_width(n), c.width) for n in self.names})
         self.modality_embedding = nn.ParameterDict({n: nn.Parameter(torch.zeros(c.width)) for n in self.names})
         n_classes = len(c.classes)
@@ -115,6 +118,12 @@ class FusionClassifier(nn.Module):
         if self.config.towers[name]["type"] == "cnn":
             return encoder.config.widths[-1]
         return encoder.width
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.config.freeze_encoders:  # fixed encoders keep their normalisation statistics
+            self.encoders.eval()
+        return self
 
     def init_encoders_from(self, other) -> list[str]:
         """Copy each encoder from a tower of a contrastive model with the identical spec."""
