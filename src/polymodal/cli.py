@@ -203,7 +203,7 @@ def search_command(
     sheet: Annotated[Path | None, typer.Option(help="Contact sheet of the hits (default: search.png).")] = None,
 ):
     """Search an index by text, image or audio; prints the top k and draws them."""
-    from polymodal.index.build import embed_query
+    from polymodal.index.build import draw_hits, embed_query
     from polymodal.index.vectors import VectorIndex
     from polymodal.models.clip import ContrastiveModel
 
@@ -226,16 +226,9 @@ def search_command(
         hits.append((score, item))
         table.add_row(str(rank), f"{score:.3f}", str(item.get("id")), str(item.get("text") or item.get("file")))
     console.print(table)
-    files = [(s, it) for s, it in hits if it.get("file") and Path(it["file"]).is_file()]
-    if files:
-        from polymodal.data.inspect import contact_sheet
-        from polymodal.modalities.image import load_image
-
-        sheet = sheet or Path("search.png")
-        contact_sheet([(load_image(it["file"]), f"#{i} · {s:.3f}\n{it.get('text') or ''}")
-                       for i, (s, it) in enumerate(files, 1)], sheet, columns=min(5, len(files)),
-                      title=f"query: {query or image or audio}")
-        console.print(f"hits drawn in {sheet}")
+    drawn = draw_hits(hits, sheet or Path("search.png"), title=f"query: {query or image or audio}")
+    if drawn:
+        console.print(f"hits drawn in {drawn}")
 
 
 bench_app = typer.Typer(help="Train and compare model variants side by side.", no_args_is_help=True)

@@ -68,9 +68,7 @@ def evaluate_clip(state: dict) -> dict:
 
 
 def search_world(state: dict) -> dict:
-    from polymodal.data.inspect import contact_sheet
-    from polymodal.index.build import build_index, embed_query
-    from polymodal.modalities.image import load_image
+    from polymodal.index.build import build_index, draw_hits, embed_query
     from polymodal.models.clip import ContrastiveModel
 
     index_dir = state["out"] / "index"
@@ -85,9 +83,8 @@ def search_world(state: dict) -> dict:
     for score, hit in zip(scores[0], hits, strict=True):
         mark = "  <- the described image" if hit["id"] == target["id"] else ""
         console.print(f"  {score:.3f}  {hit['text']}{mark}")
-    sheet = contact_sheet([(load_image(h["file"]), f"#{i + 1} · {s:.3f}\n{h['text']}")
-                           for i, (s, h) in enumerate(zip(scores[0], hits, strict=True))],
-                          state["out"] / "search.png", columns=4, title=f"query: {query}")
+    sheet = draw_hits(list(zip(scores[0], hits, strict=True)), state["out"] / "search.png",
+                      title=f"query: {query}", columns=4)
     rank = next((i + 1 for i, h in enumerate(hits) if h["id"] == target["id"]), None)
     state["search_rank"] = rank
     return {"index": index_dir, "search hits": sheet,

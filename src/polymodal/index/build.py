@@ -78,3 +78,15 @@ def embed_query(model, *, text: str | None = None, image: str | None = None, aud
         return model.embed_image(pixels[None], modality=name).numpy()
     mel = log_mel_spectrogram(load_audio(audio))[None]
     return model.embed_audio(mel, modality=name).numpy()
+
+
+def draw_hits(hits: list[tuple[float, dict]], out: str | os.PathLike, title: str, columns: int = 5) -> Path | None:
+    """A contact sheet of search hits ``(score, item)`` whose files exist; None if none do."""
+    from polymodal.data.inspect import contact_sheet
+
+    drawable = [(s, it) for s, it in hits if it.get("file") and Path(it["file"]).is_file()]
+    if not drawable:
+        return None
+    return contact_sheet([(load_image(it["file"]), f"#{i} · {s:.3f}\n{it.get('text') or ''}")
+                          for i, (s, it) in enumerate(drawable, 1)], out, columns=min(columns, len(drawable)),
+                         title=title)
