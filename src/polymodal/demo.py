@@ -86,7 +86,6 @@ def search_world(state: dict) -> dict:
     sheet = draw_hits(list(zip(scores[0], hits, strict=True)), state["out"] / "search.png",
                       title=f"query: {query}", columns=4)
     rank = next((i + 1 for i, h in enumerate(hits) if h["id"] == target["id"]), None)
-    state["search_rank"] = rank
     return {"index": index_dir, "search hits": sheet,
             "rank of the described image": rank if rank else "not in the top 8"}
 

@@ -324,7 +324,7 @@ def yes_no_pair(rng: np.random.Generator, objects: list[SceneObject], split: str
 # ---- one sample --------------------------------------------------------------------------------
 
 
-def _video(rng: np.random.Generator, size: int):
+def _video(rng: np.random.Generator):
     """A single object crossing the frame along a row or column, and its description."""
     shape, colour = _choose(rng, SHAPES), _choose(rng, COLOURS)
     direction = _choose(rng, ("left", "right", "up", "down"))
@@ -376,7 +376,7 @@ def make_sample(config: WorldConfig, index: int, out: Path) -> dict:
         row["fusion_audio_file"] = f"audio/{sample_id}_question.wav"
         save_wav(out / row["fusion_audio_file"], synthesize(row["fusion_question"], voice, rate))
     if wants_video:
-        shape, colour, direction, text = _video(rng, config.size)
+        shape, colour, direction, text = _video(rng)
         speech = synthesize(text, voice, rate)
         n_frames = max(12, math.ceil(len(speech) / 16_000 * VIDEO_FPS))
         frames = _render_video(rng, shape, colour, direction, config.size, n_frames)

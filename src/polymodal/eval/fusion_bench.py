@@ -23,13 +23,11 @@ STRATEGIES = ("image-only", "audio-only", "early", "late", "hybrid")
 
 
 def strategy_overrides(name: str, towers: dict[str, dict]) -> list[str]:
-    image, question = (f"{{type: {t['type']}, " + ", ".join(f"{k}: {json.dumps(v)}" for k, v in t.items() if k != "type") + "}"
-                       for t in (towers["image"], towers["question"]))
     if name == "image-only":
-        return ["model.strategy=single", f"model.towers={{image: {image}}}", "data.fields={image: image}",
-                "data.bucket_by_length=false"]
+        return ["model.strategy=single", f"model.towers={json.dumps({'image': towers['image']})}",
+                "data.fields={image: image}", "data.bucket_by_length=false"]
     if name == "audio-only":
-        return ["model.strategy=single", f"model.towers={{question: {question}}}",
+        return ["model.strategy=single", f"model.towers={json.dumps({'question': towers['question']})}",
                 'data.fields={question: "audio:fusion_audio_file"}']
     return [f"model.strategy={name}"]
 

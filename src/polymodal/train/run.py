@@ -60,26 +60,24 @@ def train_tokenizer(data: Path, split: str, vocab_size: int) -> TextTokenizer:
     return TextTokenizer.train((item["text"] for item in dataset), vocab_size=vocab_size)
 
 
-class AtomicCheckpointIO:
+def atomic_checkpoint_io():
     """Lightning checkpoint I/O that writes to a temporary file and renames it into place."""
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-    def __new__(cls):
-        from lightning.pytorch.plugins.io import TorchCheckpointIO
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint, path, storage_options=None):
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+            os.close(fd)
+            try:
+                torch.save(checkpoint, tmp)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
 
-        class _IO(TorchCheckpointIO):
-            def save_checkpoint(self, checkpoint, path, storage_options=None):
-                path = Path(path)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-                os.close(fd)
-                try:
-                    torch.save(checkpoint, tmp)
-                    os.replace(tmp, path)
-                finally:
-                    if os.path.exists(tmp):
-                        os.remove(tmp)
-
-        return _IO()
+    return AtomicCheckpointIO()
 
 
 def train(recipe: Recipe, data: str | os.PathLike, out: str | os.PathLike, *, resume: bool = False,
@@ -132,7 +130,7 @@ def train(recipe: Recipe, data: str | os.PathLike, out: str | os.PathLike, *, re
         accelerator=t.accelerator, devices=devices, strategy="ddp" if devices > 1 else "auto",
         precision=t.precision, max_epochs=-1, max_steps=t.max_steps or -1,
         logger=[TensorBoardLogger(out / "logs", name="tensorboard"), CSVLogger(out / "logs", name="csv")],
-        callbacks=[checkpoints, PeriodicValidation(t.val_every_minutes)], plugins=[AtomicCheckpointIO()],
+        callbacks=[checkpoints, PeriodicValidation(t.val_every_minutes)], plugins=[atomic_checkpoint_io()],
         enable_progress_bar=progress, log_every_n_steps=t.log_every_steps, enable_model_summary=False,
         num_sanity_val_steps=0, use_distributed_sampler=recipe.data.in_memory and not bucketed,
     )
