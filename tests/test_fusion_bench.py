@@ -32,7 +32,7 @@ def test_bench_trains_every_strategy_and_writes_results(small_world, tmp_path):
     assert list(results) == ["image-only", "audio-only", "early", "late", "hybrid"]
     for name, row in results.items():
         assert 0.0 <= row["accuracy"] <= 1.0 and row["parameters"] > 0
-        assert ("accuracy without image" in row) == (name in ("early", "late", "hybrid"))
+        assert ("accuracy image only" in row) == (name in ("early", "late", "hybrid"))
     assert results["image-only"]["parameters"] < results["early"]["parameters"]
     assert json.loads((tmp_path / "bench" / "results.json").read_text()) == results
     assert (tmp_path / "bench" / "accuracy.png").stat().st_size > 1000

@@ -96,3 +96,15 @@ def test_frozen_encoders_stay_fixed():
     assert not m.encoders["image"].training and m.inputs.training
     m.loss(batch())["loss"].backward()
     assert all(p.grad is None for p in m.encoders.parameters())
+
+
+def test_frozen_encoder_states_are_remembered_per_file_and_change_nothing():
+    m = model("early", freeze_encoders=True, fields={"image": "image", "question": "audio:fusion_audio_file"}).eval()
+    b = batch()
+    for i, r in enumerate(b["rows"]):
+        r.update(file_name=f"images/{i}.png", fusion_audio_file=f"audio/{i}.wav")
+    plain = m({k: v for k, v in b.items() if k != "rows"})
+    first = m(b)
+    assert len(m._cache) == 8 and torch.allclose(first, plain, atol=1e-5)
+    b["image"] = torch.zeros_like(b["image"])  # the same files: the remembered states answer
+    assert torch.allclose(m(b), first, atol=1e-5)

@@ -59,6 +59,23 @@ def data_shapes(
     console.print(f"wrote {n} samples to {out} in {time.perf_counter() - start:.1f} s")
 
 
+@data_app.command("noisy")
+def data_noisy(world: Annotated[Path, typer.Argument(help="A shapes world folder made before the noisy task existed.")]):
+    """Add the noisy-modalities task (damaged image and speech, label: the object count) to a world."""
+    from polymodal.data.noisy import add_noisy_task
+
+    meta = world / "metadata.jsonl"
+    if not meta.is_file():
+        raise fail(InputError(world, "no metadata.jsonl: not a data set folder"))
+    total = sum(1 for line in meta.open() if line.strip())
+    try:
+        with progress_bar("noisy task", total) as update:
+            n = add_noisy_task(world, progress=update)
+    except (InputError, ValueError) as e:
+        raise fail(e) from None
+    console.print(f"added the noisy task to {n} samples of {world}")
+
+
 @data_app.command("inspect")
 def data_inspect(
     location: Annotated[Path, typer.Argument(help="Data set folder, shard folder or .tar shard.")],
@@ -150,16 +167,22 @@ def eval_command(
     model: Annotated[Path, typer.Argument(help="A saved model folder.")],
     data: Annotated[Path, typer.Option(help="Data set folder or shards.")],
     split: Annotated[list[str] | None, typer.Option(help="Split(s) to score (default: val, test, test_novel).")] = None,
-    limit: Annotated[int, typer.Option(help="At most this many samples per split.")] = 1000,
+    limit: Annotated[int | None, typer.Option(
+        help="At most this many samples per split (default: 1000 for retrieval, all otherwise).")] = None,
     classes: Annotated[Path | None, typer.Option(help="File of class names, one a line (label column data).")] = None,
+    decoding: Annotated[str, typer.Option(help="Captioners: greedy, beam or nucleus.")] = "greedy",
+    examples: Annotated[int, typer.Option(help="Captioners: keep this many generated examples in the JSON.")] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write every metric as JSON.")] = None,
 ):
-    """Score a model: retrieval Recall@1/5/10 both ways and zero-shot accuracy, per split."""
+    """Score a model on each split. Contrastive: retrieval Recall@1/5/10 both ways and
+    zero-shot accuracy. Captioner: BLEU-4, CIDEr, scene-graph judge, VQA accuracy per question
+    type. Fusion classifier: accuracy with every modality and with each one alone."""
     from polymodal.eval.run import DEFAULT_SPLITS, evaluate, format_table
 
     try:
         names = [line.strip() for line in classes.read_text().splitlines() if line.strip()] if classes else None
-        results = evaluate(model, data, split or DEFAULT_SPLITS, limit=limit, class_names=names)
+        results = evaluate(model, data, split or DEFAULT_SPLITS, limit=limit, class_names=names,
+                           decoding=decoding, examples=examples)
     except (InputError, ValueError) as e:
         raise fail(e) from None
     console.print(format_table(results))
@@ -241,13 +264,17 @@ def bench_fusion_command(
     out: Annotated[Path, typer.Option(help="Folder for the runs, results.json and accuracy.png.")],
     minutes: Annotated[float, typer.Option(help="Training budget of each model.")] = 4.0,
     init_from: Annotated[str | None, typer.Option(help="A bound model whose towers start the encoders.")] = None,
+    task: Annotated[str, typer.Option(help="question (spoken question + image) or noisy (noisy count).")] = "question",
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value settings for every run.")] = None,
 ):
-    """Train image-only, audio-only, early, late and hybrid fusion on the fusion task; compare."""
-    from polymodal.eval.fusion_bench import bench_fusion, format_results
+    """Train image-only, audio-only, early, late and hybrid fusion on a shapes-world task; compare."""
+    from polymodal.eval.fusion_bench import TASKS, bench_fusion, format_results
 
+    if task not in TASKS:
+        raise fail(ValueError(f"unknown task {task!r}; choose from {sorted(TASKS)}"))
     try:
-        results = bench_fusion(data, out, minutes=minutes, init_from=init_from, extra=overrides or [])
+        results = bench_fusion(data, out, minutes=minutes, init_from=init_from, recipe_path=TASKS[task],
+                               extra=overrides or [])
     except (InputError, ValueError) as e:
         raise fail(e) from None
     console.print(format_results(results))

@@ -9,6 +9,9 @@ drawn on a lightly noisy background, with:
 - a fusion task: a spoken yes/no question about a colour-shape pair (``fusion_audio_file``,
   ``fusion_label``), balanced, with near-miss negatives, so neither the image nor the
   question alone tells the answer;
+- a noisy-modalities task: how many objects, from an image with hidden cells and a spoken
+  caption under noise (``noisy_file``, ``noisy_audio_file``, ``noisy_label``; see
+  :mod:`polymodal.data.noisy`): each alone is informative but unreliable;
 - for a fraction of samples, a short video of one object moving across the frame with its
   spoken description as the sound track (``video_file``, ``video_text``);
 - the scene graph itself (``objects``), so any judge can check any claim.
@@ -33,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from polymodal.data.noisy import noisy_sample
 from polymodal.data.scene import (
     COLOUR_WORDS,
     COLOURS,
@@ -359,7 +363,8 @@ def make_sample(config: WorldConfig, index: int, out: Path) -> dict:
     objects = sample_scene(rng, split, config.size)
     sample_id = f"{index:06d}"
     row: dict = {"id": sample_id, "split": split, "file_name": f"images/{sample_id}.png"}
-    render(objects, config.size, rng).save(out / row["file_name"], optimize=False, compress_level=1)
+    image = render(objects, config.size, rng)
+    image.save(out / row["file_name"], optimize=False, compress_level=1)
     row["text"] = caption(rng, objects)
     row["objects"] = [o.to_dict() for o in objects]
     row["count"] = len(objects)
@@ -370,9 +375,11 @@ def make_sample(config: WorldConfig, index: int, out: Path) -> dict:
     voice, rate = _choose(rng, ENGLISH_VOICES), int(_choose(rng, SPEECH_RATES))
     row["voice"], row["speech_rate"] = voice, rate
     wants_video = rng.random() < config.video_fraction
+    speech = None
     if config.speech:
         row["audio_file"] = f"audio/{sample_id}.wav"
-        save_wav(out / row["audio_file"], synthesize(row["text"], voice, rate))
+        speech = synthesize(row["text"], voice, rate)
+        save_wav(out / row["audio_file"], speech)
         row["fusion_audio_file"] = f"audio/{sample_id}_question.wav"
         save_wav(out / row["fusion_audio_file"], synthesize(row["fusion_question"], voice, rate))
     if wants_video:
@@ -384,6 +391,7 @@ def make_sample(config: WorldConfig, index: int, out: Path) -> dict:
         write_video(str(out / row["video_file"]), frames, VIDEO_FPS, speech)
         row["video_text"] = text
         row["video_motion"] = {"shape": shape, "colour": colour, "direction": direction}
+    row.update(noisy_sample(row, image, speech, out, config.seed, index))  # its own random stream
     return row
 
 

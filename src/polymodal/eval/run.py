@@ -69,6 +69,10 @@ def validation_function(model, data, split: str, fields, options: DecodeOptions,
             return {"accuracy": correct / max(len(items), 1)}
 
         return accuracy
+    if hasattr(model, "generate"):  # a captioner: decoded captions and answers, judged
+        from polymodal.eval.understanding import captioner_metrics
+
+        return lambda m: captioner_metrics(m, items[: min(len(items), 250)], fields, references=1)
     pairs = model.config.pairs
 
     def validate(m) -> dict[str, float]:
@@ -120,24 +124,78 @@ def contrastive_metrics(model, items: list[dict], fields, shapes_world: bool, cl
     return metrics
 
 
-def evaluate(model_dir: str | os.PathLike, data: str | os.PathLike, splits: Sequence[str] = DEFAULT_SPLITS, *,
-             limit: int | None = 1000, class_names: list[str] | None = None, image_size: int | None = None,
-             progress=None) -> dict[str, dict[str, float]]:
-    """Metrics of the model saved in ``model_dir`` on each split of ``data``."""
-    from polymodal.modalities.image import ImageTransform
-    from polymodal.models.clip import ContrastiveModel
+def model_type(model_dir: str | os.PathLike) -> str:
+    """The ``model_type`` a saved model folder declares (a transformers CLIP folder: contrastive)."""
+    import json
+    from pathlib import Path
 
-    model = ContrastiveModel.from_pretrained(model_dir)
+    from polymodal.errors import InputError
+
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise InputError(model_dir, "no config.json: not a saved model folder")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(path, f"not valid JSON: {e}") from e
+    return raw.get("model_type", "contrastive") if raw.get("model_type") != "clip" else "contrastive"
+
+
+def evaluate(model_dir: str | os.PathLike, data: str | os.PathLike, splits: Sequence[str] = DEFAULT_SPLITS, *,
+             limit: int | None = None, class_names: list[str] | None = None, image_size: int | None = None,
+             decoding: str = "greedy", examples: int = 0, progress=None) -> dict[str, dict[str, float]]:
+    """Metrics of the model saved in ``model_dir`` on each split of ``data``.
+
+    Contrastive models are scored on at most ``limit`` samples per split (1,000 by default,
+    the retrieval gallery); captioners and fusion classifiers on the whole split unless
+    ``limit`` is given.
+    """
+    from polymodal.modalities.image import ImageTransform
+
+    kind = model_type(model_dir)
+    if kind == "contrastive":
+        from polymodal.models.clip import ContrastiveModel
+
+        model = ContrastiveModel.from_pretrained(model_dir)
+        fields = default_fields(model)
+        limit = 1000 if limit is None else limit
+        size = image_size or model.image_size
+    elif kind in ("captioner", "fusion"):
+        from polymodal.nn.encoders import INPUT_KIND
+
+        if kind == "captioner":
+            from polymodal.models.captioner import Captioner
+
+            model = Captioner.from_pretrained(model_dir)
+            towers = model.config.encoders
+        else:
+            from polymodal.models.fusion import FusionClassifier
+
+            model = FusionClassifier.from_pretrained(model_dir)
+            towers = model.config.towers
+        fields = model.config.fields or {n: INPUT_KIND[spec["type"]] for n, spec in towers.items()}
+        sizes = [spec.get("image_size", 64) for spec in towers.values() if INPUT_KIND[spec["type"]] == "image"]
+        size = image_size or (sizes[0] if sizes else 64)
+    else:
+        raise ValueError(f"{model_dir}: cannot evaluate a {kind!r} model")
     torch.set_grad_enabled(False)
-    fields = default_fields(model)
-    options = DecodeOptions(image_transform=ImageTransform(image_size or model.image_size))
+    options = DecodeOptions(image_transform=ImageTransform(size))
     results: dict[str, dict[str, float]] = {}
     for split in splits:
         items = MemoryDataset(data, fields, split=split, options=options, limit=limit, progress=progress).items
         if not items:
             continue
-        shapes_world = "objects" in items[0]["row"]
-        results[split] = contrastive_metrics(model, items, fields, shapes_world, class_names)
+        if kind == "captioner":
+            from polymodal.eval.understanding import captioner_metrics
+
+            results[split] = captioner_metrics(model, items, fields, decoding=decoding, examples=examples)
+        elif kind == "fusion":
+            from polymodal.eval.understanding import fusion_metrics
+
+            results[split] = fusion_metrics(model, items, fields)
+        else:
+            shapes_world = "objects" in items[0]["row"]
+            results[split] = contrastive_metrics(model, items, fields, shapes_world, class_names)
     return results
 
 
@@ -149,12 +207,13 @@ def format_table(results: dict[str, dict[str, float]]):
     splits = list(results)
     for s in splits:
         table.add_column(s, justify="right")
-    names = list(dict.fromkeys(k for r in results.values() for k in r))
+    names = list(dict.fromkeys(k for r in results.values() for k, v in r.items() if isinstance(v, (int, float))))
     for name in names:
         cells = []
         for s in splits:
             v = results[s].get(name)
-            cells.append("" if v is None else (f"{int(v)}" if name == "samples" else f"{v:.3f}"))
+            whole = name == "samples" or name.endswith("questions")
+            cells.append("" if v is None else (f"{int(v)}" if whole else f"{v:.3f}"))
         table.add_row(name, *cells)
     return table
 

@@ -48,6 +48,8 @@ class FusionConfig:
     label_column: str = "fusion_label"  # metadata column holding the label
     modality_dropout: float = 0.1  # chance of dropping each modality of a training sample
     freeze_encoders: bool = False  # keep the (pretrained) encoders fixed; train only the fusion layers
+    fields: dict[str, str] = field(default_factory=dict)  # data fields read (name -> "modality[:column]");
+    # empty: each tower's name, with its input kind's default column
     late_merge: str = "mean"  # late fusion: mean of present modalities' logits | learned weights |
     # embedding: each tower's pooled embedding, L2-normalised, then one head on [e_1, e_2, e_1 * e_2]
 
@@ -62,6 +64,18 @@ class FusionConfig:
             raise ValueError(f"unknown late_merge {self.late_merge!r}; choose mean, learned or embedding")
         if self.late_merge == "embedding" and (self.strategy != "late" or len(self.towers) != 2):
             raise ValueError("late_merge 'embedding' is late fusion of exactly two towers")
+
+
+def copy_matching_encoders(encoders: nn.ModuleDict, specs: dict[str, dict], other) -> list[tuple[str, str]]:
+    """Load each encoder from the tower of contrastive model ``other`` with the identical spec;
+    returns the (encoder, tower) pairs copied."""
+    copied = []
+    for name, spec in specs.items():
+        match = next((m for m, s in other.config.towers.items() if s == spec), None)
+        if match is not None:
+            encoders[name].load_state_dict(other.encoders[match].state_dict())
+            copied.append((name, match))
+    return copied
 
 
 class GatedCrossBlock(nn.Module):
@@ -93,6 +107,7 @@ class FusionClassifier(nn.Module):
         self.encoders = nn.ModuleDict({n: build_encoder(spec) for n, spec in c.towers.items()})
         if c.freeze_encoders:
             self.encoders.requires_grad_(False)
+        self._cache: dict = {}  # frozen encoders' states per input file (see frozen())
         self.inputs = nn.ModuleDict({n: nn.Linear(self._token_width(n), c.width) for n in self.names})
         self.modality_embedding = nn.ParameterDict({n: nn.Parameter(torch.zeros(c.width)) for n in self.names})
         n_classes = len(c.classes)
@@ -128,27 +143,69 @@ class FusionClassifier(nn.Module):
     def init_encoders_from(self, other) -> list[str]:
         """Copy each encoder from a tower of a contrastive model with the identical spec."""
         copied = []
-        for name, spec in self.config.towers.items():
-            match = next((m for m, s in other.config.towers.items() if s == spec), None)
-            if match is not None:
-                self.encoders[name].load_state_dict(other.encoders[match].state_dict())
-                copied.append(f"{name}<-{match}")
-                if hasattr(self, "projections") and other.config.embed_dim == self.config.width:
-                    self.projections[name].load_state_dict(other.projections[match].state_dict())
+        for name, match in copy_matching_encoders(self.encoders, self.config.towers, other):
+            copied.append(f"{name}<-{match}")
+            if hasattr(self, "projections") and other.config.embed_dim == self.config.width:
+                self.projections[name].load_state_dict(other.projections[match].state_dict())
         return copied
 
     # ---- tokens of each tower ----
 
-    def tokens(self, name: str, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, T, width)`` token states of one tower and their mask ``(B, T)``."""
+    def encoder_tokens(self, name: str, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's own token states ``(B, T, C)`` of one tower and their mask ``(B, T)``."""
         encoder, kind = self.encoders[name], self.config.towers[name]["type"]
         if INPUT_KIND.get(kind) == "audio":
-            x, mask = encoder.tokens(batch[name], batch.get(f"{name}_mask"))
-        elif INPUT_KIND.get(kind) == "image":
+            return encoder.tokens(batch[name], batch.get(f"{name}_mask"))
+        if INPUT_KIND.get(kind) == "image":
             x = encoder.tokens(batch[name])
-            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        else:
-            raise ValueError(f"tower {name!r}: encoder type {kind!r} is not supported in fusion models")
+            return x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        raise ValueError(f"tower {name!r}: encoder type {kind!r} is not supported in fusion models")
+
+    def encoder_pooled(self, name: str, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's pooled features as one token ``(B, 1, C)``, and an all-true mask."""
+        encoder, kind = self.encoders[name], INPUT_KIND[self.config.towers[name]["type"]]
+        pooled = encoder(batch[name], batch.get(f"{name}_mask")) if kind == "audio" else encoder(batch[name])
+        return pooled[:, None], torch.ones(pooled.shape[0], 1, dtype=torch.bool, device=pooled.device)
+
+    def _column(self, name: str) -> str:
+        from polymodal.data.dataset import DEFAULT_COLUMNS
+
+        spec = self.config.fields.get(name) or INPUT_KIND[self.config.towers[name]["type"]]
+        modality, _, column = spec.partition(":")
+        return column or DEFAULT_COLUMNS[modality]
+
+    def frozen(self, name: str, batch: dict, compute) -> tuple[torch.Tensor, torch.Tensor]:
+        """``compute(name, batch)``, remembered per input file while the encoders are frozen.
+
+        Fixed encoders give the same states for the same file every epoch, so a fused model on
+        frozen encoders pays for each input once and then trains at the speed of its fusion
+        layers. Inputs are keyed by the file (or text) their row names.
+        """
+        rows = batch.get("rows")
+        if not self.config.freeze_encoders or rows is None:
+            return compute(name, batch)
+        column = self._column(name)
+        keys = [(compute.__name__, name, r.get(column)) for r in rows]
+        if any(k[2] is None for k in keys):
+            return compute(name, batch)
+        missing = [i for i, k in enumerate(keys) if k not in self._cache]
+        if missing:
+            with torch.no_grad():
+                x, mask = compute(name, batch)
+            for i in missing:
+                self._cache[keys[i]] = x[i, mask[i]].detach().cpu()
+        states = [self._cache[k] for k in keys]
+        longest = max(s.shape[0] for s in states)
+        device = next(self.parameters()).device
+        x = torch.zeros(len(states), longest, states[0].shape[-1], device=device)
+        mask = torch.zeros(len(states), longest, dtype=torch.bool, device=device)
+        for i, s in enumerate(states):
+            x[i, : s.shape[0]], mask[i, : s.shape[0]] = s.to(device), True
+        return x, mask
+
+    def tokens(self, name: str, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, T, width)`` token states of one tower, projected and tagged, and their mask ``(B, T)``."""
+        x, mask = self.frozen(name, batch, self.encoder_tokens)
         return self.inputs[name](x) + self.modality_embedding[name], mask
 
     def _drop_modalities(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -207,8 +264,7 @@ class FusionClassifier(nn.Module):
             if n not in batch:  # a missing modality contributes a zero embedding
                 embeddings.append(next(self.parameters()).new_zeros(b, self.config.width))
                 continue
-            encoder, kind = self.encoders[n], INPUT_KIND[self.config.towers[n]["type"]]
-            pooled = encoder(batch[n], batch.get(f"{n}_mask")) if kind == "audio" else encoder(batch[n])
+            pooled = self.frozen(n, batch, self.encoder_pooled)[0][:, 0]
             embeddings.append(F.normalize(self.projections[n](pooled), dim=-1))
         a, c = embeddings
         if self.training and self.config.modality_dropout > 0:

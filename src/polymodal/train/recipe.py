@@ -28,6 +28,8 @@ class DataSettings:
     val_limit: int = 1000  # validation samples scored during training
     num_workers: int = 0
     bucket_by_length: bool = False  # batch audio of similar length together (one process, in memory)
+    augment: str | None = None  # question_pairs: re-pair spoken questions and images of the training
+    # split, labelled from the scene graph (shapes-world fusion task; see polymodal.data.augment)
 
 
 @dataclass

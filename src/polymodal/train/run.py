@@ -30,6 +30,9 @@ def build_model(recipe: Recipe, data: Path):
     spec = dict(recipe.model)
     kind = spec.pop("type")
     init_from = spec.pop("init_from", None)  # a saved model whose matching towers start this one
+    if kind in ("fusion", "captioner") and not spec.get("fields"):  # remembered for evaluation
+        fields = recipe.data.fields
+        spec["fields"] = dict(fields) if isinstance(fields, dict) else {f: f for f in fields}
     if kind == "contrastive":
         from polymodal.models.clip import ContrastiveConfig, ContrastiveModel
 
@@ -52,12 +55,49 @@ def build_model(recipe: Recipe, data: Path):
             copied = model.init_encoders_from(ContrastiveModel.from_pretrained(init_from))
             log.info("encoders %s start from %s", copied, init_from)
         return model
-    raise ValueError(f"unknown model type {kind!r} in recipe (known: contrastive, fusion)")
+    if kind == "captioner":
+        from polymodal.models.captioner import Captioner, CaptionerConfig
+        from polymodal.models.clip import ContrastiveModel
+
+        config = CaptionerConfig(**spec)
+        tokenizer = train_tokenizer(data, recipe.data.train_split, recipe.trainer.vocab_size,
+                                    questions=config.qa_column if "vqa" in config.tasks else None)
+        model = Captioner(config, tokenizer)
+        if init_from:
+            copied = model.init_encoders_from(ContrastiveModel.from_pretrained(init_from))
+            log.info("encoders %s start from %s", copied, init_from)
+        return model
+    raise ValueError(f"unknown model type {kind!r} in recipe (known: contrastive, fusion, captioner)")
 
 
-def train_tokenizer(data: Path, split: str, vocab_size: int) -> TextTokenizer:
-    dataset = MultimodalDataset(data, {"text": "text"}, split=split)
-    return TextTokenizer.train((item["text"] for item in dataset), vocab_size=vocab_size)
+def augmented(train_set, recipe: Recipe, model):
+    """The training set wrapped in the recipe's augmentation."""
+    from polymodal.data.augment import QuestionPairs
+    from polymodal.data.dataset import parse_fields
+
+    if recipe.data.augment != "question_pairs":
+        raise ValueError(f"unknown augmentation {recipe.data.augment!r}; known: question_pairs")
+    if not recipe.data.in_memory:
+        raise ValueError("augment: question_pairs needs data.in_memory: true")
+    fields = {f.modality: f for f in parse_fields(recipe.data.fields)}
+    if "image" not in fields or "audio" not in fields:
+        raise ValueError("augment: question_pairs needs an image field and an audio (question) field")
+    return QuestionPairs(train_set.items, fields["image"].name, fields["audio"].name,
+                         question_column=fields["audio"].column, label_column=model.config.label_column,
+                         seed=recipe.trainer.seed)
+
+
+def train_tokenizer(data: Path, split: str, vocab_size: int, questions: str | None = None) -> TextTokenizer:
+    """A BPE vocabulary from the training split's captions (and, given their column, its
+    questions and answers)."""
+    def texts():
+        for item in MultimodalDataset(data, {"text": "text"}, split=split):
+            yield item["text"]
+            for qa in item["row"].get(questions, []) if questions else []:
+                yield qa["question"]
+                yield qa["answer"]
+
+    return TextTokenizer.train(texts(), vocab_size=vocab_size)
 
 
 def atomic_checkpoint_io():
@@ -108,12 +148,15 @@ def train(recipe: Recipe, data: str | os.PathLike, out: str | os.PathLike, *, re
     else:
         train_set = MultimodalDataset(data, fields, split=recipe.data.train_split, options=options, skips=skips)
     log.info("training data: %s; %s", len(train_set) if recipe.data.in_memory else "streamed", skips.summary())
+    if recipe.data.augment:
+        train_set = augmented(train_set, recipe, model)
     per_process = max(1, recipe.data.batch_size // devices)
     common = dict(num_workers=recipe.data.num_workers, collate_fn=Collator(fields),
                   persistent_workers=recipe.data.num_workers > 0)
     bucketed = recipe.data.in_memory and recipe.data.bucket_by_length and devices == 1
     if bucketed:  # variable-length audio: batches of similar length waste less on padding
-        sampler = LengthBucketBatchSampler([item_length(x) for x in train_set.items], per_process, seed=t.seed)
+        items = train_set.items  # an augmented set keeps the lengths of its items
+        sampler = LengthBucketBatchSampler([item_length(x) for x in items], per_process, seed=t.seed)
         loader = DataLoader(train_set, batch_sampler=sampler, **common)
     else:
         loader = DataLoader(train_set, batch_size=per_process, shuffle=recipe.data.in_memory, drop_last=True, **common)

@@ -1,0 +1,314 @@
+"""Text from images or sound: encoders, and an autoregressive text decoder that cross-attends.
+
+One model serves captioning (image -> caption), audio captioning (speech or sound -> text)
+and visual question answering (image + question -> answer, generated as text). Every input
+field has an encoder; their token states, projected to the decoder's width and tagged with a
+position and a modality embedding, are the *memory* the decoder reads at every layer.
+
+A decoded sequence is ``<bos> prompt <eos> target <eos>``: for a caption the prompt is empty,
+for VQA it is the question. The decoder reads the prompt with causal self-attention (the
+question also attends to the image through the cross-attention) and the loss counts only the
+target and its closing ``<eos>``. A training sample is a caption or one of its row's questions,
+drawn by the weights in ``tasks``.
+
+Decoding: greedy, beam search (length-normalised) and nucleus sampling; prompts are
+left-padded so every sequence of a batch grows at the same place.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from polymodal.modalities.text import TextTokenizer
+from polymodal.models.folder import read_model_folder, write_model_folder
+from polymodal.nn.encoders import INPUT_KIND, build_encoder
+from polymodal.nn.layers import MLP, Attention
+
+TASKS = ("caption", "vqa")
+DECODING = ("greedy", "beam", "nucleus")
+
+
+@dataclass
+class CaptionerConfig:
+    encoders: dict[str, dict] = field(default_factory=lambda: {"image": {"type": "cnn", "preset": "small"}})
+    # batch field -> encoder spec; the decoder attends to the tokens of all of them
+    tasks: dict[str, float] = field(default_factory=lambda: {"caption": 1.0})
+    # caption | vqa -> share of training samples
+    caption_column: str = "text"  # metadata column with the text to write for "caption"
+    qa_column: str = "qa"  # metadata column with [{"question", "answer", "type"}, ...] for "vqa"
+    width: int = 256  # decoder width
+    depth: int = 3  # decoder blocks (each: causal self-attention, cross-attention, MLP)
+    heads: int = 4
+    context_length: int = 64  # longest decoded sequence, prompt included
+    vocab_size: int = 1024  # set from the tokenizer
+    max_memory_tokens: int = 512  # learned positions for encoder tokens (images; audio has its own)
+    freeze_encoders: bool = False  # keep (pretrained) encoders fixed; train only the decoder
+    fields: dict[str, str] = field(default_factory=dict)  # data fields read (name -> "modality[:column]");
+    # empty: each encoder's name, with its input kind's default column
+
+    def __post_init__(self):
+        unknown = set(self.tasks) - set(TASKS)
+        if unknown or not self.tasks:
+            raise ValueError(f"unknown tasks {sorted(unknown)}; choose from {TASKS}")
+        if any(w < 0 for w in self.tasks.values()) or sum(self.tasks.values()) <= 0:
+            raise ValueError("task weights must be non-negative and not all zero")
+        if not self.encoders:
+            raise ValueError("a captioner needs at least one encoder")
+        for name, spec in self.encoders.items():
+            if INPUT_KIND.get(spec.get("type")) not in ("image", "audio"):
+                raise ValueError(f"encoder {name!r}: type {spec.get('type')!r} is not an image or audio encoder")
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(width), nn.LayerNorm(width), nn.LayerNorm(width)
+        self.self_attn = Attention(width, heads)
+        self.cross_attn = Attention(width, heads)
+        self.mlp = MLP(width, 4 * width)
+
+    def forward(self, x, self_mask, memory, memory_mask):
+        x = x + self.self_attn(self.norm1(x), mask=self_mask)
+        x = x + self.cross_attn(self.norm2(x), context=memory, mask=memory_mask)
+        return x + self.mlp(self.norm3(x))
+
+
+class Captioner(nn.Module):
+    def __init__(self, config: CaptionerConfig, tokenizer: TextTokenizer):
+        super().__init__()
+        if tokenizer.vocab_size != config.vocab_size:
+            config.vocab_size = tokenizer.vocab_size
+        self.config = c = config
+        self.tokenizer = tokenizer
+        self.names = list(c.encoders)
+        self.encoders = nn.ModuleDict({n: build_encoder(spec) for n, spec in c.encoders.items()})
+        if c.freeze_encoders:
+            self.encoders.requires_grad_(False)
+        self.inputs = nn.ModuleDict({n: nn.Linear(self._token_width(n), c.width) for n in self.names})
+        self.modality_embedding = nn.ParameterDict({n: nn.Parameter(torch.zeros(c.width)) for n in self.names})
+        self.memory_position = nn.Parameter(torch.randn(c.max_memory_tokens, c.width) * 0.02)
+        self.memory_norm = nn.LayerNorm(c.width)
+        self.token_embedding = nn.Embedding(c.vocab_size, c.width)
+        self.position_embedding = nn.Parameter(torch.randn(c.context_length, c.width) * 0.01)
+        self.blocks = nn.ModuleList(DecoderBlock(c.width, c.heads) for _ in range(c.depth))
+        self.norm = nn.LayerNorm(c.width)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+
+    def _token_width(self, name: str) -> int:
+        encoder = self.encoders[name]
+        return encoder.config.widths[-1] if self.config.encoders[name]["type"] == "cnn" else encoder.width
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.config.freeze_encoders:
+            self.encoders.eval()
+        return self
+
+    def init_encoders_from(self, other) -> list[str]:
+        """Copy each encoder from a tower of a contrastive model with the identical spec."""
+        from polymodal.models.fusion import copy_matching_encoders
+
+        return [f"{n}<-{m}" for n, m in copy_matching_encoders(self.encoders, self.config.encoders, other)]
+
+    # ---- memory: the encoders' token states ----
+
+    def memory(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, M, width)`` token states of every input the batch has, and their mask ``(B, M)``."""
+        states, masks = [], []
+        for n in self.names:
+            if n not in batch:
+                continue
+            encoder, kind = self.encoders[n], INPUT_KIND[self.config.encoders[n]["type"]]
+            if kind == "audio":
+                x, mask = encoder.tokens(batch[n], batch.get(f"{n}_mask"))
+            else:
+                x = encoder.tokens(batch[n])
+                mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+                x = self.inputs[n](x) + self.memory_position[: x.shape[1]]
+                states.append(x + self.modality_embedding[n])
+                masks.append(mask)
+                continue
+            states.append(self.inputs[n](x) + self.modality_embedding[n])
+            masks.append(mask)
+        if not states:
+            raise ValueError(f"the batch has none of this model's inputs {self.names}")
+        return self.memory_norm(torch.cat(states, 1)), torch.cat(masks, 1)
+
+    # ---- the decoder ----
+
+    def decode(self, ids: torch.Tensor, mask: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
+        """Next-token logits ``(B, T, vocab)`` for token ids ``(B, T)`` (padding anywhere, mask True on tokens)."""
+        positions = (mask.long().cumsum(1) - 1).clamp(min=0)  # left padding does not shift positions
+        x = self.token_embedding(ids) + self.position_embedding[positions]
+        t = ids.shape[1]
+        causal = torch.ones(t, t, dtype=torch.bool, device=ids.device).tril()
+        eye = torch.eye(t, dtype=torch.bool, device=ids.device)
+        self_mask = ((causal & mask[:, None, :]) | eye)[:, None]  # (B, 1, T, T); a pad sees itself
+        cross_mask = memory_mask[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, self_mask, memory, cross_mask)
+        return self.norm(x) @ self.token_embedding.weight.T
+
+    # ---- sequences ----
+
+    def _prefix(self, prompt: str | None) -> list[int]:
+        tok = self.tokenizer
+        return [tok.bos_id, *(tok.encode(prompt, add_special_tokens=False) if prompt else []), tok.eos_id]
+
+    def examples(self, rows: list[dict], rng: random.Random | None = None) -> list[tuple[str | None, str]]:
+        """One (prompt, target) per row: its caption or one of its questions, by the task weights."""
+        rng = rng or random
+        tasks = list(self.config.tasks)
+        weights = [self.config.tasks[t] for t in tasks]
+        out = []
+        for row in rows:
+            task = rng.choices(tasks, weights)[0] if len(tasks) > 1 else tasks[0]
+            qa = row.get(self.config.qa_column) or []
+            if task == "vqa" and qa:
+                item = rng.choice(qa)
+                out.append((item["question"], item["answer"]))
+            elif "caption" in tasks or not qa:
+                out.append((None, row[self.config.caption_column]))
+            else:
+                raise ValueError(f"row {row.get('id')!r} has no {self.config.qa_column!r} questions")
+        return out
+
+    def loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        pairs = self.examples(batch["rows"])
+        memory, memory_mask = self.memory(batch)
+        tok, limit = self.tokenizer, self.config.context_length
+        rows, starts = [], []
+        for prompt, target in pairs:
+            prefix = self._prefix(prompt)
+            seq = (prefix + tok.encode(target, add_special_tokens=False) + [tok.eos_id])[:limit]
+            rows.append(seq)
+            starts.append(len(prefix))
+        longest = max(len(r) for r in rows)
+        ids = torch.full((len(rows), longest), tok.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), longest), -100, dtype=torch.long)
+        for i, (seq, start) in enumerate(zip(rows, starts, strict=True)):
+            ids[i, : len(seq)] = torch.tensor(seq)
+            labels[i, start - 1 : len(seq) - 1] = torch.tensor(seq[start:])  # predict target and final <eos>
+        ids, labels = ids.to(memory.device), labels.to(memory.device)
+        logits = self.decode(ids, ids != tok.pad_id, memory, memory_mask)
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        scored = labels != -100
+        accuracy = ((logits.argmax(-1) == labels) & scored).sum() / scored.sum().clamp(min=1)
+        return {"loss": loss, "token_accuracy": accuracy.detach()}
+
+    # ---- generation ----
+
+    @torch.no_grad()
+    def generate(self, batch: dict, prompts: list[str | None] | None = None, *, method: str = "greedy",
+                 beams: int = 4, top_p: float = 0.9, temperature: float = 1.0, max_new_tokens: int = 40,
+                 generator: torch.Generator | None = None) -> list[str]:
+        """Text for each sample of ``batch`` (after its prompt, if any): greedy, beam or nucleus."""
+        if method not in DECODING:
+            raise ValueError(f"unknown decoding {method!r}; choose from {DECODING}")
+        memory, memory_mask = self.memory(batch)
+        b = memory.shape[0]
+        prompts = prompts if prompts is not None else [None] * b
+        if len(prompts) != b:
+            raise ValueError(f"{len(prompts)} prompts for a batch of {b}")
+        prefixes = [self._prefix(p) for p in prompts]
+        longest = max(len(p) for p in prefixes)
+        ids = torch.full((b, longest), self.tokenizer.pad_id, dtype=torch.long, device=memory.device)
+        for i, p in enumerate(prefixes):  # left-pad: every sequence grows at the right end
+            ids[i, longest - len(p):] = torch.tensor(p, device=memory.device)
+        max_new = min(max_new_tokens, self.config.context_length - longest)
+        if method == "beam":
+            out = self._beam(ids, memory, memory_mask, beams, max_new)
+        else:
+            out = self._sample(ids, memory, memory_mask, max_new, method == "nucleus", top_p, temperature, generator)
+        return [self.tokenizer.decode(seq) for seq in out]
+
+    def _sample(self, ids, memory, memory_mask, max_new, nucleus, top_p, temperature, generator) -> list[list[int]]:
+        eos, pad = self.tokenizer.eos_id, self.tokenizer.pad_id
+        b = ids.shape[0]
+        done = torch.zeros(b, dtype=torch.bool, device=ids.device)
+        new = []
+        for _ in range(max_new):
+            logits = self.decode(ids, ids != pad, memory, memory_mask)[:, -1]
+            if nucleus:
+                probs = torch.softmax(logits / max(temperature, 1e-5), -1)
+                sorted_p, order = probs.sort(-1, descending=True)
+                keep = sorted_p.cumsum(-1) - sorted_p < top_p  # the smallest set whose mass reaches top_p
+                sorted_p = sorted_p * keep
+                pick = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=generator)
+                token = order.gather(1, pick)[:, 0]
+            else:
+                token = logits.argmax(-1)
+            token = torch.where(done, torch.full_like(token, pad), token)
+            new.append(token)
+            done |= token == eos
+            ids = torch.cat([ids, token[:, None]], 1)
+            if done.all():
+                break
+        seqs = torch.stack(new, 1).tolist() if new else [[] for _ in range(b)]
+        return [s[: s.index(eos)] if eos in s else s for s in seqs]
+
+    def _beam(self, ids, memory, memory_mask, k, max_new) -> list[list[int]]:
+        """Beam search with ``k`` beams; finished hypotheses are ranked by mean log-probability."""
+        eos, pad = self.tokenizer.eos_id, self.tokenizer.pad_id
+        b, t0 = ids.shape
+        ids = ids.repeat_interleave(k, 0)  # (B*k, T)
+        memory, memory_mask = memory.repeat_interleave(k, 0), memory_mask.repeat_interleave(k, 0)
+        scores = torch.full((b, k), float("-inf"), device=ids.device)
+        scores[:, 0] = 0.0  # all beams start identical: keep one alive
+        finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(b)]
+        for step in range(max_new):
+            logp = torch.log_softmax(self.decode(ids, ids != pad, memory, memory_mask)[:, -1], -1)  # (B*k, V)
+            v = logp.shape[-1]
+            total = (scores[:, :, None] + logp.view(b, k, v)).view(b, -1)  # (B, k*V)
+            top, index = total.topk(2 * k, -1)
+            beam, token = index // v, index % v
+            next_ids, next_scores = [], torch.full((b, k), float("-inf"), device=ids.device)
+            rows = ids.view(b, k, -1)
+            for i in range(b):
+                kept = 0
+                for s, bm, tk in zip(top[i].tolist(), beam[i].tolist(), token[i].tolist(), strict=True):
+                    if s == float("-inf"):
+                        break
+                    seq = rows[i, bm, t0:].tolist() + [tk]
+                    if tk == eos:
+                        finished[i].append((s / len(seq), seq[:-1]))
+                        continue
+                    if kept < k:
+                        next_ids.append(torch.cat([rows[i, bm], token.new_tensor([tk])]))
+                        next_scores[i, kept] = s
+                        kept += 1
+                while kept < k:  # pad with dead beams
+                    next_ids.append(torch.cat([rows[i, 0], token.new_tensor([pad])]))
+                    kept += 1
+            ids, scores = torch.stack(next_ids), next_scores
+            best_alive = scores.max(1).values
+            if all(len(finished[i]) >= k and max(f[0] for f in finished[i]) >= best_alive[i].item() / (step + 1)
+                   for i in range(b)):
+                break
+        out = []
+        for i in range(b):
+            if not finished[i]:  # nothing ended: take the best live beam
+                j = int(scores[i].argmax())
+                finished[i].append((0.0, [x for x in ids.view(b, k, -1)[i, j, t0:].tolist() if x != pad]))
+            out.append(max(finished[i], key=lambda f: f[0])[1])
+        return out
+
+    # ---- saving ----
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        return write_model_folder(directory, {"model_type": "captioner", **asdict(self.config)}, self.state_dict(),
+                                  extra=self.tokenizer.save_pretrained)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> Captioner:
+        raw, state = read_model_folder(directory, "captioner")
+        model = cls(CaptionerConfig(**raw), TextTokenizer.from_pretrained(directory))
+        model.load_state_dict(state)
+        return model.eval()
