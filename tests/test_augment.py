@@ -7,7 +7,7 @@ from polymodal.data.scene import SceneObject, answer_question
 
 def test_question_pairs_are_labelled_by_the_scene_graph(small_world):
     items = MemoryDataset(small_world, {"image": "image", "question": "audio:fusion_audio_file"}, split="train").items
-    pairs = QuestionPairs(items, "image", "question", keep=0.0, seed=1)
+    pairs = QuestionPairs(items, "question", keep=0.0, seed=1)
     labels, repaired = Counter(), 0
     for _ in range(3):
         for i in range(len(pairs)):

@@ -99,3 +99,14 @@ def test_audio_captioner_reads_spectrograms(tokenizer):
     out["loss"].backward()
     assert m.encoders["speech"].stem[0].weight.grad is not None
     assert len(m.eval().generate(b, max_new_tokens=3)) == 2
+
+
+def test_every_task_per_sample_decodes_each_caption_and_question_of_an_image(tokenizer):
+    m = make(tokenizer, tasks={"caption": 0.5, "vqa": 0.5}, every_task_per_sample=True)
+    pairs, owner = m.every_example(rows(2))
+    assert pairs == [(None, CAPTIONS[0]), ("what colour is the circle?", "red"),
+                     (None, CAPTIONS[1]), ("what colour is the circle?", "blue")]
+    assert owner == [0, 0, 1, 1]
+    out = m.loss(batch(2))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and m.encoders["image"].stem[0].weight.grad is not None

@@ -135,13 +135,16 @@ def test_demo_runs_every_step(tmp_path):
 
     from polymodal.demo import run_demo
 
-    state = run_demo(tmp_path, n=60, clip_minutes=0.05)  # every step, on a tiny budget
+    state = run_demo(tmp_path, n=60, clip_minutes=0.05, caption_minutes=0.05)  # every step, on a tiny budget
     assert (tmp_path / "contact_sheet.png").is_file()
     assert (state["world"] / "metadata.jsonl").read_text().count("\n") == 60
     assert (tmp_path / "clip" / "model" / "model.safetensors").is_file()
     metrics = json.loads((tmp_path / "clip_metrics.json").read_text())
     assert "text->image R@5" in metrics["test"]
     assert (tmp_path / "search.png").is_file() and (tmp_path / "index" / "vectors.faiss").is_file()
+    understanding = json.loads((tmp_path / "captioner_metrics.json").read_text())
+    assert {"scene-graph objects right", "vqa accuracy"} <= set(understanding["test"])
+    assert (tmp_path / "captions.png").stat().st_size > 1000
 
 
 def test_demo_runs_chosen_steps_only(tmp_path):

@@ -265,6 +265,8 @@ def bench_fusion_command(
     minutes: Annotated[float, typer.Option(help="Training budget of each model.")] = 4.0,
     init_from: Annotated[str | None, typer.Option(help="A bound model whose towers start the encoders.")] = None,
     task: Annotated[str, typer.Option(help="question (spoken question + image) or noisy (noisy count).")] = "question",
+    strategies: Annotated[str, typer.Option(help="Comma-separated strategies to train (results.json keeps the others).")]
+    = "image-only,audio-only,early,late,hybrid",
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value settings for every run.")] = None,
 ):
     """Train image-only, audio-only, early, late and hybrid fusion on a shapes-world task; compare."""
@@ -274,7 +276,7 @@ def bench_fusion_command(
         raise fail(ValueError(f"unknown task {task!r}; choose from {sorted(TASKS)}"))
     try:
         results = bench_fusion(data, out, minutes=minutes, init_from=init_from, recipe_path=TASKS[task],
-                               extra=overrides or [])
+                               strategies=[s.strip() for s in strategies.split(",") if s.strip()], extra=overrides or [])
     except (InputError, ValueError) as e:
         raise fail(e) from None
     console.print(format_results(results))
@@ -286,9 +288,11 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for everything the demo makes.")] = Path("outputs/demo"),
     n: Annotated[int, typer.Option("--n", help="Samples in the demo's shapes world.")] = 4000,
     clip_minutes: Annotated[float, typer.Option(help="Training budget of the demo's CLIP.")] = 8.0,
+    caption_minutes: Annotated[float, typer.Option(help="Training budget of the demo's captioner.")] = 5.0,
     steps: Annotated[str | None, typer.Option(help="Comma-separated steps to run (default: all).")] = None,
 ):
-    """The main job on built-in data: make a shapes world, train, evaluate and search with it."""
+    """The main job on built-in data: make a shapes world, train, evaluate and search with it,
+    then caption its images and answer questions about them."""
     from polymodal.demo import STEPS, run_demo
 
     chosen = STEPS
@@ -298,7 +302,7 @@ def demo(
         if unknown:
             raise fail(ValueError(f"unknown steps {sorted(unknown)}; the demo has {[s.name for s in STEPS]}"))
         chosen = [s for s in STEPS if s.name in names]
-    run_demo(out, n=n, clip_minutes=clip_minutes, steps=chosen)
+    run_demo(out, n=n, clip_minutes=clip_minutes, caption_minutes=caption_minutes, steps=chosen)
 
 
 if __name__ == "__main__":

@@ -90,6 +90,60 @@ def search_world(state: dict) -> dict:
             "rank of the described image": rank if rank else "not in the top 8"}
 
 
+def understand(state: dict) -> dict:
+    """Train a captioner (captions and VQA) on the CLIP's image tower; caption test images and
+    answer a question about each; judge both against the scene graph."""
+    import json
+
+    import torch
+
+    from polymodal.data.dataset import Collator
+    from polymodal.data.inspect import contact_sheet
+    from polymodal.data.memory import MemoryDataset
+    from polymodal.data.scene import SceneObject
+    from polymodal.eval.captioning import judge_caption
+    from polymodal.eval.run import evaluate, format_table
+    from polymodal.models.captioner import Captioner
+    from polymodal.modalities.image import load_image
+    from polymodal.train.recipe import load_recipe
+    from polymodal.train.run import train
+
+    overrides = [f"trainer.max_minutes={state['caption_minutes']}"]
+    if state.get("clip"):
+        overrides.append(f"model.init_from={state['clip']}")
+    else:
+        overrides.append("model.init_from=null")
+    recipe = load_recipe(RECIPES / "caption-shapes.yaml", overrides)
+    run = state["out"] / "captioner"
+    model_dir = train(recipe, state["world"], run)
+    results = evaluate(model_dir, state["world"], ["test", "test_novel"])
+    console.print(format_table(results))
+    path = state["out"] / "captioner_metrics.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+
+    model = Captioner.from_pretrained(model_dir)
+    items = MemoryDataset(state["world"], ["image"], split="test", limit=6).items
+    batch = Collator(["image"])(items)
+    questions = [item["row"]["qa"][0] for item in items]
+    with torch.no_grad():
+        captions = model.generate(batch)
+        answers = model.generate(batch, [q["question"] for q in questions], max_new_tokens=8)
+    panels = []
+    for item, caption, qa, answer in zip(items, captions, questions, answers, strict=True):
+        objects = [SceneObject.from_dict(o) for o in item["row"]["objects"]]
+        verdict = "right" if judge_caption(caption, objects)["objects_right"] else "wrong"
+        mark = "right" if answer == qa["answer"] else f"wrong, truth: {qa['answer']}"
+        console.print(f"[bold]{item['row']['id']}[/bold] caption ({verdict}): {caption}\n"
+                      f"   Q: {qa['question']}  A: {answer} ({mark})")
+        panels.append((load_image(state["world"] / item["row"]["file_name"]),
+                       f"caption {verdict}; answer {mark.split(',')[0]}\n{caption}. Q: {qa['question']} A: {answer}"))
+    sheet = contact_sheet(panels, state["out"] / "captions.png", columns=3, title="captions and answers (test images)")
+    test = results.get("test", {})
+    return {"captioner": model_dir, "captions and answers": sheet, "metrics": path,
+            "scene-graph objects right (test)": f"{test.get('scene-graph objects right', float('nan')):.3f}",
+            "VQA accuracy (test)": f"{test.get('vqa accuracy', float('nan')):.3f}"}
+
+
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 STEPS: list[Step] = [
@@ -98,13 +152,15 @@ STEPS: list[Step] = [
     Step("clip", "Train a CLIP (image and text in one embedding space)", train_clip),
     Step("eval", "Evaluate it: retrieval and zero-shot classification", evaluate_clip),
     Step("search", "Index the test images and search them by text", search_world),
+    Step("understand", "Train a captioner that also answers questions; caption and ask", understand),
 ]
 
 
-def run_demo(out: Path, n: int = 4000, clip_minutes: float = 8.0, steps: list[Step] = STEPS) -> dict:
+def run_demo(out: Path, n: int = 4000, clip_minutes: float = 8.0, caption_minutes: float = 5.0,
+             steps: list[Step] = STEPS) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    state: dict = {"out": out, "n": n, "clip_minutes": clip_minutes}
+    state: dict = {"out": out, "n": n, "clip_minutes": clip_minutes, "caption_minutes": caption_minutes}
     made: list[tuple[str, str, object]] = []
     start = time.perf_counter()
     for number, step in enumerate(steps, 1):

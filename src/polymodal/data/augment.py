@@ -29,15 +29,16 @@ def question_pair(question: str) -> tuple[str, str]:
 class QuestionPairs(Dataset):
     """Items whose question field comes from any training item, labelled from the scene graph.
 
-    ``image`` / ``question`` are the batch field names; ``question_columns`` are the row
-    columns that travel with a question (its file and its text); ``label_column`` is set to
-    "yes" or "no". With probability ``keep`` an item keeps its own question.
+    ``question`` is the batch field of the spoken question; ``question_column`` and
+    ``text_column`` are the row columns that travel with it (its file and its text);
+    ``label_column`` is set to "yes" or "no". Every other field (the image) stays the item's
+    own. With probability ``keep`` an item keeps its own question.
     """
 
-    def __init__(self, items: list[dict], image: str, question: str, *, question_column: str = "fusion_audio_file",
+    def __init__(self, items: list[dict], question: str, *, question_column: str = "fusion_audio_file",
                  text_column: str = "fusion_question", label_column: str = "fusion_label", keep: float = 0.25,
                  seed: int = 0):
-        self.items, self.image, self.question = items, image, question
+        self.items, self.question = items, question
         self.columns = (question_column, text_column)
         self.label_column = label_column
         self.keep = keep

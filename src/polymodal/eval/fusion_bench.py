@@ -54,7 +54,11 @@ def bench_fusion(data: str | os.PathLike, out: str | os.PathLike, *, minutes: fl
     out.mkdir(parents=True, exist_ok=True)
     base = load_recipe(recipe_path, extra or [])
     base_fields = {f.name: f"{f.modality}:{f.column}" for f in parse_fields(base.data.fields)}
-    results = {}
+    unknown = set(strategies) - set(STRATEGIES)
+    if unknown:
+        raise ValueError(f"unknown strategies {sorted(unknown)}; choose from {STRATEGIES}")
+    saved = out / "results.json"  # a rerun replaces the rows of the strategies it trains
+    results = json.loads(saved.read_text()) if saved.is_file() else {}
     for name in strategies:
         overrides = [f"trainer.max_minutes={minutes}", f"model.init_from={init_from or 'null'}",
                      *strategy_overrides(name, base.model["towers"], base_fields), *(extra or [])]
@@ -70,7 +74,8 @@ def bench_fusion(data: str | os.PathLike, out: str | os.PathLike, *, minutes: fl
                "train_seconds": seconds}
         row.update({k: v for k, v in metrics.items() if k.endswith(" only")})
         results[name] = row
-        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        results = {n: results[n] for n in STRATEGIES if n in results}
+        saved.write_text(json.dumps(results, indent=2) + "\n")
     plot_accuracy(results, out / "accuracy.png", title=base.name)
     return results
 

@@ -8,8 +8,9 @@ position and a modality embedding, are the *memory* the decoder reads at every l
 A decoded sequence is ``<bos> prompt <eos> target <eos>``: for a caption the prompt is empty,
 for VQA it is the question. The decoder reads the prompt with causal self-attention (the
 question also attends to the image through the cross-attention) and the loss counts only the
-target and its closing ``<eos>``. A training sample is a caption or one of its row's questions,
-drawn by the weights in ``tasks``.
+target and its closing ``<eos>``. A training image gives a caption or one of its row's
+questions, drawn by the weights in ``tasks``, or (``every_task_per_sample``) its caption and all
+its questions at once: the encoder's work on an image then serves several sequences.
 
 Decoding: greedy, beam search (length-normalised) and nucleus sampling; prompts are
 left-padded so every sequence of a batch grows at the same place.
@@ -50,6 +51,8 @@ class CaptionerConfig:
     vocab_size: int = 1024  # set from the tokenizer
     max_memory_tokens: int = 512  # learned positions for encoder tokens (images; audio has its own)
     freeze_encoders: bool = False  # keep (pretrained) encoders fixed; train only the decoder
+    every_task_per_sample: bool = False  # train on each image's caption and all its questions in one
+    # step (the encoders run once per image); otherwise one of them, drawn by the task weights
     fields: dict[str, str] = field(default_factory=dict)  # data fields read (name -> "modality[:column]");
     # empty: each encoder's name, with its input kind's default column
 
@@ -180,9 +183,25 @@ class Captioner(nn.Module):
                 raise ValueError(f"row {row.get('id')!r} has no {self.config.qa_column!r} questions")
         return out
 
+    def every_example(self, rows: list[dict]) -> tuple[list[tuple[str | None, str]], list[int]]:
+        """Every (prompt, target) of each row that the tasks ask for, and the row of each."""
+        pairs, owner = [], []
+        for i, row in enumerate(rows):
+            mine = [(None, row[self.config.caption_column])] if "caption" in self.config.tasks else []
+            if "vqa" in self.config.tasks:
+                mine += [(qa["question"], qa["answer"]) for qa in row.get(self.config.qa_column) or []]
+            pairs += mine
+            owner += [i] * len(mine)
+        return pairs, owner
+
     def loss(self, batch: dict) -> dict[str, torch.Tensor]:
-        pairs = self.examples(batch["rows"])
         memory, memory_mask = self.memory(batch)
+        if self.config.every_task_per_sample:
+            pairs, owner = self.every_example(batch["rows"])
+            index = torch.tensor(owner, device=memory.device)
+            memory, memory_mask = memory[index], memory_mask[index]
+        else:
+            pairs = self.examples(batch["rows"])
         tok, limit = self.tokenizer, self.config.context_length
         rows, starts = [], []
         for prompt, target in pairs:

@@ -80,9 +80,9 @@ def augmented(train_set, recipe: Recipe, model):
     if not recipe.data.in_memory:
         raise ValueError("augment: question_pairs needs data.in_memory: true")
     fields = {f.modality: f for f in parse_fields(recipe.data.fields)}
-    if "image" not in fields or "audio" not in fields:
-        raise ValueError("augment: question_pairs needs an image field and an audio (question) field")
-    return QuestionPairs(train_set.items, fields["image"].name, fields["audio"].name,
+    if "audio" not in fields:
+        raise ValueError("augment: question_pairs needs an audio (spoken question) field")
+    return QuestionPairs(train_set.items, fields["audio"].name,
                          question_column=fields["audio"].column, label_column=model.config.label_column,
                          seed=recipe.trainer.seed)
 
