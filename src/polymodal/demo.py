@@ -103,8 +103,8 @@ def understand(state: dict) -> dict:
     from polymodal.data.scene import SceneObject
     from polymodal.eval.captioning import judge_caption
     from polymodal.eval.run import evaluate, format_table
-    from polymodal.models.captioner import Captioner
     from polymodal.modalities.image import load_image
+    from polymodal.models.captioner import Captioner
     from polymodal.train.recipe import load_recipe
     from polymodal.train.run import train
 
