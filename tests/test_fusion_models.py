@@ -108,3 +108,22 @@ def test_frozen_encoder_states_are_remembered_per_file_and_change_nothing():
     assert len(m._cache) == 8 and torch.allclose(first, plain, atol=1e-5)
     b["image"] = torch.zeros_like(b["image"])  # the same files: the remembered states answer
     assert torch.allclose(m(b), first, atol=1e-5)
+
+
+def test_multi_label_classification_learns_sets_of_labels():
+    m = model("late", classes=["circle", "square", "star"], label_column="shapes", multi_label=True)
+    b = batch()
+    for i, r in enumerate(b["rows"]):
+        r["shapes"] = [["circle"], ["square", "star"], ["circle", "star"], "square"][i]
+    assert m.labels(b).tolist() == [[1, 0, 0], [0, 1, 1], [1, 0, 1], [0, 1, 0]]
+    opt = torch.optim.AdamW(m.parameters(), 1e-2)
+    for _ in range(60):
+        out = m.loss(b)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    m.eval()
+    assert m.hits(m(b), m.labels(b)).all()
+    b["rows"][0]["shapes"] = ["hexagon"]
+    with pytest.raises(ValueError, match="shapes"):
+        m.labels(b)

@@ -65,7 +65,7 @@ def validation_function(model, data, split: str, fields, options: DecodeOptions,
             collate = Collator(fields)
             for start in range(0, len(items), EMBED_BATCH):
                 batch = collate(items[start : start + EMBED_BATCH])
-                correct += (m(batch).argmax(1).cpu() == m.labels(batch)).sum().item()
+                correct += m.hits(m(batch).cpu(), m.labels(batch)).sum().item()
             return {"accuracy": correct / max(len(items), 1)}
 
         return accuracy

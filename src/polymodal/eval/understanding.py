@@ -106,7 +106,7 @@ def fusion_metrics(model, items: list[dict], fields) -> dict[str, float]:
         for case, keep in cases.items():
             dropped = {k: v for k, v in batch.items()
                        if not any(k == n or k.startswith(f"{n}_") for n in names if n not in keep)}
-            correct[case] += (model(dropped).argmax(1).cpu() == labels).sum().item()
+            correct[case] += model.hits(model(dropped).cpu(), labels).sum().item()
     metrics = {"samples": float(len(items))}
     metrics.update({case: c / max(len(items), 1) for case, c in correct.items()})
     return metrics

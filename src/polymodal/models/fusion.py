@@ -46,6 +46,8 @@ class FusionConfig:
     heads: int = 4
     classes: list[str] = field(default_factory=lambda: ["no", "yes"])  # label values, in logit order
     label_column: str = "fusion_label"  # metadata column holding the label
+    multi_label: bool = False  # the column holds a list of classes per row: sigmoid outputs, BCE loss,
+    # a sample is right when its whole set of labels is
     modality_dropout: float = 0.1  # chance of dropping each modality of a training sample
     freeze_encoders: bool = False  # keep the (pretrained) encoders fixed; train only the fusion layers
     fields: dict[str, str] = field(default_factory=dict)  # data fields read (name -> "modality[:column]");
@@ -274,11 +276,25 @@ class FusionClassifier(nn.Module):
         return self.head(torch.cat([a, c, a * c], dim=-1))
 
     def labels(self, batch: dict) -> torch.Tensor:
+        """Class indices ``(B,)``; multi-label: a multi-hot ``(B, classes)`` from a list per row."""
         column, classes = self.config.label_column, self.config.classes
         try:
-            return torch.tensor([classes.index(str(r[column])) for r in batch["rows"]])
+            if not self.config.multi_label:
+                return torch.tensor([classes.index(str(r[column])) for r in batch["rows"]])
+            hot = torch.zeros(len(batch["rows"]), len(classes))
+            for i, r in enumerate(batch["rows"]):
+                values = r[column] if isinstance(r[column], list) else [r[column]]
+                hot[i, [classes.index(str(v)) for v in values]] = 1.0
+            return hot
         except (KeyError, ValueError) as e:
-            raise ValueError(f"every row needs {column!r} with a value in {classes}: {e}") from e
+            raise ValueError(f"every row needs {column!r} with {'values' if self.config.multi_label else 'a value'} "
+                             f"in {classes}: {e}") from e
+
+    def hits(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per sample, whether the prediction is right (multi-label: the whole set of labels)."""
+        if self.config.multi_label:
+            return ((logits > 0).float() == labels).all(1)
+        return logits.argmax(1) == labels
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         return write_model_folder(directory, {"model_type": "fusion", **asdict(self.config)}, self.state_dict())
@@ -293,5 +309,8 @@ class FusionClassifier(nn.Module):
     def loss(self, batch: dict) -> dict[str, torch.Tensor]:
         logits = self(batch)
         labels = self.labels(batch).to(logits.device)
-        loss = F.cross_entropy(logits, labels)
-        return {"loss": loss, "accuracy": (logits.argmax(1) == labels).float().mean().detach()}
+        if self.config.multi_label:
+            loss = F.binary_cross_entropy_with_logits(logits, labels)
+        else:
+            loss = F.cross_entropy(logits, labels)
+        return {"loss": loss, "accuracy": self.hits(logits, labels).float().mean().detach()}
