@@ -110,3 +110,12 @@ def test_every_task_per_sample_decodes_each_caption_and_question_of_an_image(tok
     out = m.loss(batch(2))
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and m.encoders["image"].stem[0].weight.grad is not None
+
+
+def test_questions_per_sample_caps_the_questions_of_each_image(tokenizer):
+    import random
+
+    m = make(tokenizer, tasks={"caption": 0.5, "vqa": 0.5}, every_task_per_sample=True, questions_per_sample=1)
+    many = [dict(r, qa=r["qa"] * 3) for r in rows(2)]
+    pairs, owner = m.every_example(many, random.Random(0))
+    assert owner == [0, 0, 1, 1] and pairs[0] == (None, CAPTIONS[0]) and pairs[1][0] is not None

@@ -51,8 +51,10 @@ class CaptionerConfig:
     vocab_size: int = 1024  # set from the tokenizer
     max_memory_tokens: int = 512  # learned positions for encoder tokens (images; audio has its own)
     freeze_encoders: bool = False  # keep (pretrained) encoders fixed; train only the decoder
-    every_task_per_sample: bool = False  # train on each image's caption and all its questions in one
+    every_task_per_sample: bool = False  # train on each image's caption and its questions in one
     # step (the encoders run once per image); otherwise one of them, drawn by the task weights
+    questions_per_sample: int | None = None  # with every_task_per_sample: at most this many of an
+    # image's questions, drawn at random each time (None: all of them)
     fields: dict[str, str] = field(default_factory=dict)  # data fields read (name -> "modality[:column]");
     # empty: each encoder's name, with its input kind's default column
 
@@ -183,13 +185,19 @@ class Captioner(nn.Module):
                 raise ValueError(f"row {row.get('id')!r} has no {self.config.qa_column!r} questions")
         return out
 
-    def every_example(self, rows: list[dict]) -> tuple[list[tuple[str | None, str]], list[int]]:
-        """Every (prompt, target) of each row that the tasks ask for, and the row of each."""
+    def every_example(self, rows: list[dict], rng: random.Random | None = None
+                      ) -> tuple[list[tuple[str | None, str]], list[int]]:
+        """Every (prompt, target) of each row that the tasks ask for (at most
+        ``questions_per_sample`` questions each), and the row of each."""
         pairs, owner = [], []
         for i, row in enumerate(rows):
             mine = [(None, row[self.config.caption_column])] if "caption" in self.config.tasks else []
             if "vqa" in self.config.tasks:
-                mine += [(qa["question"], qa["answer"]) for qa in row.get(self.config.qa_column) or []]
+                qa = list(row.get(self.config.qa_column) or [])
+                k = self.config.questions_per_sample
+                if k is not None and len(qa) > k:
+                    qa = (rng or random).sample(qa, k)
+                mine += [(q["question"], q["answer"]) for q in qa]
             pairs += mine
             owner += [i] * len(mine)
         return pairs, owner
