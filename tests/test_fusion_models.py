@@ -87,7 +87,9 @@ def test_late_fusion_of_embeddings_answers_with_and_without_a_modality():
     b.pop("image")
     assert m.eval()(b).shape == (4, 2)
     with pytest.raises(ValueError, match="exactly two towers"):
-        FusionConfig(towers=TOWERS, strategy="early", late_merge="embedding")
+        FusionConfig(towers={**TOWERS, "third": TOWERS["image"]}, strategy="late", late_merge="embedding")
+    # other strategies ignore the late merge, so one recipe serves every strategy of a bench
+    assert not hasattr(model("early", late_merge="embedding"), "projections")
 
 
 def test_frozen_encoders_stay_fixed():

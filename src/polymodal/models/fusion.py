@@ -52,7 +52,7 @@ class FusionConfig:
     freeze_encoders: bool = False  # keep the (pretrained) encoders fixed; train only the fusion layers
     fields: dict[str, str] = field(default_factory=dict)  # data fields read (name -> "modality[:column]");
     # empty: each tower's name, with its input kind's default column
-    late_merge: str = "mean"  # late fusion: mean of present modalities' logits | learned weights |
+    late_merge: str = "mean"  # late fusion (other strategies ignore it): mean of present modalities' logits | learned weights |
     # embedding: each tower's pooled embedding, L2-normalised, then one head on [e_1, e_2, e_1 * e_2]
 
     def __post_init__(self):
@@ -64,7 +64,7 @@ class FusionConfig:
             raise ValueError(f"strategy {self.strategy!r} needs at least two towers")
         if self.late_merge not in ("mean", "learned", "embedding"):
             raise ValueError(f"unknown late_merge {self.late_merge!r}; choose mean, learned or embedding")
-        if self.late_merge == "embedding" and (self.strategy != "late" or len(self.towers) != 2):
+        if self.late_merge == "embedding" and self.strategy == "late" and len(self.towers) != 2:
             raise ValueError("late_merge 'embedding' is late fusion of exactly two towers")
 
 
@@ -120,7 +120,7 @@ class FusionClassifier(nn.Module):
         elif c.strategy == "hybrid":
             self.blocks = nn.ModuleList(GatedCrossBlock(c.width, c.heads) for _ in range(c.depth))
             self.head = nn.Sequential(nn.LayerNorm(c.width), nn.Linear(c.width, n_classes))
-        elif c.late_merge == "embedding":  # late fusion of embeddings in one space
+        elif c.strategy == "late" and c.late_merge == "embedding":  # late fusion of embeddings in one space
             self.projections = nn.ModuleDict({n: nn.Linear(self.encoders[n].width, c.width, bias=False)
                                               for n in self.names})
             self.head = nn.Sequential(nn.Linear(3 * c.width, c.width), nn.GELU(), nn.Linear(c.width, n_classes))
@@ -228,7 +228,7 @@ class FusionClassifier(nn.Module):
         present = [n for n in self.names if n in batch]
         if not present:
             raise ValueError(f"the batch has none of this model's inputs {self.names}")
-        if self.config.late_merge == "embedding":
+        if self.config.strategy == "late" and self.config.late_merge == "embedding":
             return self._embedding_logits(batch, present)
         states, masks = {}, {}
         for n in present:
