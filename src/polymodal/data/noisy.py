@@ -4,8 +4,9 @@ Each modality alone can answer, but each is damaged, independently:
 
 - the image (``noisy_file``) has each of its nine grid cells hidden, with probability
   ``OCCLUDED_CELL``, under a grey noise patch; an object in a hidden cell is gone;
-- the spoken caption (``noisy_audio_file``) is buried in white noise, and stretches of it
-  (``MASKED_SHARE`` of its length, in bursts) are drowned by louder noise.
+- the spoken caption (``noisy_audio_file``) is buried in white noise as loud as the speech,
+  and bursts of louder noise at random places (``MASKED_SHARE`` of its length in all; they
+  overlap, so about 60% of it) drown stretches of it.
 
 Because the damage is independent, what one modality lost the other often kept: fusing them
 beats the best single modality. The label (``noisy_label``) is the number of objects, in
@@ -24,9 +25,9 @@ from PIL import Image
 
 from polymodal.data.scene import NUMBERS
 
-OCCLUDED_CELL = 0.3  # chance that a grid cell is hidden
-MASKED_SHARE = 0.45  # share of the speech drowned in loud noise
-SNR_DB = 6.0  # signal-to-noise ratio of the background noise over the whole utterance
+OCCLUDED_CELL = 0.25  # chance that a grid cell is hidden
+MASKED_SHARE = 0.9  # loud-noise bursts, in lengths of the speech (they overlap: ~60% drowned)
+SNR_DB = 0.0  # signal-to-noise ratio of the background noise over the whole utterance
 BURST_SECONDS = 0.3  # length of one loud-noise burst
 STREAM = 101  # random stream of the noisy task, apart from the sample's other draws
 
@@ -59,7 +60,7 @@ def bury(speech: np.ndarray, rng: np.random.Generator, sample_rate: int = 16_000
     burst = max(1, int(BURST_SECONDS * sample_rate))
     n_bursts = int(round(masked * len(speech) / burst))
     for _ in range(n_bursts):
-        start = int(rng.integers(0, max(1, len(speech) - burst)))
+        start = int(rng.integers(0, max(1, len(speech) - burst)))  # bursts may overlap
         out[start : start + burst] = rng.normal(0, 4 * np.sqrt(power), size=len(out[start : start + burst]))
     peak = np.abs(out).max()
     return (out / peak * 0.9 if peak > 0.9 else out).astype(np.float32)
