@@ -61,7 +61,7 @@ def data_shapes(
 
 @data_app.command("noisy")
 def data_noisy(world: Annotated[Path, typer.Argument(help="A shapes world folder made before the noisy task existed.")]):
-    """Add the noisy-modalities task (damaged image and speech, label: the object count) to a world."""
+    """Add the noisy-modalities task (damaged image and speech, label: the object's colour) to a world."""
     from polymodal.data.noisy import add_noisy_task
 
     meta = world / "metadata.jsonl"
@@ -264,7 +264,7 @@ def bench_fusion_command(
     out: Annotated[Path, typer.Option(help="Folder for the runs, results.json and accuracy.png.")],
     minutes: Annotated[float, typer.Option(help="Training budget of each model.")] = 4.0,
     init_from: Annotated[str | None, typer.Option(help="A bound model whose towers start the encoders.")] = None,
-    task: Annotated[str, typer.Option(help="question (spoken question + image) or noisy (noisy count).")] = "question",
+    task: Annotated[str, typer.Option(help="question (spoken question + image) or noisy (colour from noisy image and speech).")] = "question",
     strategies: Annotated[str, typer.Option(help="Comma-separated strategies to train (results.json keeps the others).")]
     = "image-only,audio-only,early,late,hybrid",
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value settings for every run.")] = None,

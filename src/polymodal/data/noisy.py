@@ -1,16 +1,18 @@
-"""The noisy-modalities task of the shapes world: how many objects are there?
+"""The noisy-modalities task of the shapes world: what colour is the object?
 
-Each modality alone can answer, but each is damaged, independently:
+Scenes of one object only. Each modality alone can answer, but each is damaged, independently:
 
 - the image (``noisy_file``) has each of its nine grid cells hidden, with probability
   ``OCCLUDED_CELL``, under a grey noise patch; an object in a hidden cell is gone;
 - the spoken caption (``noisy_audio_file``) is buried in white noise as loud as the speech,
   and bursts of louder noise at random places (``MASKED_SHARE`` of its length in all; they
-  overlap, so about 60% of it) drown stretches of it.
+  overlap, so about 45% of it) drown stretches of it.
 
 Because the damage is independent, what one modality lost the other often kept: fusing them
-beats the best single modality. The label (``noisy_label``) is the number of objects, in
-words. The damage depends only on the world's seed and the sample's index.
+beats the best single modality. The label (``noisy_label``) is the object's colour. (The
+number of objects would be a poor label: a longer caption tells it, however noisy.) Scenes
+with several objects get no noisy-task columns. The damage depends only on the world's seed
+and the sample's index.
 """
 
 from __future__ import annotations
@@ -23,10 +25,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from polymodal.data.scene import NUMBERS
 
-OCCLUDED_CELL = 0.25  # chance that a grid cell is hidden
-MASKED_SHARE = 0.9  # loud-noise bursts, in lengths of the speech (they overlap: ~60% drowned)
+OCCLUDED_CELL = 0.4  # chance that a grid cell is hidden
+MASKED_SHARE = 0.6  # loud-noise bursts, in lengths of the speech (they overlap: ~45% drowned)
 SNR_DB = 0.0  # signal-to-noise ratio of the background noise over the whole utterance
 BURST_SECONDS = 0.3  # length of one loud-noise burst
 STREAM = 101  # random stream of the noisy task, apart from the sample's other draws
@@ -68,10 +69,13 @@ def bury(speech: np.ndarray, rng: np.random.Generator, sample_rate: int = 16_000
 
 def noisy_sample(row: dict, image: Image.Image, speech: np.ndarray | None, out: Path, seed: int,
                  index: int) -> dict:
-    """Write the damaged image (and speech) of one sample; return the row's new columns."""
+    """Write the damaged image (and speech) of a one-object sample; return the row's new
+    columns (none for a scene of several objects)."""
+    if len(row["objects"]) != 1:
+        return {}
     rng = noisy_rng(seed, index)
     sample_id = row["id"]
-    columns = {"noisy_file": f"images/{sample_id}_noisy.png", "noisy_label": NUMBERS[len(row["objects"])]}
+    columns = {"noisy_file": f"images/{sample_id}_noisy.png", "noisy_label": row["objects"][0]["colour"]}
     occlude(image, rng).save(out / columns["noisy_file"], optimize=False, compress_level=1)
     if speech is not None:
         from polymodal.modalities.audio import save_wav
@@ -95,6 +99,8 @@ def add_noisy_task(world: str | os.PathLike, progress: Callable[[int], None] | N
             raise ValueError(f"{meta}: row {row.get('id')!r} has no scene graph: not a shapes world")
         image = Image.open(world / row["file_name"])
         speech = load_audio(world / row["audio_file"]).numpy() if row.get("audio_file") else None
+        for column in ("noisy_file", "noisy_audio_file", "noisy_label"):  # made again from scratch
+            row.pop(column, None)
         row.update(noisy_sample(row, image, speech, world, seed, int(row["id"])))
         if progress:
             progress(done)

@@ -9,8 +9,8 @@ drawn on a lightly noisy background, with:
 - a fusion task: a spoken yes/no question about a colour-shape pair (``fusion_audio_file``,
   ``fusion_label``), balanced, with near-miss negatives, so neither the image nor the
   question alone tells the answer;
-- a noisy-modalities task: how many objects, from an image with hidden cells and a spoken
-  caption under noise (``noisy_file``, ``noisy_audio_file``, ``noisy_label``; see
+- a noisy-modalities task (one-object scenes): the object's colour, from an image with hidden
+  cells and a spoken caption under noise (``noisy_file``, ``noisy_audio_file``, ``noisy_label``; see
   :mod:`polymodal.data.noisy`): each alone is informative but unreliable;
 - for a fraction of samples, a short video of one object moving across the frame with its
   spoken description as the sound track (``video_file``, ``video_text``);

@@ -4,8 +4,8 @@ Trains image-only, audio-only, early, late and hybrid fusion models from the sam
 on the same budget, and scores each on the test split: accuracy, parameters and training
 time, plus, for the fused models, accuracy with one modality only. Two tasks of the shapes
 world: ``question`` (``recipes/fusion-shapes.yaml``: a spoken yes/no question and an image;
-neither alone answers) and ``noisy`` (``recipes/fusion-noisy.yaml``: how many objects, from a
-partly hidden image and a spoken caption under noise; each alone answers, unreliably). Writes
+neither alone answers) and ``noisy`` (``recipes/fusion-noisy.yaml``: the colour of the object, from
+a partly hidden image and a spoken caption under noise; each alone answers, unreliably). Writes
 ``results.json`` and ``accuracy.png`` into the output folder.
 """
 
