@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-
 OCCLUDED_CELL = 0.4  # chance that a grid cell is hidden
 MASKED_SHARE = 0.6  # loud-noise bursts, in lengths of the speech (they overlap: ~45% drowned)
 SNR_DB = 0.0  # signal-to-noise ratio of the background noise over the whole utterance
