@@ -4,9 +4,9 @@ Scenes of one object only. Each modality alone can answer, but each is damaged, 
 
 - the image (``noisy_file``) has each of its nine grid cells hidden, with probability
   ``OCCLUDED_CELL``, under a grey noise patch; an object in a hidden cell is gone;
-- the spoken caption (``noisy_audio_file``) is buried in white noise as loud as the speech,
-  and bursts of louder noise at random places (``MASKED_SHARE`` of its length in all; they
-  overlap, so about 45% of it) drown stretches of it.
+- the spoken caption (``noisy_audio_file``) has bursts of loud white noise at random places
+  (``MASKED_SHARE`` of its length in all; they overlap, so about 40% of it) that drown
+  stretches of it: a drowned colour word is gone.
 
 Because the damage is independent, what one modality lost the other often kept: fusing them
 beats the best single modality. The label (``noisy_label``) is the object's colour. (The
@@ -26,8 +26,8 @@ import numpy as np
 from PIL import Image
 
 OCCLUDED_CELL = 0.4  # chance that a grid cell is hidden
-MASKED_SHARE = 0.6  # loud-noise bursts, in lengths of the speech (they overlap: ~45% drowned)
-SNR_DB = 0.0  # signal-to-noise ratio of the background noise over the whole utterance
+MASKED_SHARE = 0.5  # loud-noise bursts, in lengths of the speech (they overlap: ~40% drowned)
+SNR_DB = None  # signal-to-noise ratio of background noise over the whole utterance (None: none)
 BURST_SECONDS = 0.3  # length of one loud-noise burst
 STREAM = 101  # random stream of the noisy task, apart from the sample's other draws
 
@@ -51,12 +51,14 @@ def occlude(image: Image.Image, rng: np.random.Generator, p: float = OCCLUDED_CE
 
 
 def bury(speech: np.ndarray, rng: np.random.Generator, sample_rate: int = 16_000,
-         masked: float = MASKED_SHARE, snr_db: float = SNR_DB) -> np.ndarray:
-    """Speech under white noise at ``snr_db``, with ``masked`` of it in louder bursts."""
+         masked: float = MASKED_SHARE, snr_db: float | None = SNR_DB) -> np.ndarray:
+    """Speech with ``masked`` of its length in loud noise bursts, and (given ``snr_db``) under
+    white noise at that signal-to-noise ratio."""
     speech = np.asarray(speech, dtype=np.float32)
     power = float(np.mean(speech**2)) + 1e-8
-    noise_std = np.sqrt(power / 10 ** (snr_db / 10))
-    out = speech + rng.normal(0, noise_std, size=speech.shape)
+    out = speech.copy()
+    if snr_db is not None:
+        out = out + rng.normal(0, np.sqrt(power / 10 ** (snr_db / 10)), size=speech.shape)
     burst = max(1, int(BURST_SECONDS * sample_rate))
     n_bursts = int(round(masked * len(speech) / burst))
     for _ in range(n_bursts):
