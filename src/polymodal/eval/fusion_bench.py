@@ -60,8 +60,8 @@ def bench_fusion(data: str | os.PathLike, out: str | os.PathLike, *, minutes: fl
     saved = out / "results.json"  # a rerun replaces the rows of the strategies it trains
     results = json.loads(saved.read_text()) if saved.is_file() else {}
     for name in strategies:
-        overrides = [f"trainer.max_minutes={minutes}", f"model.init_from={init_from or 'null'}",
-                     *strategy_overrides(name, base.model["towers"], base_fields), *(extra or [])]
+        overrides = [f"trainer.max_minutes={minutes}", f"model.init_from={init_from or 'null'}", *(extra or []),
+                     *strategy_overrides(name, base.model["towers"], base_fields)]  # the strategy's own settings win
         recipe = load_recipe(recipe_path, overrides)
         start = time.perf_counter()
         model_dir = train(recipe, data, out / name, progress=False)
