@@ -254,6 +254,51 @@ def search_command(
         console.print(f"hits drawn in {drawn}")
 
 
+generate_app = typer.Typer(help="Generate with a trained model.", no_args_is_help=True)
+app.add_typer(generate_app, name="generate")
+
+
+@generate_app.command("image")
+def generate_image(
+    model: Annotated[Path, typer.Argument(help="A saved text-to-image model folder.")],
+    prompt: Annotated[str, typer.Argument(help="What to draw.")],
+    n: Annotated[int, typer.Option("--n", help="Images to draw.")] = 8,
+    cfg: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale (1: none).")] = 3.0,
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 50,
+    sampler: Annotated[str, typer.Option(help="ddim (deterministic) or ddpm (ancestral).")] = "ddim",
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed draws the same images.")] = 0,
+    out: Annotated[Path | None, typer.Option(help="PNG grid to write (default: a name made from the prompt).")] = None,
+    columns: Annotated[int, typer.Option(help="Images per row of the grid.")] = 8,
+    scale: Annotated[int, typer.Option(help="Enlarge each image this many times in the grid.")] = 4,
+):
+    """Draw images for a prompt and write them as one PNG grid."""
+    import re
+
+    import torch
+
+    from polymodal.eval.run import model_type
+    from polymodal.modalities.image import image_grid
+    from polymodal.models.text_to_image import TextToImage
+
+    try:
+        if model_type(model) != "text_to_image":
+            raise InputError(model, f"a {model_type(model)!r} model, not a text-to-image model")
+        if n < 1:
+            raise ValueError(f"--n must be at least 1, got {n}")
+        generator = TextToImage.from_pretrained(model)
+        start = time.perf_counter()
+        with progress_bar("denoising", steps) as update, torch.no_grad():
+            images = generator.generate([prompt] * n, guidance=cfg, steps=steps, sampler=sampler, seed=seed,
+                                        progress=update)
+    except (InputError, ValueError) as e:
+        raise fail(e) from None
+    out = out or Path(re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60] + ".png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images, columns=columns, scale=scale, title=f"{prompt}  (cfg {cfg:g}, {steps} {sampler} steps, seed {seed})"
+               ).save(out)
+    console.print(f"{n} images in {time.perf_counter() - start:.1f} s -> {out}")
+
+
 bench_app = typer.Typer(help="Train and compare model variants side by side.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 

@@ -5,7 +5,9 @@ a table and written as JSON with ``--json``. For contrastive models: Recall@1/5/
 directions for every pair of towers (also pairs never trained together, such as audio->image
 in a bound model), and zero-shot classification: on the shapes world per attribute (colour,
 shape, size and position on single-object images, count on all), on any other data set over
-its ``label`` column.
+its ``label`` column. For detectors (the shapes-world judge of generated images): accuracy
+of shape, colour, size and position over objects (shape also per object size), and of the
+object count and the whole scene over images (see :func:`polymodal.eval.geneval.judge_metrics`).
 """
 
 from __future__ import annotations
@@ -59,6 +61,16 @@ def paraphrased_queries(rows: list[dict], seed: int = 0) -> list[str]:
 def validation_function(model, data, split: str, fields, options: DecodeOptions, limit: int):
     """A function ``model -> metrics`` over ``limit`` samples of ``split``, decoded once."""
     items = MemoryDataset(data, fields, split=split, options=options, limit=limit).items
+    if hasattr(model, "detect"):  # a detector (the shapes-world judge): per-attribute accuracy
+        from polymodal.eval.geneval import judge_metrics
+
+        def judge_accuracy(m) -> dict[str, float]:
+            if not items:
+                return {}
+            images = torch.stack([item["image"] for item in items])
+            return judge_metrics(m, images, [item["row"] for item in items])
+
+        return judge_accuracy
     if hasattr(model, "labels"):  # a classifier: accuracy
         def accuracy(m) -> dict[str, float]:
             correct = 0
@@ -69,6 +81,23 @@ def validation_function(model, data, split: str, fields, options: DecodeOptions,
             return {"accuracy": correct / max(len(items), 1)}
 
         return accuracy
+    if hasattr(model, "decode") and hasattr(model, "encode"):  # an autoencoder: reconstruction error
+        def reconstruction(m) -> dict[str, float]:
+            images = Collator(fields)(items)["image"]
+            return {"reconstruction mse": float(torch.nn.functional.mse_loss(m.decode(m.encode(images)), images))}
+
+        return reconstruction
+    if hasattr(model, "diffusion"):  # a text-to-image model: the denoising loss at fixed noise
+        def denoising_loss(m) -> dict[str, float]:
+            generator = torch.Generator().manual_seed(0)
+            collate, total, n = Collator(fields), 0.0, 0
+            for start in range(0, len(items), 100):
+                batch = collate(items[start : start + 100])
+                total += m.loss(batch, generator=generator)["loss"].item() * len(batch["rows"])
+                n += len(batch["rows"])
+            return {"denoising loss": total / max(n, 1)}
+
+        return denoising_loss
     if hasattr(model, "generate"):  # a captioner: decoded captions and answers, judged
         from polymodal.eval.understanding import captioner_metrics
 
@@ -176,6 +205,12 @@ def evaluate(model_dir: str | os.PathLike, data: str | os.PathLike, splits: Sequ
         fields = model.config.fields or {n: INPUT_KIND[spec["type"]] for n, spec in towers.items()}
         sizes = [spec.get("image_size", 64) for spec in towers.values() if INPUT_KIND[spec["type"]] == "image"]
         size = image_size or (sizes[0] if sizes else 64)
+    elif kind == "detector":
+        from polymodal.models.detector import GridDetector
+
+        model = GridDetector.from_pretrained(model_dir)
+        fields = {"image": "image"}
+        size = image_size or model.config.image_size
     else:
         raise ValueError(f"{model_dir}: cannot evaluate a {kind!r} model")
     torch.set_grad_enabled(False)
@@ -189,6 +224,13 @@ def evaluate(model_dir: str | os.PathLike, data: str | os.PathLike, splits: Sequ
             from polymodal.eval.understanding import captioner_metrics
 
             results[split] = captioner_metrics(model, items, fields, decoding=decoding, examples=examples)
+        elif kind == "detector":
+            from polymodal.eval.geneval import judge_metrics
+
+            if "objects" not in items[0]["row"]:
+                raise ValueError(f"{data}: rows have no 'objects' scene graph; a detector is scored on a shapes world")
+            images = torch.stack([item["image"] for item in items])
+            results[split] = judge_metrics(model, images, [item["row"] for item in items])
         elif kind == "fusion":
             from polymodal.eval.understanding import fusion_metrics
 

@@ -143,3 +143,30 @@ def unpatchify(patches: torch.Tensor, patch_size: int, height: int, width: int, 
         raise ValueError(f"patches {tuple(patches.shape)} do not tile a {channels}x{height}x{width} image")
     x = patches.reshape(b, gh, gw, channels, p, p)
     return x.permute(0, 3, 1, 4, 2, 5).reshape(b, channels, height, width)
+
+
+def image_grid(images: torch.Tensor, columns: int = 8, scale: int = 4, title: str | None = None,
+               labels: list[str] | None = None) -> Image.Image:
+    """A PNG-ready grid of normalised images ``(B, 3, H, W)`` in [-1, 1], each enlarged ``scale`` times
+    (nearest neighbour, so pixels stay visible), with an optional title and per-image labels."""
+    from PIL import ImageDraw
+
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"image_grid expects (B, 3, H, W) images, got {tuple(images.shape)}")
+    b, _, h, w = images.shape
+    columns = max(1, min(columns, b))
+    rows = (b + columns - 1) // columns
+    cell_w, cell_h, pad = w * scale, h * scale, 4
+    label_h = 12 if labels else 0
+    top = 16 if title else 0
+    sheet = Image.new("RGB", (columns * (cell_w + pad) + pad, top + rows * (cell_h + label_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((pad, 2), title, fill=(0, 0, 0))
+    for i in range(b):
+        r, c = divmod(i, columns)
+        x, y = pad + c * (cell_w + pad), top + pad + r * (cell_h + label_h + pad)
+        sheet.paste(to_pil(images[i] * 0.5 + 0.5).resize((cell_w, cell_h), Image.Resampling.NEAREST), (x, y))
+        if labels:
+            draw.text((x, y + cell_h), labels[i][: cell_w // 6], fill=(60, 60, 60))
+    return sheet

@@ -70,6 +70,11 @@ class TrainModule(L.LightningModule):
         self.log("train/minutes", self.training_minutes(), batch_size=size)
         return out["loss"]
 
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        hook = getattr(self.model, "after_optimizer_step", None)  # e.g. a moving average of weights
+        if hook is not None:
+            hook()
+
     def training_minutes(self) -> float:
         return (self.elapsed_before + (time.perf_counter() - self.started if self.started else 0.0)) / 60
 
@@ -120,3 +125,21 @@ def run_validation(trainer, module: TrainModule) -> None:
     metrics["train/minutes"] = module.training_minutes()
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=trainer.global_step)
+
+
+class Snapshots(L.Callback):
+    """Saves the model (``save_pretrained``) to ``folder/step-NNNNNN`` every ``every_minutes`` of
+    training and at the end, so quality can be measured against training time afterwards."""
+
+    def __init__(self, folder, every_minutes: float | None):
+        self.folder, self.every = folder, every_minutes
+        self.next = every_minutes
+
+    def on_train_batch_end(self, trainer, module: TrainModule, outputs, batch, batch_idx):
+        if self.every and trainer.is_global_zero and module.training_minutes() >= self.next:
+            self.next = module.training_minutes() + self.every
+            module.model.save_pretrained(self.folder / f"step-{trainer.global_step:06d}")
+
+    def on_train_end(self, trainer, module: TrainModule):
+        if self.every and trainer.is_global_zero:
+            module.model.save_pretrained(self.folder / f"step-{trainer.global_step:06d}")

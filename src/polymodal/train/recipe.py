@@ -48,6 +48,8 @@ class TrainerSettings:
     vocab_size: int = 1024  # BPE vocabulary when a text tokenizer is trained
     threads: int | None = None  # torch threads per process (default: cores / devices)
     log_every_steps: int = 10
+    snapshot_every_minutes: float | None = None  # also save the model to snapshots/step-N this often
+    # (to score it against training time afterwards)
 
 
 @dataclass

@@ -30,7 +30,7 @@ def build_model(recipe: Recipe, data: Path):
     spec = dict(recipe.model)
     kind = spec.pop("type")
     init_from = spec.pop("init_from", None)  # a saved model whose matching towers start this one
-    if kind in ("fusion", "captioner") and not spec.get("fields"):  # remembered for evaluation
+    if kind in ("fusion", "captioner", "text_to_image") and not spec.get("fields"):  # remembered for evaluation
         fields = recipe.data.fields
         spec["fields"] = dict(fields) if isinstance(fields, dict) else {f: f for f in fields}
     if kind == "contrastive":
@@ -67,7 +67,43 @@ def build_model(recipe: Recipe, data: Path):
             copied = model.init_encoders_from(ContrastiveModel.from_pretrained(init_from))
             log.info("encoders %s start from %s", copied, init_from)
         return model
-    raise ValueError(f"unknown model type {kind!r} in recipe (known: contrastive, fusion, captioner)")
+    if kind == "detector":
+        from polymodal.models.detector import DetectorConfig, GridDetector
+
+        if init_from:
+            raise ValueError("model.init_from: a detector starts from scratch")
+        config = DetectorConfig(**spec)
+        if recipe.data.image_size != config.image_size:
+            log.info("detector reads %dx%d images; data are decoded at %d and resized", config.image_size,
+                     config.image_size, recipe.data.image_size)
+        return GridDetector(config)
+    if kind == "text_to_image":
+        from polymodal.models.text_to_image import TextToImage, TextToImageConfig
+
+        config = TextToImageConfig(**spec)
+        tokenizer = None
+        if config.text["type"] == "text":
+            tokenizer = train_tokenizer(data, recipe.data.train_split, recipe.trainer.vocab_size)
+        model = TextToImage(config, tokenizer)
+        if model.autoencoder is not None and "latent_scale" not in spec:  # unit-variance latents
+            model.config.latent_scale = latent_scale(model.autoencoder, data, recipe)
+            log.info("latent scale %.4f", model.config.latent_scale)
+        return model
+    if kind == "autoencoder":
+        from polymodal.models.autoencoder import Autoencoder, AutoencoderConfig
+
+        return Autoencoder(AutoencoderConfig(**spec))
+    raise ValueError(f"unknown model type {kind!r} in recipe "
+                     "(known: contrastive, fusion, captioner, detector, text_to_image, autoencoder)")
+
+
+@torch.no_grad()
+def latent_scale(autoencoder, data: Path, recipe: Recipe, samples: int = 512) -> float:
+    """1 / the standard deviation of the autoencoder's latents over training images."""
+    options = DecodeOptions(image_transform=ImageTransform(recipe.data.image_size))
+    items = MemoryDataset(data, ["image"], split=recipe.data.train_split, options=options, limit=samples).items
+    latents = autoencoder.encode(Collator(["image"])(items)["image"])
+    return float(1.0 / latents.std().clamp(min=1e-6))
 
 
 def augmented(train_set, recipe: Recipe, model):
@@ -129,7 +165,7 @@ def train(recipe: Recipe, data: str | os.PathLike, out: str | os.PathLike, *, re
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
     from torch.utils.data import DataLoader
 
-    from polymodal.train.module import PeriodicValidation, TrainModule
+    from polymodal.train.module import PeriodicValidation, Snapshots, TrainModule
 
     data, out = Path(data), Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -173,7 +209,8 @@ def train(recipe: Recipe, data: str | os.PathLike, out: str | os.PathLike, *, re
         accelerator=t.accelerator, devices=devices, strategy="ddp" if devices > 1 else "auto",
         precision=t.precision, max_epochs=-1, max_steps=t.max_steps or -1,
         logger=[TensorBoardLogger(out / "logs", name="tensorboard"), CSVLogger(out / "logs", name="csv")],
-        callbacks=[checkpoints, PeriodicValidation(t.val_every_minutes)], plugins=[atomic_checkpoint_io()],
+        callbacks=[checkpoints, PeriodicValidation(t.val_every_minutes),
+                   Snapshots(out / "snapshots", t.snapshot_every_minutes)], plugins=[atomic_checkpoint_io()],
         enable_progress_bar=progress, log_every_n_steps=t.log_every_steps, enable_model_summary=False,
         num_sanity_val_steps=0, use_distributed_sampler=recipe.data.in_memory and not bucketed,
     )

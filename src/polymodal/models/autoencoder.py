@@ -1,0 +1,165 @@
+"""Image autoencoders: pixels <-> a smaller latent grid, continuous (KL) or discrete (VQ).
+
+``kl``: the encoder gives a mean and log-variance per latent cell; training samples from that
+Gaussian and adds a small KL penalty towards N(0, 1) (as the Stable Diffusion autoencoder);
+``encode`` returns the mean. Diffusion can then run on the latent grid instead of the pixels.
+
+``vq``: the encoder's vectors are replaced by their nearest entry of a learned codebook
+(VQ-VAE, van den Oord et al. 2017), with the straight-through gradient and a commitment loss;
+codebook entries follow their assigned vectors by exponential moving averages, and entries
+no vector picks are restarted on random encoder outputs. ``encode_codes`` turns an image into a
+grid of integer tokens and ``decode_codes`` draws them back: the image tokens of native
+multimodal models.
+
+Both are trained by ``polymodal train`` (recipe type ``autoencoder``) with an L1 + squared
+reconstruction loss.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from polymodal.models.folder import read_model_folder, write_model_folder
+
+KINDS = ("kl", "vq")
+
+
+@dataclass
+class AutoencoderConfig:
+    kind: str = "kl"  # kl (continuous latents) | vq (codebook tokens)
+    channels: tuple[int, ...] = (64, 128, 128)  # encoder widths; each level after the first halves the side
+    latent_channels: int = 4  # channels of the latent grid (kl) or of each code vector (vq)
+    codebook_size: int = 512  # vq: number of codes
+    commitment: float = 0.25  # vq: weight of the commitment loss
+    codebook_decay: float = 0.99  # vq: EMA decay of the codebook
+    kl_weight: float = 1e-4  # kl: weight of the KL penalty
+    image_size: int = 32  # side of the images it is trained on
+    image_field: str = "image"  # batch field of the images
+
+    def __post_init__(self):
+        self.channels = tuple(self.channels)
+        if self.kind not in KINDS:
+            raise ValueError(f"autoencoder kind {self.kind!r}; choose from {KINDS}")
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.GroupNorm(8, cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1),
+                                 nn.GroupNorm(8, cout), nn.SiLU(), nn.Conv2d(cout, cout, 3, padding=1))
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x):
+        return self.skip(x) + self.net(x)
+
+
+class Autoencoder(nn.Module):
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__()
+        self.config = c = config
+        ch = c.channels
+        self.downsample = 2 ** (len(ch) - 1)
+        enc = [nn.Conv2d(3, ch[0], 3, padding=1)]
+        for i, width in enumerate(ch):
+            enc.append(ConvBlock(ch[max(i - 1, 0)], width))
+            if i < len(ch) - 1:
+                enc.append(nn.Conv2d(width, width, 3, stride=2, padding=1))
+        enc += [nn.GroupNorm(8, ch[-1]), nn.SiLU(), nn.Conv2d(ch[-1], 2 * c.latent_channels if c.kind == "kl"
+                                                              else c.latent_channels, 1)]
+        self.encoder = nn.Sequential(*enc)
+        dec = [nn.Conv2d(c.latent_channels, ch[-1], 3, padding=1)]
+        for i, width in reversed(list(enumerate(ch))):
+            dec.append(ConvBlock(ch[min(i + 1, len(ch) - 1)], width))
+            if i > 0:
+                dec += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(width, width, 3, padding=1)]
+        dec += [nn.GroupNorm(8, ch[0]), nn.SiLU(), nn.Conv2d(ch[0], 3, 3, padding=1)]
+        self.decoder = nn.Sequential(*dec)
+        if c.kind == "vq":
+            self.register_buffer("codebook", torch.randn(c.codebook_size, c.latent_channels))
+            self.register_buffer("code_counts", torch.ones(c.codebook_size))
+            self.register_buffer("code_sums", self.codebook.clone())
+
+    # ---- latents ----
+
+    def _moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, logvar = self.encoder(images).chunk(2, 1)
+        return mean, logvar.clamp(-20, 10)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Latents ``(B, C, S/f, S/f)``: the posterior mean (kl) or the nearest codes' vectors (vq)."""
+        if self.config.kind == "kl":
+            return self._moments(images)[0]
+        return self.codebook[self.encode_codes(images)].permute(0, 3, 1, 2)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decoder(latents)
+
+    def encode_codes(self, images: torch.Tensor) -> torch.Tensor:
+        """vq: the code index of every latent cell ``(B, S/f, S/f)``."""
+        if self.config.kind != "vq":
+            raise ValueError("encode_codes needs a vq autoencoder")
+        return self._nearest(self.encoder(images))
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.codebook[codes].permute(0, 3, 1, 2))
+
+    def _nearest(self, z: torch.Tensor) -> torch.Tensor:
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (N, C)
+        distance = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.codebook.T + self.codebook.pow(2).sum(1)[None]
+        return distance.argmin(1).view(z.shape[0], z.shape[2], z.shape[3])
+
+    # ---- training ----
+
+    def loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        images = batch[self.config.image_field]
+        if self.config.kind == "kl":
+            mean, logvar = self._moments(images)
+            z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+            recon = self.decode(z)
+            kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).flatten(1).sum(1).mean()
+            rec = F.l1_loss(recon, images) + F.mse_loss(recon, images)
+            return {"loss": rec + self.config.kl_weight * kl, "reconstruction": rec.detach(), "kl": kl.detach()}
+        z = self.encoder(images)
+        codes = self._nearest(z)
+        quantized = self.codebook[codes].permute(0, 3, 1, 2)
+        commit = F.mse_loss(z, quantized)
+        recon = self.decode(z + (quantized - z).detach())  # straight-through gradient
+        rec = F.l1_loss(recon, images) + F.mse_loss(recon, images)
+        if self.training:
+            self._update_codebook(z.detach(), codes)
+        used = codes.unique().numel() / self.config.codebook_size
+        return {"loss": rec + self.config.commitment * commit, "reconstruction": rec.detach(),
+                "codebook_used": torch.tensor(used)}
+
+    @torch.no_grad()
+    def _update_codebook(self, z: torch.Tensor, codes: torch.Tensor) -> None:
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        onehot = F.one_hot(codes.flatten(), self.config.codebook_size).to(flat.dtype)  # (N, K)
+        d = self.config.codebook_decay
+        self.code_counts.mul_(d).add_(onehot.sum(0), alpha=1 - d)
+        self.code_sums.mul_(d).add_(onehot.T @ flat, alpha=1 - d)
+        self.codebook.copy_(self.code_sums / self.code_counts.clamp(min=1e-5)[:, None])
+        dead = self.code_counts < 1e-3
+        if dead.any():  # restart unused codes on random encoder outputs
+            pick = torch.randint(0, flat.shape[0], (int(dead.sum()),), device=flat.device)
+            self.codebook[dead] = flat[pick]
+            self.code_sums[dead] = flat[pick]
+            self.code_counts[dead] = 1.0
+
+    # ---- saving ----
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        return write_model_folder(directory, {"model_type": "autoencoder", **asdict(self.config)}, self.state_dict())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> Autoencoder:
+        raw, state = read_model_folder(directory, "autoencoder")
+        model = cls(AutoencoderConfig(**raw))
+        model.load_state_dict(state)
+        return model.eval()

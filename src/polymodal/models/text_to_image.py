@@ -1,0 +1,312 @@
+"""Text-to-image diffusion guided by text, with classifier-free guidance.
+
+Three parts, trained or kept apart as diffusers does: a **text encoder** (trained with the
+denoiser, taken frozen from a trained polymodal contrastive model, or the locked MiniLM), a
+**denoiser** (a UNet with cross-attention, or a DiT) that reads the text's token states, and
+the **diffusion** (schedule, objective, samplers; :mod:`polymodal.nn.diffusion`). Optionally an
+**autoencoder** (:mod:`polymodal.models.autoencoder`) moves the diffusion into a smaller latent
+space; by default it runs on 32x32 pixels.
+
+Training: each caption is dropped (replaced by a learned "no text" token) with chance
+``condition_dropout``, so the same denoiser also learns the unconditional distribution; the
+loss is the diffusion loss at a random timestep. Sampling starts from Gaussian noise and, at
+every step, mixes the conditional and unconditional predictions:
+``uncond + guidance * (cond - uncond)`` (guidance 1.0 is no guidance).
+
+An exponential moving average of the denoiser's weights (``ema_decay``) is kept during
+training and is what samples by default.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from polymodal.errors import InputError
+from polymodal.modalities.text import TextTokenizer
+from polymodal.models.folder import read_model_folder, write_model_folder
+from polymodal.nn.diffusion import Diffusion, DiffusionConfig
+from polymodal.nn.encoders import encoder_config
+
+TEXT_ENCODERS = ("text", "clip", "minilm")
+
+
+@dataclass
+class TextToImageConfig:
+    denoiser: dict = field(default_factory=lambda: {"type": "unet", "preset": "small"})  # unet | dit spec
+    text: dict = field(default_factory=lambda: {"type": "text", "width": 128, "depth": 2, "heads": 4})
+    # text encoder: {"type": "text", ...} trained with the denoiser; {"type": "clip", "path": MODEL}
+    # the text tower of a saved contrastive model, frozen; {"type": "minilm"} the locked MiniLM
+    diffusion: dict = field(default_factory=dict)  # DiffusionConfig settings
+    image_size: int = 32  # side of the generated images, in pixels
+    image_field: str = "image"  # batch field of the training images
+    caption_column: str = "text"  # metadata column with the caption
+    condition_dropout: float = 0.1  # chance a training caption is replaced by "no text"
+    ema_decay: float = 0.999  # of the sampling copy of the denoiser (0: no copy)
+    autoencoder: str | None = None  # a saved autoencoder folder: diffuse in its latent space
+    latent_channels: int | None = None  # set from the autoencoder
+    latent_scale: float = 1.0  # latents are multiplied by this before diffusion (unit variance)
+    vocab_size: int = 1024  # set from the tokenizer
+    fields: dict[str, str] = field(default_factory=dict)  # data fields read when training
+
+    def __post_init__(self):
+        if self.text.get("type") not in TEXT_ENCODERS:
+            raise ValueError(f"text encoder type {self.text.get('type')!r}; choose from {TEXT_ENCODERS}")
+        if self.denoiser.get("type") not in ("unet", "dit"):
+            raise ValueError(f"denoiser type {self.denoiser.get('type')!r}; choose from ['dit', 'unet']")
+        if not 0.0 <= self.condition_dropout < 1.0:
+            raise ValueError(f"condition_dropout must be in [0, 1), got {self.condition_dropout}")
+
+
+def build_denoiser(spec: dict, in_channels: int, context_dim: int) -> nn.Module:
+    from polymodal.nn.dit import DiT, DiTConfig
+    from polymodal.nn.unet import UNet, UNetConfig
+
+    spec = {**spec, "in_channels": in_channels, "context_dim": context_dim}
+    classes = {"unet": (UNetConfig, UNet), "dit": (DiTConfig, DiT)}
+    config_cls, model_cls = classes[spec["type"]]
+    return model_cls(encoder_config_for(config_cls, spec))
+
+
+def encoder_config_for(cls, spec: dict):
+    """A config dataclass from ``spec`` (with an optional size ``preset``); unknown keys are errors."""
+    from polymodal.nn.encoders import _preset
+
+    spec = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
+    known = set(cls.__dataclass_fields__)
+    unknown = set(spec) - known - {"preset"}
+    if unknown:
+        raise ValueError(f"{spec.get('type')}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
+    preset = spec.pop("preset", None)
+    return _preset(cls, preset, spec) if preset else cls(**spec)
+
+
+class TextConditioner(nn.Module):
+    """Text -> token states (B, T, D), their mask (B, T) and a pooled vector (B, D); and the
+    learned "no text" condition used for dropped captions and guidance."""
+
+    def __init__(self, spec: dict, tokenizer: TextTokenizer | None):
+        super().__init__()
+        self.spec = spec
+        kind = spec["type"]
+        self.frozen = kind != "text"
+        if kind == "minilm":
+            from polymodal.nn.pretrained import MiniLMTextEncoder
+
+            self.encoder = MiniLMTextEncoder(spec.get("path"))
+        elif kind == "clip":
+            from polymodal.models.clip import ContrastiveModel
+
+            if not spec.get("path"):
+                raise ValueError("text: type clip needs path: a saved contrastive model")
+            clip = ContrastiveModel.from_pretrained(spec["path"])
+            tower = clip.tower_reading("text")
+            if tower is None or clip.config.towers[tower]["type"] != "text":
+                raise InputError(spec["path"], "has no trained text tower to condition on")
+            self.encoder = clip.encoders[tower]
+        else:
+            if tokenizer is None:
+                raise ValueError("a trained text encoder needs a tokenizer")
+            settings = {k: v for k, v in spec.items() if k != "type"}
+            self.encoder = _text_transformer({"type": "text", **settings, "vocab_size": tokenizer.vocab_size},
+                                             tokenizer)
+        if self.frozen:
+            self.encoder.requires_grad_(False).eval()
+        self.width = self.encoder.width
+        self.null_token = nn.Parameter(torch.randn(self.width) * 0.02)  # the "no text" condition
+
+    @property
+    def tokenizer(self):
+        return getattr(self.encoder, "tokenizer", None)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:
+            self.encoder.eval()
+        return self
+
+    def forward(self, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        inputs = {k: v.to(device) for k, v in self.encoder.tokenize(texts).items()}
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            if self.spec["type"] == "minilm":
+                states = self.encoder.bert(input_ids=inputs["ids"], attention_mask=inputs["mask"].long()).last_hidden_state
+            else:
+                states = self.encoder.tokens(inputs["ids"], inputs["mask"])
+        mask = inputs["mask"]
+        m = mask[:, :, None].to(states.dtype)
+        pooled = (states * m).sum(1) / m.sum(1).clamp(min=1)  # (B, D)
+        return states, mask, pooled
+
+    def null(self, batch: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The "no text" condition for ``batch`` samples, padded to ``length`` tokens."""
+        states = torch.zeros(batch, length, self.width, device=device)
+        states[:, 0] = self.null_token
+        mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
+        mask[:, 0] = True
+        return states, mask, self.null_token.expand(batch, -1)
+
+
+def _text_transformer(spec: dict, tokenizer: TextTokenizer):
+    from polymodal.nn.encoders import build_encoder
+
+    return build_encoder(encoder_config(spec), tokenizer=tokenizer)
+
+
+class TextToImage(nn.Module):
+    def __init__(self, config: TextToImageConfig, tokenizer: TextTokenizer | None = None):
+        super().__init__()
+        self.config = c = config
+        self.text = TextConditioner(c.text, tokenizer)
+        if self.text.tokenizer is not None and c.text["type"] == "text":
+            c.vocab_size = self.text.tokenizer.vocab_size
+        self.autoencoder = None
+        channels, self.latent_size = 3, c.image_size
+        if c.autoencoder:
+            from polymodal.models.autoencoder import Autoencoder
+
+            self.autoencoder = Autoencoder.from_pretrained(c.autoencoder).requires_grad_(False)
+            channels = c.latent_channels = self.autoencoder.config.latent_channels
+            self.latent_size = c.image_size // self.autoencoder.downsample
+        self.denoiser = build_denoiser(c.denoiser, channels, self.text.width)
+        self.ema_denoiser = None
+        if c.ema_decay > 0:
+            self.ema_denoiser = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
+            self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))
+        self.diffusion = Diffusion(DiffusionConfig(**{"clip_sample": c.autoencoder is None, **c.diffusion}))
+        self.channels = channels
+
+    @property
+    def tokenizer(self):
+        return self.text.tokenizer
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.ema_denoiser is not None:
+            self.ema_denoiser.eval()
+        if self.autoencoder is not None:
+            self.autoencoder.eval()
+        return self
+
+    # ---- conditions ----
+
+    def condition(self, texts: list[str | None], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token states, mask and pooled vector for each text; ``None`` is "no text"."""
+        present = [i for i, t in enumerate(texts) if t is not None]
+        b = len(texts)
+        if not present:
+            return self.text.null(b, 1, device)
+        states, mask, pooled = self.text([texts[i] for i in present], device)
+        if len(present) == b:
+            return states, mask, pooled
+        all_states, all_mask, all_pooled = self.text.null(b, states.shape[1], device)
+        index = torch.tensor(present, device=device)
+        all_states, all_mask, all_pooled = all_states.clone(), all_mask.clone(), all_pooled.clone()
+        all_states[index], all_mask[index], all_pooled[index] = states, mask, pooled
+        return all_states, all_mask, all_pooled
+
+    # ---- latents ----
+
+    @torch.no_grad()
+    def to_latent(self, images: torch.Tensor) -> torch.Tensor:
+        if self.autoencoder is None:
+            return images
+        return self.autoencoder.encode(images) * self.config.latent_scale
+
+    @torch.no_grad()
+    def from_latent(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.autoencoder is None:
+            return latents
+        return self.autoencoder.decode(latents / self.config.latent_scale)
+
+    # ---- training ----
+
+    def loss(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        images = batch[self.config.image_field]
+        if images.shape[-1] != self.config.image_size or images.shape[-2] != self.config.image_size:
+            raise ValueError(f"training images are {tuple(images.shape[-2:])}; this model makes "
+                             f"{self.config.image_size}x{self.config.image_size} (set data.image_size)")
+        texts = [row[self.config.caption_column] for row in batch["rows"]]
+        rng = random.Random(None if generator is None else generator.initial_seed())
+        texts = [None if rng.random() < self.config.condition_dropout else t for t in texts]
+        device = images.device
+        x0 = self.to_latent(images)
+        context, mask, pooled = self.condition(texts, device)
+        noise = torch.randn(x0.shape, device=device, generator=generator)
+        t = self.diffusion.sample_timesteps(x0.shape[0], device, generator)
+        x_t = self.diffusion.add_noise(x0, noise, t)
+        prediction = self.denoiser(x_t, t, context, mask, pooled)
+        loss = self.diffusion.loss(prediction, x0, noise, t)
+        return {"loss": loss}
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Move the sampling copy towards the trained weights (with a warm-up of the decay)."""
+        if self.ema_denoiser is None:
+            return
+        self.ema_steps += 1
+        decay = min(self.config.ema_decay, (1 + self.ema_steps.item()) / (10 + self.ema_steps.item()))
+        for ema, live in zip(self.ema_denoiser.parameters(), self.denoiser.parameters(), strict=True):
+            ema.lerp_(live, 1 - decay)
+        for ema, live in zip(self.ema_denoiser.buffers(), self.denoiser.buffers(), strict=True):
+            ema.copy_(live)
+
+    # ---- sampling ----
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], *, guidance: float = 3.0, steps: int = 50, sampler: str = "ddim",
+                 seed: int | None = 0, generator: torch.Generator | None = None, use_ema: bool = True,
+                 progress=None) -> torch.Tensor:
+        """Images ``(B, 3, S, S)`` in [-1, 1] for ``prompts``: ``steps`` denoising steps from pure
+        noise, conditional and unconditional predictions mixed by ``guidance``. The same ``seed``
+        gives the same images."""
+        if not prompts:
+            raise ValueError("no prompts to draw")
+        device = next(self.parameters()).device
+        if generator is None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(0 if seed is None else seed)
+        denoiser = self.ema_denoiser if use_ema and self.ema_denoiser is not None else self.denoiser
+        b = len(prompts)
+        context, mask, pooled = self.condition(list(prompts) + [None] * b, device)  # cond, then uncond
+        scheduler = self.diffusion.sampler(sampler, steps)
+        x = torch.randn((b, self.channels, self.latent_size, self.latent_size), device=device, generator=generator)
+        for i, t in enumerate(scheduler.timesteps):
+            timesteps = torch.full((2 * b,), int(t), device=device, dtype=torch.long)
+            out = denoiser(torch.cat([x, x]), timesteps, context, mask, pooled)
+            cond, uncond = out.chunk(2)
+            guided = uncond + guidance * (cond - uncond)
+            x = scheduler.step(guided, t, x, generator=generator).prev_sample
+            if progress:
+                progress(i + 1)
+        return self.from_latent(x).clamp(-1, 1)
+
+    # ---- saving ----
+
+    def state_to_save(self) -> dict[str, torch.Tensor]:
+        skip = ("autoencoder.",) + (("text.encoder.",) if self.text.frozen else ())
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        tokenizer = self.tokenizer if self.config.text["type"] == "text" else None
+        return write_model_folder(directory, {"model_type": "text_to_image", **asdict(self.config)}, self.state_to_save(),
+                                  extra=tokenizer.save_pretrained if tokenizer is not None else None)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> TextToImage:
+        directory = Path(directory)
+        raw, state = read_model_folder(directory, "text_to_image")
+        config = TextToImageConfig(**raw)
+        tokenizer = TextTokenizer.from_pretrained(directory) if config.text["type"] == "text" else None
+        model = cls(config, tokenizer)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k in model.state_to_save()]
+        if missing or unexpected:
+            raise InputError(directory / "model.safetensors", f"weights do not fit the config: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        return model.eval()

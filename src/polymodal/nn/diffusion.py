@@ -1,0 +1,113 @@
+"""Diffusion: noise schedules, training objectives and samplers.
+
+The forward process noises a clean sample ``x0`` to ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps``
+where ``a_t`` is the cumulative product of ``1 - beta`` (DDPM, Ho et al. 2020). Schedules:
+``linear`` betas from 1e-4 to 0.02 (DDPM) and ``cosine`` (Nichol & Dhariwal 2021, betas capped at
+0.999). The denoiser predicts either the noise (``epsilon``) or the velocity
+``v = sqrt(a_t) eps - sqrt(1 - a_t) x0`` (``v``; Salimans & Ho 2022). The per-sample loss is a mean
+squared error, optionally weighted by Min-SNR-gamma (Hang et al. 2023), which stops the nearly
+noiseless steps (where the data's own pixel noise is all that is left to predict) from
+dominating training.
+
+Schedules and sampler steps are ``diffusers``' ``DDPMScheduler`` (ancestral sampling) and
+``DDIMScheduler`` (deterministic, eta 0, ``trailing`` timesteps so the first step starts from
+pure noise). The sampling loop itself, with classifier-free guidance, lives in the model
+(:meth:`polymodal.models.text_to_image.TextToImage.generate`) so it stays short and visible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # ours -> diffusers' name
+PREDICTIONS = {"epsilon": "epsilon", "v": "v_prediction"}
+SAMPLERS = ("ddpm", "ddim")
+WEIGHTINGS = ("none", "min_snr")
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "cosine"  # linear | cosine
+    prediction: str = "v"  # epsilon | v: what the denoiser outputs
+    train_steps: int = 1000  # discrete noise levels of the forward process
+    weighting: str = "min_snr"  # none | min_snr: per-sample weight of the squared error
+    min_snr_gamma: float = 5.0  # the SNR at which min_snr weighting saturates
+    clip_sample: bool = True  # clamp predicted x0 to [-1, 1] while sampling (pixel space)
+
+    def __post_init__(self):
+        for name, value, known in (("schedule", self.schedule, SCHEDULES), ("prediction", self.prediction, PREDICTIONS),
+                                   ("weighting", self.weighting, WEIGHTINGS)):
+            if value not in known:
+                raise ValueError(f"diffusion {name}: unknown {value!r}; choose from {sorted(known)}")
+
+
+class Diffusion:
+    """The forward process, the training target and loss, and samplers of one configuration."""
+
+    def __init__(self, config: DiffusionConfig):
+        from diffusers import DDPMScheduler
+
+        self.config = config
+        self.train_scheduler = DDPMScheduler(
+            num_train_timesteps=config.train_steps, beta_schedule=SCHEDULES[config.schedule],
+            prediction_type=PREDICTIONS[config.prediction], clip_sample=config.clip_sample)
+        self.alphas_cumprod = self.train_scheduler.alphas_cumprod.float()  # (T,)
+
+    def _at(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.alphas_cumprod.to(like.device)[t].view(-1, *([1] * (like.ndim - 1)))
+        return a.sqrt(), (1 - a).sqrt()
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``x_t`` for clean ``x0`` (B, ...), noise of the same shape and timesteps ``t`` (B,)."""
+        s, n = self._at(t, x0)
+        return s * x0 + n * noise
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.config.prediction == "epsilon":
+            return noise
+        s, n = self._at(t, x0)
+        return s * noise - n * x0
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        a = self.alphas_cumprod.to(t.device)[t]
+        return a / (1 - a)
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss weight (B,): Min-SNR-gamma turned into the prediction's own units."""
+        if self.config.weighting == "none":
+            return torch.ones(t.shape, device=t.device)
+        snr = self.snr(t)
+        clipped = snr.clamp(max=self.config.min_snr_gamma)
+        return clipped / (snr + 1) if self.config.prediction == "v" else clipped / snr
+
+    def sample_timesteps(self, batch: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.randint(0, self.config.train_steps, (batch,), device=device, generator=generator)
+
+    def loss(self, prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The weighted mean squared error of ``prediction`` against the target, averaged over the batch."""
+        error = (prediction.float() - self.target(x0, noise, t)).pow(2).flatten(1).mean(1)  # (B,)
+        return (error * self.weight(t)).mean()
+
+    def predict_x0(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The clean sample implied by the denoiser's output at ``x_t``."""
+        s, n = self._at(t, x_t)
+        if self.config.prediction == "epsilon":
+            return (x_t - n * output) / s
+        return s * x_t - n * output
+
+    def sampler(self, method: str = "ddim", steps: int = 50):
+        """A ``diffusers`` scheduler set to ``steps`` steps: ``ddpm`` (ancestral) or ``ddim`` (eta 0)."""
+        from diffusers import DDIMScheduler, DDPMScheduler
+
+        if method not in SAMPLERS:
+            raise ValueError(f"unknown sampler {method!r}; choose from {SAMPLERS}")
+        if not 1 <= steps <= self.config.train_steps:
+            raise ValueError(f"sampling steps must be in 1..{self.config.train_steps}, got {steps}")
+        common = dict(num_train_timesteps=self.config.train_steps, beta_schedule=SCHEDULES[self.config.schedule],
+                      prediction_type=PREDICTIONS[self.config.prediction], clip_sample=self.config.clip_sample,
+                      timestep_spacing="trailing")
+        scheduler = DDPMScheduler(**common) if method == "ddpm" else DDIMScheduler(**common, set_alpha_to_one=True)
+        scheduler.set_timesteps(steps)
+        return scheduler

@@ -1,0 +1,130 @@
+import math
+
+import pytest
+import torch
+
+from polymodal.nn.diffusion import Diffusion, DiffusionConfig
+from polymodal.nn.dit import DiT, DiTConfig
+from polymodal.nn.unet import UNet, UNetConfig
+
+
+def test_linear_schedule_is_ddpm_formula():
+    d = Diffusion(DiffusionConfig(schedule="linear", train_steps=1000))
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    expected = torch.cumprod(1 - betas, 0).float()
+    assert torch.allclose(d.alphas_cumprod, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_cosine_schedule_is_improved_ddpm_formula():
+    t_steps, s = 1000, 0.008
+    d = Diffusion(DiffusionConfig(schedule="cosine", train_steps=t_steps))
+
+    def f(t):
+        return math.cos((t / t_steps + s) / (1 + s) * math.pi / 2) ** 2
+
+    betas = torch.tensor([min(1 - f(i + 1) / f(i), 0.999) for i in range(t_steps)], dtype=torch.float64)
+    expected = torch.cumprod(1 - betas, 0).float()
+    assert torch.allclose(d.alphas_cumprod, expected, rtol=1e-4, atol=1e-8)
+    # the cosine schedule destroys information more slowly in the middle than the linear one
+    linear = Diffusion(DiffusionConfig(schedule="linear"))
+    assert d.alphas_cumprod[500] > linear.alphas_cumprod[500]
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_targets_recover_the_clean_sample(prediction):
+    d = Diffusion(DiffusionConfig(prediction=prediction))
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(6, 3, 8, 8, generator=g), torch.randn(6, 3, 8, 8, generator=g)
+    t = torch.tensor([0, 10, 200, 500, 900, 999])
+    x_t = d.add_noise(x0, noise, t)
+    a = d.alphas_cumprod[t].view(-1, 1, 1, 1)
+    assert torch.allclose(x_t, a.sqrt() * x0 + (1 - a).sqrt() * noise, atol=1e-6)
+    target = d.target(x0, noise, t)
+    if prediction == "v":
+        assert torch.allclose(target, a.sqrt() * noise - (1 - a).sqrt() * x0, atol=1e-6)
+    assert torch.allclose(d.predict_x0(target, x_t, t)[:5], x0[:5], atol=1e-3)  # t=999 is all noise
+    assert d.loss(target, x0, noise, t).item() < 1e-10
+    assert d.loss(target + 0.1, x0, noise, t).item() > 1e-4
+
+
+def test_min_snr_weights():
+    t = torch.tensor([1, 300, 999])
+    for prediction in ("epsilon", "v"):
+        d = Diffusion(DiffusionConfig(prediction=prediction, weighting="min_snr", min_snr_gamma=5.0))
+        snr = d.snr(t)
+        expected = snr.clamp(max=5.0) / (snr + 1 if prediction == "v" else snr)
+        assert torch.allclose(d.weight(t), expected)
+        assert d.weight(t)[0] < 1.0  # nearly noiseless steps are weighted down
+    assert torch.equal(Diffusion(DiffusionConfig(weighting="none")).weight(t), torch.ones(3))
+
+
+@pytest.mark.parametrize("method", ["ddim", "ddpm"])
+def test_sampler_with_an_oracle_denoiser_lands_on_the_data(method):
+    """With a denoiser that knows the answer (one clean sample), the sampler must end on it."""
+    d = Diffusion(DiffusionConfig(prediction="v", clip_sample=False))
+    x0 = torch.rand(2, 3, 4, 4) * 2 - 1
+    g = torch.Generator().manual_seed(1)
+    scheduler = d.sampler(method, 25)
+    assert len(scheduler.timesteps) == 25 and int(scheduler.timesteps[0]) == 999  # starts from pure noise
+    x = torch.randn(x0.shape, generator=g)
+    for t in scheduler.timesteps:
+        tt = torch.full((2,), int(t))
+        a = d.alphas_cumprod[tt].view(-1, 1, 1, 1)
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        v = a.sqrt() * eps - (1 - a).sqrt() * x0
+        x = scheduler.step(v, t, x, generator=g).prev_sample
+    assert torch.allclose(x, x0, atol=2e-2)
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="schedule"):
+        DiffusionConfig(schedule="sigmoid")
+    with pytest.raises(ValueError, match="sampler"):
+        Diffusion(DiffusionConfig()).sampler("euler", 10)
+    with pytest.raises(ValueError, match="steps"):
+        Diffusion(DiffusionConfig()).sampler("ddim", 0)
+
+
+def _inputs(b=2, side=16, channels=3, dim=24):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(b, channels, side, side, generator=g), torch.tensor([3, 700][:b]),
+            torch.randn(b, 5, dim, generator=g), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]][:b], dtype=torch.bool),
+            torch.randn(b, dim, generator=g))
+
+
+@pytest.mark.parametrize("denoiser", [
+    UNet(UNetConfig(channels=(16, 32), attention=(False, True), heads=2, groups=4, context_dim=24)),
+    UNet(UNetConfig(channels=(16, 32, 32), attention=(True, False, True), heads=2, groups=4, context_dim=24, patch=2)),
+    DiT(DiTConfig(width=32, depth=2, heads=2, context_dim=24, patch=2)),
+], ids=["unet", "unet-patch2", "dit"])
+def test_denoisers_start_at_zero_and_learn(denoiser):
+    x, t, ctx, mask, pooled = _inputs()
+    out = denoiser(x, t, ctx, mask, pooled)
+    assert out.shape == x.shape
+    assert out.abs().max().item() == 0.0  # zero-initialised output: starts by predicting nothing
+    opt = torch.optim.AdamW(denoiser.parameters(), 2e-3)
+    target = torch.randn_like(x)
+    first = None
+    for _ in range(40):
+        loss = (denoiser(x, t, ctx, mask, pooled) - target).pow(2).mean()
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.7 * first
+    # the text matters: changing the context changes the output
+    assert not torch.allclose(denoiser(x, t, ctx, mask, pooled), denoiser(x, t, ctx + 1.0, mask, pooled))
+    # masked context tokens do not
+    ctx2 = ctx.clone()
+    ctx2[0, 3:] = 100.0
+    assert torch.allclose(denoiser(x, t, ctx, mask, pooled)[0], denoiser(x, t, ctx2, mask, pooled)[0], atol=1e-5)
+
+
+def test_denoisers_reject_sizes_they_cannot_take():
+    x, t, ctx, mask, pooled = _inputs(side=9)
+    with pytest.raises(ValueError, match="divisible"):
+        UNet(UNetConfig(channels=(16, 32), attention=(False, True), groups=4, context_dim=24))(x, t, ctx, mask, pooled)
+    with pytest.raises(ValueError, match="divisible"):
+        DiT(DiTConfig(width=32, depth=1, heads=2, context_dim=24, patch=4))(x, t, ctx, mask, pooled)
+    with pytest.raises(ValueError, match="attention"):
+        UNetConfig(channels=(16, 32), attention=(True,))

@@ -1,0 +1,155 @@
+import json
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from polymodal.cli import app
+from polymodal.errors import InputError
+from polymodal.modalities.text import TextTokenizer
+from polymodal.models.autoencoder import Autoencoder, AutoencoderConfig
+from polymodal.models.text_to_image import TextToImage, TextToImageConfig
+
+PROMPTS = ["a small red circle in the top left", "a large blue square in the center", "two green stars"]
+TINY_UNET = {"type": "unet", "channels": [16, 32], "attention": [False, True], "heads": 2, "groups": 4}
+TINY_TEXT = {"type": "text", "width": 24, "depth": 1, "heads": 2}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return TextTokenizer.train(PROMPTS * 4, vocab_size=300)
+
+
+def make(tokenizer, **kw) -> TextToImage:
+    torch.manual_seed(0)
+    settings = dict(denoiser=TINY_UNET, text=TINY_TEXT, image_size=16, ema_decay=0.9)
+    return TextToImage(TextToImageConfig(**{**settings, **kw}), tokenizer)
+
+
+def batch():
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 3, 16, 16, generator=g) * 2 - 1
+    return {"image": images, "rows": [{"text": p} for p in PROMPTS]}
+
+
+@pytest.mark.parametrize("denoiser", [TINY_UNET, {"type": "dit", "width": 32, "depth": 2, "heads": 2, "patch": 2}],
+                         ids=["unet", "dit"])
+def test_it_learns_a_fixed_batch_and_the_ema_follows(tokenizer, denoiser):
+    m = make(tokenizer, denoiser=denoiser, condition_dropout=0.0)
+    b = batch()
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], 3e-3)
+    g = torch.Generator().manual_seed(5)
+    first = sum(m.loss(b, generator=torch.Generator().manual_seed(i))["loss"].item() for i in range(4))
+    ema_before = [p.clone() for p in m.ema_denoiser.parameters()]
+    for _ in range(100):
+        loss = m.loss(b, generator=g)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        m.after_optimizer_step()
+    last = sum(m.loss(b, generator=torch.Generator().manual_seed(i))["loss"].item() for i in range(4))
+    assert last < 0.8 * first
+    assert any(not torch.equal(a, p) for a, p in zip(ema_before, m.ema_denoiser.parameters(), strict=True))
+    assert all(not p.requires_grad for p in m.ema_denoiser.parameters())
+
+
+def test_generation_is_seeded_and_guidance_mixes_conditions(tokenizer):
+    m = make(tokenizer).eval()
+    with torch.no_grad():  # give the untrained denoiser a nonzero output so conditions matter
+        for p in m.denoiser.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        m.ema_denoiser.load_state_dict(m.denoiser.state_dict())
+    a = m.generate(PROMPTS[:2], steps=4, seed=1)
+    assert a.shape == (2, 3, 16, 16) and a.min() >= -1 and a.max() <= 1
+    assert torch.equal(a, m.generate(PROMPTS[:2], steps=4, seed=1))
+    assert not torch.equal(a, m.generate(PROMPTS[:2], steps=4, seed=2))
+    # guidance 0 is the unconditional model: the prompt no longer matters
+    u1 = m.generate([PROMPTS[0]], steps=4, seed=3, guidance=0.0)
+    u2 = m.generate([PROMPTS[1]], steps=4, seed=3, guidance=0.0)
+    assert torch.allclose(u1, u2, atol=1e-6)
+    c1 = m.generate([PROMPTS[0]], steps=4, seed=3, guidance=3.0)
+    c2 = m.generate([PROMPTS[1]], steps=4, seed=3, guidance=3.0)
+    assert not torch.allclose(c1, c2)
+    assert m.generate([PROMPTS[0]], steps=3, seed=3, sampler="ddpm").shape == (1, 3, 16, 16)
+    with pytest.raises(ValueError, match="no prompts"):
+        m.generate([])
+
+
+def test_dropped_captions_use_the_learned_null_condition(tokenizer):
+    m = make(tokenizer)
+    states, mask, pooled = m.condition([PROMPTS[0], None, PROMPTS[2]], torch.device("cpu"))
+    assert mask[1].sum() == 1 and torch.equal(states[1, 0], m.text.null_token.detach())
+    full, _, _ = m.condition([PROMPTS[0]], torch.device("cpu"))
+    n = full.shape[1]
+    assert torch.allclose(states[0, :n], full[0])
+
+
+def test_save_and_load_round_trip(tokenizer, tmp_path):
+    m = make(tokenizer).eval()
+    m.save_pretrained(tmp_path / "t2i")
+    config = json.loads((tmp_path / "t2i" / "config.json").read_text())
+    assert config["model_type"] == "text_to_image" and (tmp_path / "t2i" / "tokenizer.json").is_file()
+    loaded = TextToImage.from_pretrained(tmp_path / "t2i")
+    assert torch.equal(m.generate(PROMPTS[:1], steps=3), loaded.generate(PROMPTS[:1], steps=3))
+    with pytest.raises(InputError, match="not a 'text_to_image' model|no config.json"):
+        TextToImage.from_pretrained(tmp_path)
+
+
+def test_training_images_of_the_wrong_size_are_refused(tokenizer):
+    m = make(tokenizer)
+    with pytest.raises(ValueError, match="data.image_size"):
+        m.loss({"image": torch.zeros(3, 3, 32, 32), "rows": [{"text": p} for p in PROMPTS]})
+
+
+@pytest.mark.parametrize("kind", ["kl", "vq"])
+def test_autoencoders_learn_to_reconstruct(kind, tmp_path):
+    torch.manual_seed(0)
+    ae = Autoencoder(AutoencoderConfig(kind=kind, channels=(16, 32), latent_channels=4, codebook_size=32, image_size=16))
+    images = batch()["image"]
+    opt = torch.optim.AdamW(ae.parameters(), 3e-3)
+    first = ae.loss({"image": images})["reconstruction"].item()
+    for _ in range(80):
+        out = ae.loss({"image": images})
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    assert out["reconstruction"].item() < 0.7 * first
+    ae.eval()
+    z = ae.encode(images)
+    assert z.shape == (3, 4, 8, 8) and ae.decode(z).shape == images.shape
+    if kind == "vq":
+        codes = ae.encode_codes(images)
+        assert codes.shape == (3, 8, 8) and codes.max() < 32
+        assert torch.allclose(ae.decode_codes(codes), ae.decode(z), atol=1e-5)
+    else:
+        with pytest.raises(ValueError, match="vq"):
+            ae.encode_codes(images)
+    ae.save_pretrained(tmp_path / "ae")
+    assert torch.allclose(Autoencoder.from_pretrained(tmp_path / "ae").encode(images), z)
+
+
+def test_latent_diffusion_generates_full_size_images(tokenizer, tmp_path):
+    ae = Autoencoder(AutoencoderConfig(kind="kl", channels=(16, 32), latent_channels=4, image_size=16))
+    ae.save_pretrained(tmp_path / "ae")
+    m = make(tokenizer, autoencoder=str(tmp_path / "ae"), latent_scale=0.5)
+    assert m.latent_size == 8 and m.channels == 4
+    assert m.loss(batch())["loss"].item() > 0
+    assert m.generate(PROMPTS[:1], steps=2).shape == (1, 3, 16, 16)
+    m.save_pretrained(tmp_path / "t2i")  # the autoencoder's weights stay in its own folder
+    from safetensors.torch import load_file
+
+    assert not any(k.startswith("autoencoder.") for k in load_file(str(tmp_path / "t2i" / "model.safetensors")))
+    assert TextToImage.from_pretrained(tmp_path / "t2i").latent_size == 8
+
+
+def test_generate_image_command_writes_a_grid(tokenizer, tmp_path):
+    make(tokenizer).save_pretrained(tmp_path / "t2i")
+    out = tmp_path / "grid.png"
+    result = CliRunner().invoke(app, ["generate", "image", str(tmp_path / "t2i"), PROMPTS[0], "--n", "3",
+                                      "--steps", "2", "--columns", "3", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    with Image.open(out) as grid:
+        assert grid.width > 3 * 16 * 4
+    bad = CliRunner().invoke(app, ["generate", "image", str(tmp_path), "a star"])
+    assert bad.exit_code == 2 and "config.json" in bad.output
