@@ -135,7 +135,7 @@ def test_demo_runs_every_step(tmp_path):
 
     from polymodal.demo import run_demo
 
-    state = run_demo(tmp_path, n=60, clip_minutes=0.05, caption_minutes=0.05)  # every step, on a tiny budget
+    state = run_demo(tmp_path, n=60, clip_minutes=0.05, caption_minutes=0.05, t2i_minutes=0.05)  # every step, tiny budgets
     assert (tmp_path / "contact_sheet.png").is_file()
     assert (state["world"] / "metadata.jsonl").read_text().count("\n") == 60
     assert (tmp_path / "clip" / "model" / "model.safetensors").is_file()
@@ -145,6 +145,8 @@ def test_demo_runs_every_step(tmp_path):
     understanding = json.loads((tmp_path / "captioner_metrics.json").read_text())
     assert {"scene-graph objects right", "vqa accuracy"} <= set(understanding["test"])
     assert (tmp_path / "captions.png").stat().st_size > 1000
+    assert (tmp_path / "text_to_image" / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "generated.png").stat().st_size > 1000
 
 
 def test_demo_runs_chosen_steps_only(tmp_path):

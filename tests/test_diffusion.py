@@ -56,6 +56,11 @@ def test_min_snr_weights():
         assert torch.allclose(d.weight(t), expected)
         assert d.weight(t)[0] < 1.0  # nearly noiseless steps are weighted down
     assert torch.equal(Diffusion(DiffusionConfig(weighting="none")).weight(t), torch.ones(3))
+    plus = Diffusion(DiffusionConfig(prediction="v", weighting="min_snr_plus_one", min_snr_gamma=5.0))
+    snr = plus.snr(t)
+    assert torch.allclose(plus.weight(t), (snr.clamp(max=5.0) + 1) / (snr + 1))
+    assert plus.weight(t)[2] > 0.99  # pure noise keeps full weight (plain min_snr gives it ~0)
+    assert Diffusion(DiffusionConfig(prediction="v", weighting="min_snr")).weight(t)[2] < 1e-3
 
 
 @pytest.mark.parametrize("method", ["ddim", "ddpm"])
@@ -92,12 +97,15 @@ def _inputs(b=2, side=16, channels=3, dim=24):
             torch.randn(b, dim, generator=g))
 
 
-@pytest.mark.parametrize("denoiser", [
-    UNet(UNetConfig(channels=(16, 32), attention=(False, True), heads=2, groups=4, context_dim=24)),
-    UNet(UNetConfig(channels=(16, 32, 32), attention=(True, False, True), heads=2, groups=4, context_dim=24, patch=2)),
-    DiT(DiTConfig(width=32, depth=2, heads=2, context_dim=24, patch=2)),
+@pytest.mark.parametrize("build", [
+    lambda: UNet(UNetConfig(channels=(16, 32), attention=(False, True), heads=2, groups=4, context_dim=24)),
+    lambda: UNet(UNetConfig(channels=(16, 32, 32), attention=(True, False, True), heads=2, groups=4, context_dim=24,
+                            patch=2)),
+    lambda: DiT(DiTConfig(width=32, depth=2, heads=2, context_dim=24, patch=2)),
 ], ids=["unet", "unet-patch2", "dit"])
-def test_denoisers_start_at_zero_and_learn(denoiser):
+def test_denoisers_start_at_zero_and_learn(build):
+    torch.manual_seed(0)
+    denoiser = build()
     x, t, ctx, mask, pooled = _inputs()
     out = denoiser(x, t, ctx, mask, pooled)
     assert out.shape == x.shape

@@ -172,17 +172,26 @@ def eval_command(
     classes: Annotated[Path | None, typer.Option(help="File of class names, one a line (label column data).")] = None,
     decoding: Annotated[str, typer.Option(help="Captioners: greedy, beam or nucleus.")] = "greedy",
     examples: Annotated[int, typer.Option(help="Captioners: keep this many generated examples in the JSON.")] = 0,
+    judge: Annotated[Path | None, typer.Option(help="Text-to-image: the detector that judges the images.")] = None,
+    clip: Annotated[Path | None, typer.Option(help="Text-to-image: a contrastive model for the CLIP score.")] = None,
+    cfg: Annotated[float, typer.Option("--cfg", help="Text-to-image: guidance scale.")] = 3.0,
+    steps: Annotated[int, typer.Option(help="Text-to-image: denoising steps.")] = 50,
+    per_category: Annotated[int, typer.Option(help="Text-to-image: prompts per GenEval category and split.")] = 50,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write every metric as JSON.")] = None,
 ):
     """Score a model on each split. Contrastive: retrieval Recall@1/5/10 both ways and
     zero-shot accuracy. Captioner: BLEU-4, CIDEr, scene-graph judge, VQA accuracy per question
-    type. Fusion classifier: accuracy with every modality and with each one alone."""
-    from polymodal.eval.run import DEFAULT_SPLITS, evaluate, format_table
+    type. Fusion classifier: accuracy with every modality and with each one alone. Detector:
+    accuracy per attribute. Text-to-image: GenEval-style scores by category (test and test_novel
+    prompts), the judge's accuracy on real images, Frechet distance and CLIP score."""
+    from polymodal.eval.run import DEFAULT_SPLITS, evaluate, format_table, model_type
 
     try:
         names = [line.strip() for line in classes.read_text().splitlines() if line.strip()] if classes else None
-        results = evaluate(model, data, split or DEFAULT_SPLITS, limit=limit, class_names=names,
-                           decoding=decoding, examples=examples)
+        default = ("test", "test_novel") if model_type(model) == "text_to_image" else DEFAULT_SPLITS
+        results = evaluate(model, data, split or default, limit=limit, class_names=names,
+                           decoding=decoding, examples=examples, judge=judge, clip=clip, guidance=cfg,
+                           sample_steps=steps, per_category=per_category)
     except (InputError, ValueError) as e:
         raise fail(e) from None
     console.print(format_table(results))
@@ -303,6 +312,37 @@ bench_app = typer.Typer(help="Train and compare model variants side by side.", n
 app.add_typer(bench_app, name="bench")
 
 
+@bench_app.command("generation")
+def bench_generation_command(
+    model: Annotated[Path, typer.Argument(help="A text-to-image model folder, or a training run folder with snapshots/.")],
+    data: Annotated[Path, typer.Option(help="The shapes world whose test scenes give the prompts.")],
+    judge: Annotated[Path, typer.Option(help="The detector that judges the images.")],
+    out: Annotated[Path, typer.Option(help="Folder for sample sheets, guidance.png, training.png, results.json.")],
+    scales: Annotated[str, typer.Option(help="Comma-separated guidance scales to sweep.")] = "1,2,3,5,8",
+    cfg: Annotated[float, typer.Option("--cfg", help="Guidance scale of the sample sheets and the training curve.")] = 3.0,
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 50,
+    per_category: Annotated[int, typer.Option(help="Prompts per category and split for each point.")] = 30,
+):
+    """Sample sheets per category, GenEval score against guidance scale and against training step."""
+    from polymodal.eval.generation_bench import bench_generation
+
+    try:
+        values = [float(v) for v in scales.split(",") if v.strip()]
+        results = bench_generation(model, data, judge, out, scales=values, guidance=cfg, steps=steps,
+                                   per_category=per_category)
+    except (InputError, ValueError) as e:
+        raise fail(e) from None
+    table = Table(title="GenEval-style overall score against guidance scale")
+    table.add_column("guidance")
+    splits = [k for k in results["guidance"][0] if k != "guidance"]
+    for s in splits:
+        table.add_column(s, justify="right")
+    for point in results["guidance"]:
+        table.add_row(f"{point['guidance']:g}", *(f"{point[s]['overall']:.3f}" for s in splits))
+    console.print(table)
+    console.print(f"results: {out / 'results.json'}; plots and sample sheets in {out}")
+
+
 @bench_app.command("fusion")
 def bench_fusion_command(
     data: Annotated[Path, typer.Option(help="A shapes world (with speech).")],
@@ -334,10 +374,11 @@ def demo(
     n: Annotated[int, typer.Option("--n", help="Samples in the demo's shapes world.")] = 4000,
     clip_minutes: Annotated[float, typer.Option(help="Training budget of the demo's CLIP.")] = 8.0,
     caption_minutes: Annotated[float, typer.Option(help="Training budget of the demo's captioner.")] = 5.0,
+    t2i_minutes: Annotated[float, typer.Option(help="Training budget of the demo's text-to-image model.")] = 5.0,
     steps: Annotated[str | None, typer.Option(help="Comma-separated steps to run (default: all).")] = None,
 ):
     """The main job on built-in data: make a shapes world, train, evaluate and search with it,
-    then caption its images and answer questions about them."""
+    then caption its images and answer questions about them, and draw images from text."""
     from polymodal.demo import STEPS, run_demo
 
     chosen = STEPS
@@ -347,7 +388,8 @@ def demo(
         if unknown:
             raise fail(ValueError(f"unknown steps {sorted(unknown)}; the demo has {[s.name for s in STEPS]}"))
         chosen = [s for s in STEPS if s.name in names]
-    run_demo(out, n=n, clip_minutes=clip_minutes, caption_minutes=caption_minutes, steps=chosen)
+    run_demo(out, n=n, clip_minutes=clip_minutes, caption_minutes=caption_minutes, t2i_minutes=t2i_minutes,
+             steps=chosen)
 
 
 if __name__ == "__main__":

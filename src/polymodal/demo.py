@@ -144,6 +144,37 @@ def understand(state: dict) -> dict:
             "VQA accuracy (test)": f"{test.get('vqa accuracy', float('nan')):.3f}"}
 
 
+DEMO_PROMPTS = ("a large red circle in the top left", "a large blue square in the center",
+                "a large yellow triangle at the bottom", "a large green star on the right")
+
+
+def draw(state: dict) -> dict:
+    """Train a text-to-image diffusion model on the world's images and captions; draw a few prompts."""
+    import torch
+
+    from polymodal.modalities.image import image_grid
+    from polymodal.models.text_to_image import TextToImage
+    from polymodal.train.recipe import load_recipe
+    from polymodal.train.run import train
+
+    recipe = load_recipe(RECIPES / "t2i-shapes.yaml", [f"trainer.max_minutes={state['t2i_minutes']}",
+                                                       "trainer.snapshot_every_minutes=null"])
+    run = state["out"] / "text_to_image"
+    model_dir = train(recipe, state["world"], run)
+    model = TextToImage.from_pretrained(model_dir)
+    rows = []
+    with torch.no_grad(), progress_bar("drawing", len(DEMO_PROMPTS)) as update:
+        for i, prompt in enumerate(DEMO_PROMPTS):
+            rows.append(model.generate([prompt] * 4, guidance=3.0, steps=50, seed=i))
+            update(i + 1)
+    labels = [p for p in DEMO_PROMPTS for _ in range(4)]
+    sheet = state["out"] / "generated.png"
+    image_grid(torch.cat(rows), columns=4, scale=4, labels=labels,
+               title=f"text-to-image after {state['t2i_minutes']:g} training minutes (guidance 3, 50 DDIM steps)"
+               ).save(sheet)
+    return {"text-to-image model": model_dir, "generated images": sheet}
+
+
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 STEPS: list[Step] = [
@@ -153,14 +184,16 @@ STEPS: list[Step] = [
     Step("eval", "Evaluate it: retrieval and zero-shot classification", evaluate_clip),
     Step("search", "Index the test images and search them by text", search_world),
     Step("understand", "Train a captioner that also answers questions; caption and ask", understand),
+    Step("draw", "Train a text-to-image diffusion model and draw a few prompts", draw),
 ]
 
 
 def run_demo(out: Path, n: int = 4000, clip_minutes: float = 8.0, caption_minutes: float = 5.0,
-             steps: list[Step] = STEPS) -> dict:
+             t2i_minutes: float = 5.0, steps: list[Step] = STEPS) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    state: dict = {"out": out, "n": n, "clip_minutes": clip_minutes, "caption_minutes": caption_minutes}
+    state: dict = {"out": out, "n": n, "clip_minutes": clip_minutes, "caption_minutes": caption_minutes,
+                   "t2i_minutes": t2i_minutes}
     made: list[tuple[str, str, object]] = []
     start = time.perf_counter()
     for number, step in enumerate(steps, 1):

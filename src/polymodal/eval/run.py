@@ -170,18 +170,24 @@ def model_type(model_dir: str | os.PathLike) -> str:
     return raw.get("model_type", "contrastive") if raw.get("model_type") != "clip" else "contrastive"
 
 
+@torch.no_grad()
 def evaluate(model_dir: str | os.PathLike, data: str | os.PathLike, splits: Sequence[str] = DEFAULT_SPLITS, *,
              limit: int | None = None, class_names: list[str] | None = None, image_size: int | None = None,
-             decoding: str = "greedy", examples: int = 0, progress=None) -> dict[str, dict[str, float]]:
+             decoding: str = "greedy", examples: int = 0, progress=None, judge: str | os.PathLike | None = None,
+             clip: str | os.PathLike | None = None, guidance: float = 3.0, sample_steps: int = 50,
+             per_category: int = 50, seed: int = 0) -> dict[str, dict[str, float]]:
     """Metrics of the model saved in ``model_dir`` on each split of ``data``.
 
     Contrastive models are scored on at most ``limit`` samples per split (1,000 by default,
-    the retrieval gallery); captioners and fusion classifiers on the whole split unless
+    the retrieval gallery); captioners, fusion classifiers and detectors on the whole split unless
     ``limit`` is given.
     """
     from polymodal.modalities.image import ImageTransform
 
     kind = model_type(model_dir)
+    if kind == "text_to_image":
+        return evaluate_text_to_image(model_dir, data, splits, judge=judge, clip=clip, guidance=guidance,
+                                      steps=sample_steps, per_category=per_category, seed=seed, progress=progress)
     if kind == "contrastive":
         from polymodal.models.clip import ContrastiveModel
 
@@ -213,7 +219,6 @@ def evaluate(model_dir: str | os.PathLike, data: str | os.PathLike, splits: Sequ
         size = image_size or model.config.image_size
     else:
         raise ValueError(f"{model_dir}: cannot evaluate a {kind!r} model")
-    torch.set_grad_enabled(False)
     options = DecodeOptions(image_transform=ImageTransform(size))
     results: dict[str, dict[str, float]] = {}
     for split in splits:
@@ -239,6 +244,45 @@ def evaluate(model_dir: str | os.PathLike, data: str | os.PathLike, splits: Sequ
             shapes_world = "objects" in items[0]["row"]
             results[split] = contrastive_metrics(model, items, fields, shapes_world, class_names)
     return results
+
+
+@torch.no_grad()
+def evaluate_text_to_image(model_dir, data, splits: Sequence[str], *, judge, clip=None, guidance: float = 3.0,
+                           steps: int = 50, per_category: int = 50, seed: int = 0, progress=None) -> dict[str, dict[str, float]]:
+    """GenEval-style scores of a text-to-image model on prompts built from each split's scenes
+    (see :mod:`polymodal.eval.geneval`), judged by a detector trained on real images, beside
+    the judge's own accuracy on the split's real images; a CLIP score with ``clip``."""
+    from polymodal.errors import InputError
+    from polymodal.eval.generation_bench import generator_function
+    from polymodal.eval.geneval import evaluate_generator
+    from polymodal.modalities.image import ImageTransform
+    from polymodal.models.detector import GridDetector
+    from polymodal.models.text_to_image import TextToImage
+
+    if judge is None:
+        raise InputError(model_dir, "a text-to-image model is scored by a judge: pass --judge (a trained detector)")
+    if model_type(judge) != "detector":
+        raise InputError(judge, f"the judge must be a detector model, not a {model_type(judge)!r} model")
+    model = TextToImage.from_pretrained(model_dir)
+    detector = GridDetector.from_pretrained(judge).eval()
+    contrastive = None
+    if clip is not None:
+        from polymodal.models.clip import ContrastiveModel
+
+        contrastive = ContrastiveModel.from_pretrained(clip)
+    options = DecodeOptions(image_transform=ImageTransform(model.config.image_size))
+    rows, real = {}, {}
+    for split in splits:
+        items = MemoryDataset(data, {"image": "image"}, split=split, options=options).items
+        if items:
+            rows[split] = [item["row"] for item in items]
+            real[split] = torch.stack([item["image"] for item in items])
+    if not rows:
+        raise InputError(data, f"no samples in the splits {list(splits)}")
+    if "objects" not in next(iter(rows.values()))[0]:
+        raise InputError(data, "rows have no 'objects' scene graph: GenEval-style prompts need a shapes world")
+    return evaluate_generator(generator_function(model, guidance, steps, progress=progress), detector, rows,
+                              per_category=per_category, seed=seed, clip=contrastive, real_images_by_split=real)
 
 
 def format_table(results: dict[str, dict[str, float]]):

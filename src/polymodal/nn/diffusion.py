@@ -7,7 +7,11 @@ where ``a_t`` is the cumulative product of ``1 - beta`` (DDPM, Ho et al. 2020). 
 ``v = sqrt(a_t) eps - sqrt(1 - a_t) x0`` (``v``; Salimans & Ho 2022). The per-sample loss is a mean
 squared error, optionally weighted by Min-SNR-gamma (Hang et al. 2023), which stops the nearly
 noiseless steps (where the data's own pixel noise is all that is left to predict) from
-dominating training.
+dominating training. Stated as a weight on the error of the predicted clean sample, ``min_snr``
+is ``min(SNR, gamma)``: it also fades out the noisiest steps (SNR near 0), where a text-guided
+sampler decides the layout and colours of the picture, and short trainings then never learn
+them. ``min_snr_plus_one`` (``min(SNR, gamma) + 1``) keeps those steps at the weight plain
+v-prediction gives them (``SNR + 1``) and caps only the nearly noiseless ones.
 
 Schedules and sampler steps are ``diffusers``' ``DDPMScheduler`` (ancestral sampling) and
 ``DDIMScheduler`` (deterministic, eta 0, ``trailing`` timesteps so the first step starts from
@@ -24,7 +28,7 @@ import torch
 SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # ours -> diffusers' name
 PREDICTIONS = {"epsilon": "epsilon", "v": "v_prediction"}
 SAMPLERS = ("ddpm", "ddim")
-WEIGHTINGS = ("none", "min_snr")
+WEIGHTINGS = ("none", "min_snr", "min_snr_plus_one")
 
 
 @dataclass
@@ -32,7 +36,7 @@ class DiffusionConfig:
     schedule: str = "cosine"  # linear | cosine
     prediction: str = "v"  # epsilon | v: what the denoiser outputs
     train_steps: int = 1000  # discrete noise levels of the forward process
-    weighting: str = "min_snr"  # none | min_snr: per-sample weight of the squared error
+    weighting: str = "min_snr_plus_one"  # none | min_snr | min_snr_plus_one: per-sample loss weight
     min_snr_gamma: float = 5.0  # the SNR at which min_snr weighting saturates
     clip_sample: bool = True  # clamp predicted x0 to [-1, 1] while sampling (pixel space)
 
@@ -79,8 +83,11 @@ class Diffusion:
         if self.config.weighting == "none":
             return torch.ones(t.shape, device=t.device)
         snr = self.snr(t)
-        clipped = snr.clamp(max=self.config.min_snr_gamma)
-        return clipped / (snr + 1) if self.config.prediction == "v" else clipped / snr
+        x0_weight = snr.clamp(max=self.config.min_snr_gamma)  # the weight on the clean-sample error
+        if self.config.weighting == "min_snr_plus_one":
+            x0_weight = x0_weight + 1
+        # the prediction's squared error is (SNR + 1) (v) or SNR (epsilon) times the clean-sample error
+        return x0_weight / (snr + 1) if self.config.prediction == "v" else x0_weight / snr
 
     def sample_timesteps(self, batch: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.randint(0, self.config.train_steps, (batch,), device=device, generator=generator)
