@@ -5,7 +5,7 @@
 - ``guidance.png`` and ``results.json["guidance"]``: the GenEval scores against the guidance
   scale (1.0 is no guidance);
 - ``training.png`` and ``results.json["training"]``: the scores of every snapshot a run saved
-  (``trainer.snapshot_every_minutes``) against its training step.
+  (``trainer.snapshot_every_minutes``) against its training step, on the first split's prompts.
 """
 
 from __future__ import annotations
@@ -135,7 +135,8 @@ def bench_generation(model_dir: str | os.PathLike, data: str | os.PathLike, judg
     plot_curves(results["guidance"], "guidance", out / "guidance.png", "GenEval-style score against guidance scale",
                 "guidance scale (1 = none)")
     if run is not None:
-        results["training"] = snapshot_curve(run, judge, rows_by_split, guidance=guidance, steps=steps,
+        first = {splits[0]: rows_by_split[splits[0]]}
+        results["training"] = snapshot_curve(run, judge, first, guidance=guidance, steps=steps,
                                              per_category=per_category, seed=seed)
         if results["training"]:
             plot_curves(results["training"], "step", out / "training.png", "GenEval-style score during training",

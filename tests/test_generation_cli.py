@@ -1,0 +1,70 @@
+"""The text-to-image commands end to end on tiny models: eval (GenEval-style), bench generation."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from polymodal.cli import app
+from polymodal.modalities.text import TextTokenizer
+from polymodal.models.detector import DetectorConfig, GridDetector
+from polymodal.models.text_to_image import TextToImage, TextToImageConfig
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from polymodal.data.shapes import WorldConfig, generate_world
+
+    root = tmp_path_factory.mktemp("generation")
+    world = generate_world(root / "world", WorldConfig(n=150, seed=5, speech=False, video_fraction=0.0), workers=1)
+    rows = [json.loads(line) for line in (world / "metadata.jsonl").read_text().splitlines()]
+    tokenizer = TextTokenizer.train([r["text"] for r in rows], vocab_size=300)
+    torch.manual_seed(0)
+    config = TextToImageConfig(denoiser={"type": "unet", "channels": [16, 32], "attention": [False, True],
+                                         "heads": 2, "groups": 4},
+                               text={"type": "text", "width": 24, "depth": 1, "heads": 2}, image_size=32)
+    model = TextToImage(config, tokenizer)
+    run = root / "run"
+    model.save_pretrained(run / "model")
+    model.save_pretrained(run / "snapshots" / "step-000010")
+    model.save_pretrained(run / "snapshots" / "step-000020")
+    GridDetector(DetectorConfig(widths=(8, 16, 16), head_width=16, colour_width=8)).save_pretrained(root / "judge")
+    return {"world": world, "run": run, "judge": root / "judge", "root": root}
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_eval_scores_a_text_to_image_model_by_category(setup):
+    out = setup["root"] / "t2i.json"
+    result = invoke("eval", setup["run"] / "model", "--data", setup["world"], "--judge", setup["judge"],
+                    "--per-category", 2, "--steps", 2, "--json", out)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(out.read_text())
+    assert set(metrics) <= {"test", "test_novel"} and "test" in metrics
+    test = metrics["test"]
+    for key in ("overall", "single_object", "single_object shape", "single_object colour+shape+position",
+                "judge shape accuracy on real", "frechet distance"):
+        assert key in test, key
+        assert 0.0 <= test[key] <= 1.0 or key == "frechet distance"
+
+
+def test_eval_of_a_text_to_image_model_needs_a_judge(setup):
+    result = invoke("eval", setup["run"] / "model", "--data", setup["world"])
+    assert result.exit_code == 2 and "--judge" in result.output
+    wrong = invoke("eval", setup["run"] / "model", "--data", setup["world"], "--judge", setup["run"] / "model")
+    assert wrong.exit_code == 2 and "detector" in wrong.output
+
+
+def test_bench_generation_writes_sheets_sweep_and_training_curve(setup):
+    out = setup["root"] / "bench"
+    result = invoke("bench", "generation", setup["run"], "--data", setup["world"], "--judge", setup["judge"],
+                    "--out", out, "--scales", "1,3", "--steps", 2, "--per-category", 1)
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert [p["guidance"] for p in results["guidance"]] == [1.0, 3.0]
+    assert [p["step"] for p in results["training"]] == [10, 20]
+    for name in ("guidance.png", "training.png", "samples_single_object.png", "samples_counting.png"):
+        assert (out / name).stat().st_size > 1000, name
