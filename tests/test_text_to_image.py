@@ -153,3 +153,21 @@ def test_generate_image_command_writes_a_grid(tokenizer, tmp_path):
         assert grid.width > 3 * 16 * 4
     bad = CliRunner().invoke(app, ["generate", "image", str(tmp_path), "a star"])
     assert bad.exit_code == 2 and "config.json" in bad.output
+
+
+def test_a_frozen_text_encoder_is_cached_and_matches_direct_encoding(tokenizer, tmp_path):
+    from polymodal.models.clip import ContrastiveConfig, ContrastiveModel
+
+    clip = ContrastiveModel(ContrastiveConfig(towers={"image": {"type": "cnn", "preset": "tiny"},
+                                                      "text": {"type": "text", "preset": "tiny"}}), tokenizer)
+    clip.save_pretrained(tmp_path / "clip")
+    m = make(tokenizer, text={"type": "clip", "path": str(tmp_path / "clip")})
+    assert m.text.frozen and not any(p.requires_grad for p in m.text.encoder.parameters())
+    states, mask, pooled = m.text(PROMPTS, torch.device("cpu"))
+    assert set(m.text._cache) == set(PROMPTS)
+    direct, direct_mask = m.text._encode(PROMPTS, torch.device("cpu"))
+    assert torch.equal(mask, direct_mask)
+    assert torch.allclose(states[mask], direct[direct_mask], atol=1e-6)
+    again, _, _ = m.text(PROMPTS[::-1], torch.device("cpu"))  # from the cache, in another order
+    assert torch.allclose(again[2, : mask[0].sum()], states[0, : mask[0].sum()])
+    assert m.loss(batch())["loss"].item() > 0

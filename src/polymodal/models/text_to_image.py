@@ -119,6 +119,7 @@ class TextConditioner(nn.Module):
         if self.frozen:
             self.encoder.requires_grad_(False).eval()
         self.width = self.encoder.width
+        self._cache: dict[str, torch.Tensor] = {}  # text -> token states, for a frozen encoder
         self.null_token = nn.Parameter(torch.randn(self.width) * 0.02)  # the "no text" condition
 
     @property
@@ -132,16 +133,35 @@ class TextConditioner(nn.Module):
         return self
 
     def forward(self, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        states, mask = self._cached(texts, device) if self.frozen else self._encode(texts, device)
+        m = mask[:, :, None].to(states.dtype)
+        pooled = (states * m).sum(1) / m.sum(1).clamp(min=1)  # (B, D)
+        return states, mask, pooled
+
+    def _encode(self, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = {k: v.to(device) for k, v in self.encoder.tokenize(texts).items()}
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             if self.spec["type"] == "minilm":
                 states = self.encoder.bert(input_ids=inputs["ids"], attention_mask=inputs["mask"].long()).last_hidden_state
             else:
                 states = self.encoder.tokens(inputs["ids"], inputs["mask"])
-        mask = inputs["mask"]
-        m = mask[:, :, None].to(states.dtype)
-        pooled = (states * m).sum(1) / m.sum(1).clamp(min=1)  # (B, D)
-        return states, mask, pooled
+        return states, inputs["mask"]
+
+    @torch.no_grad()
+    def _cached(self, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A frozen encoder gives the same states for the same text: each text is encoded once."""
+        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        if missing:
+            states, mask = self._encode(missing, device)
+            for text, row, keep in zip(missing, states, mask, strict=True):
+                self._cache[text] = row[keep].cpu()
+        rows = [self._cache[t] for t in texts]
+        longest = max(len(r) for r in rows)
+        states = torch.zeros(len(rows), longest, self.width)
+        mask = torch.zeros(len(rows), longest, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            states[i, : len(r)], mask[i, : len(r)] = r, True
+        return states.to(device), mask.to(device)
 
     def null(self, batch: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The "no text" condition for ``batch`` samples, padded to ``length`` tokens."""

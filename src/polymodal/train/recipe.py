@@ -46,7 +46,7 @@ class TrainerSettings:
     val_every_minutes: float = 4.0  # validation retrieval during training
     seed: int = 0
     vocab_size: int = 1024  # BPE vocabulary when a text tokenizer is trained
-    threads: int | None = None  # torch threads per process (default: cores / devices)
+    threads: int | None = None  # torch threads per process (default: cores / devices, at most OMP_NUM_THREADS)
     log_every_steps: int = 10
     snapshot_every_minutes: float | None = None  # also save the model to snapshots/step-N this often
     # (to score it against training time afterwards)

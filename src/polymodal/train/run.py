@@ -123,6 +123,15 @@ def augmented(train_set, recipe: Recipe, model):
                          seed=recipe.trainer.seed)
 
 
+def default_threads(devices: int) -> int:
+    """Torch threads per process: the cores shared out over the processes, and no more than
+    ``OMP_NUM_THREADS`` when the environment sets it (several busy threads on too few cores spin
+    and wait on each other)."""
+    threads = max(1, (os.cpu_count() or 1) // devices)
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    return min(threads, int(env)) if env.isdigit() and int(env) > 0 else threads
+
+
 def train_tokenizer(data: Path, split: str, vocab_size: int, questions: str | None = None) -> TextTokenizer:
     """A BPE vocabulary from the training split's captions (and, given their column, its
     questions and answers)."""
@@ -171,7 +180,7 @@ def train(recipe: Recipe, data: str | os.PathLike, out: str | os.PathLike, *, re
     out.mkdir(parents=True, exist_ok=True)
     t = recipe.trainer
     devices = t.devices
-    torch.set_num_threads(t.threads or max(1, (os.cpu_count() or 1) // devices))
+    torch.set_num_threads(t.threads or default_threads(devices))
     L.seed_everything(t.seed, workers=True, verbose=False)
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
