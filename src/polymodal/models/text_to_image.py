@@ -32,7 +32,7 @@ from polymodal.errors import InputError
 from polymodal.modalities.text import TextTokenizer
 from polymodal.models.folder import read_model_folder, write_model_folder
 from polymodal.nn.diffusion import Diffusion, DiffusionConfig
-from polymodal.nn.encoders import encoder_config
+from polymodal.nn.encoders import build_encoder, config_from_spec
 
 TEXT_ENCODERS = ("text", "clip", "minilm")
 
@@ -69,22 +69,9 @@ def build_denoiser(spec: dict, in_channels: int, context_dim: int) -> nn.Module:
     from polymodal.nn.unet import UNet, UNetConfig
 
     spec = {**spec, "in_channels": in_channels, "context_dim": context_dim}
-    classes = {"unet": (UNetConfig, UNet), "dit": (DiTConfig, DiT)}
-    config_cls, model_cls = classes[spec["type"]]
-    return model_cls(encoder_config_for(config_cls, spec))
-
-
-def encoder_config_for(cls, spec: dict):
-    """A config dataclass from ``spec`` (with an optional size ``preset``); unknown keys are errors."""
-    from polymodal.nn.encoders import _preset
-
-    spec = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
-    known = set(cls.__dataclass_fields__)
-    unknown = set(spec) - known - {"preset"}
-    if unknown:
-        raise ValueError(f"{spec.get('type')}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
-    preset = spec.pop("preset", None)
-    return _preset(cls, preset, spec) if preset else cls(**spec)
+    kind = spec.pop("type")
+    config_cls, model_cls = {"unet": (UNetConfig, UNet), "dit": (DiTConfig, DiT)}[kind]
+    return model_cls(config_from_spec(config_cls, spec, kind))
 
 
 class TextConditioner(nn.Module):
@@ -114,8 +101,8 @@ class TextConditioner(nn.Module):
             if tokenizer is None:
                 raise ValueError("a trained text encoder needs a tokenizer")
             settings = {k: v for k, v in spec.items() if k != "type"}
-            self.encoder = _text_transformer({"type": "text", **settings, "vocab_size": tokenizer.vocab_size},
-                                             tokenizer)
+            self.encoder = build_encoder({"type": "text", **settings, "vocab_size": tokenizer.vocab_size},
+                                         tokenizer=tokenizer)
         if self.frozen:
             self.encoder.requires_grad_(False).eval()
         self.width = self.encoder.width
@@ -170,12 +157,6 @@ class TextConditioner(nn.Module):
         mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
         mask[:, 0] = True
         return states, mask, self.null_token.expand(batch, -1)
-
-
-def _text_transformer(spec: dict, tokenizer: TextTokenizer):
-    from polymodal.nn.encoders import build_encoder
-
-    return build_encoder(encoder_config(spec), tokenizer=tokenizer)
 
 
 class TextToImage(nn.Module):

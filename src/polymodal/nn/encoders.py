@@ -345,14 +345,17 @@ def encoder_config(spec: dict):
     kind = spec.pop("type", None)
     if kind not in ENCODERS:
         raise ValueError(f"unknown encoder type {kind!r}; choose from {sorted(ENCODERS)}")
-    cls = ENCODERS[kind][0]
+    return config_from_spec(ENCODERS[kind][0], spec, f"{kind} encoder")
+
+
+def config_from_spec(cls, spec: dict, name: str):
+    """A filled ``cls`` config dataclass from ``spec`` (without its ``type``; an optional size
+    ``preset``, lists read as tuples); unknown settings are errors naming ``name``."""
+    spec = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
     known = {f.name for f in fields(cls)}
     unknown = set(spec) - known - {"preset"}
     if unknown:
-        raise ValueError(f"{kind} encoder: unknown settings {sorted(unknown)}; known: {sorted(known)}")
-    for k, v in spec.items():
-        if isinstance(v, list):
-            spec[k] = tuple(v)
+        raise ValueError(f"{name}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
     preset = spec.pop("preset", None)
     return _preset(cls, preset, spec) if preset else cls(**spec)
 
