@@ -190,3 +190,19 @@ def test_trains_and_evaluates_through_a_recipe(tiny_world, tmp_path):
     assert metrics["samples"] > 0
     logs = (tmp_path / "run" / "logs" / "csv").rglob("metrics.csv")
     assert any("val/scene accuracy" in p.read_text() for p in logs)  # validated with the judge's metrics
+
+    # an autoencoder is scored by its reconstruction error and by what the judge reads on its
+    # reconstructions, beside what the judge reads on the originals
+    from polymodal.models.autoencoder import Autoencoder, AutoencoderConfig
+
+    torch.manual_seed(0)
+    Autoencoder(AutoencoderConfig(channels=(8, 16), image_size=32)).save_pretrained(tmp_path / "ae")
+    ae_metrics = evaluate(tmp_path / "ae", tiny_world, ["test"], judge=model_dir)["test"]
+    assert ae_metrics["judge scene accuracy on real"] == metrics["scene accuracy"]
+    assert ae_metrics["mse"] > 0 and ae_metrics["psnr"] == pytest.approx(10 * np.log10(4 / ae_metrics["mse"]))
+    assert 0.0 <= ae_metrics["judge shape accuracy on reconstructions"] <= 1.0
+    with pytest.raises(ValueError, match="objects"):
+        from polymodal.eval.run import autoencoder_metrics
+
+        autoencoder_metrics(Autoencoder.from_pretrained(tmp_path / "ae"), torch.zeros(2, 3, 32, 32), [{}, {}],
+                            judge=model_dir)

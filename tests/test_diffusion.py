@@ -5,7 +5,7 @@ import torch
 
 from polymodal.nn.diffusion import Diffusion, DiffusionConfig
 from polymodal.nn.dit import DiT, DiTConfig
-from polymodal.nn.unet import UNet, UNetConfig
+from polymodal.nn.unet import SpatialTransformer, UNet, UNetConfig, position_code
 
 
 def test_linear_schedule_is_ddpm_formula():
@@ -101,8 +101,9 @@ def _inputs(b=2, side=16, channels=3, dim=24):
     lambda: UNet(UNetConfig(channels=(16, 32), attention=(False, True), heads=2, groups=4, context_dim=24)),
     lambda: UNet(UNetConfig(channels=(16, 32, 32), attention=(True, False, True), heads=2, groups=4, context_dim=24,
                             patch=2)),
+    lambda: UNet(UNetConfig(channels=(16, 32), attention=("cross", True), heads=2, groups=4, context_dim=24)),
     lambda: DiT(DiTConfig(width=32, depth=2, heads=2, context_dim=24, patch=2)),
-], ids=["unet", "unet-patch2", "dit"])
+], ids=["unet", "unet-patch2", "unet-cross-only", "dit"])
 def test_denoisers_start_at_zero_and_learn(build):
     torch.manual_seed(0)
     denoiser = build()
@@ -136,3 +137,21 @@ def test_denoisers_reject_sizes_they_cannot_take():
         DiT(DiTConfig(width=32, depth=1, heads=2, context_dim=24, patch=4))(x, t, ctx, mask, pooled)
     with pytest.raises(ValueError, match="attention"):
         UNetConfig(channels=(16, 32), attention=(True,))
+    with pytest.raises(ValueError, match="'both'"):
+        UNetConfig(channels=(16, 32), attention=(False, "both"))
+
+
+@pytest.mark.parametrize("positions", [True, False])
+def test_attention_blocks_know_where_they_are(positions):
+    """A uniform map through a spatial Transformer stays uniform unless positions are coded in."""
+    torch.manual_seed(0)
+    block = SpatialTransformer(16, 2, context_dim=24, groups=4, positions=positions)
+    torch.nn.init.normal_(block.proj_out.weight)  # the output projection starts at zero
+    x = torch.randn(1, 16, 1, 1).expand(1, 16, 8, 8).contiguous()
+    _, _, ctx, mask, _ = _inputs(b=1)
+    out = block(x, ctx, mask)
+    spread = (out - out.mean((2, 3), keepdim=True)).abs().max().item()
+    assert (spread > 1e-2) if positions else (spread < 1e-5)
+    code = position_code(8, 8, 16, torch.device("cpu"))
+    assert code.shape == (64, 16)
+    assert len({tuple(row.tolist()) for row in code.round(decimals=4)}) == 64  # every position its own code

@@ -171,3 +171,23 @@ def test_a_frozen_text_encoder_is_cached_and_matches_direct_encoding(tokenizer, 
     again, _, _ = m.text(PROMPTS[::-1], torch.device("cpu"))  # from the cache, in another order
     assert torch.allclose(again[2, : mask[0].sum()], states[0, : mask[0].sum()])
     assert m.loss(batch())["loss"].item() > 0
+
+
+def test_training_latents_are_encoded_once_per_sample(tokenizer, tmp_path):
+    ae = Autoencoder(AutoencoderConfig(kind="kl", channels=(16, 32), latent_channels=4, image_size=16))
+    ae.save_pretrained(tmp_path / "ae")
+    m = make(tokenizer, autoencoder=str(tmp_path / "ae"), latent_scale=0.5)
+    b = batch()
+    rows = [{"id": str(i), **row} for i, row in enumerate(b["rows"])]
+    calls = []
+    encode = m.autoencoder.encode
+    m.autoencoder.encode = lambda images: calls.append(len(images)) or encode(images)
+    first = m.training_latents(b["image"], rows)
+    assert torch.allclose(first, m.to_latent(b["image"]))
+    calls.clear()
+    again = m.training_latents(b["image"][[2, 0]], [rows[2], rows[0]])  # seen before: not encoded again
+    assert calls == [] and torch.equal(again, first[[2, 0]])
+    m.training_latents(b["image"][:2], [rows[0], {**rows[1], "id": "new"}])
+    assert calls == [1]  # only the new sample
+    m.training_latents(b["image"][:2], [{"text": "no id"}, rows[0]])  # rows without ids: encoded as they come
+    assert calls == [1, 2]

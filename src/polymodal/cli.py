@@ -172,7 +172,7 @@ def eval_command(
     classes: Annotated[Path | None, typer.Option(help="File of class names, one a line (label column data).")] = None,
     decoding: Annotated[str, typer.Option(help="Captioners: greedy, beam or nucleus.")] = "greedy",
     examples: Annotated[int, typer.Option(help="Captioners: keep this many generated examples in the JSON.")] = 0,
-    judge: Annotated[Path | None, typer.Option(help="Text-to-image: the detector that judges the images.")] = None,
+    judge: Annotated[Path | None, typer.Option(help="Text-to-image and autoencoders: the detector that judges the images.")] = None,
     clip: Annotated[Path | None, typer.Option(help="Text-to-image: a contrastive model for the CLIP score.")] = None,
     cfg: Annotated[float, typer.Option("--cfg", help="Text-to-image: guidance scale.")] = 3.0,
     steps: Annotated[int, typer.Option(help="Text-to-image: denoising steps.")] = 50,
@@ -183,7 +183,8 @@ def eval_command(
     zero-shot accuracy. Captioner: BLEU-4, CIDEr, scene-graph judge, VQA accuracy per question
     type. Fusion classifier: accuracy with every modality and with each one alone. Detector:
     accuracy per attribute. Text-to-image: GenEval-style scores by category (test and test_novel
-    prompts), the judge's accuracy on real images, Frechet distance and CLIP score."""
+    prompts), the judge's accuracy on real images, Frechet distance and CLIP score. Autoencoder:
+    reconstruction error, and with --judge the judge's accuracy on the reconstructions."""
     from polymodal.eval.run import DEFAULT_SPLITS, evaluate, format_table, model_type
 
     try:

@@ -8,6 +8,7 @@ shape, size and position on single-object images, count on all), on any other da
 its ``label`` column. For detectors (the shapes-world judge of generated images): accuracy
 of shape, colour, size and position over objects (shape also per object size), and of the
 object count and the whole scene over images (see :func:`polymodal.eval.geneval.judge_metrics`).
+For autoencoders: reconstruction error, and given a judge, its accuracy on the reconstructions.
 """
 
 from __future__ import annotations
@@ -217,6 +218,12 @@ def evaluate(model_dir: str | os.PathLike, data: str | os.PathLike, splits: Sequ
         model = GridDetector.from_pretrained(model_dir)
         fields = {"image": "image"}
         size = image_size or model.config.image_size
+    elif kind == "autoencoder":
+        from polymodal.models.autoencoder import Autoencoder
+
+        model = Autoencoder.from_pretrained(model_dir).eval()
+        fields = {"image": "image"}
+        size = image_size or model.config.image_size
     else:
         raise ValueError(f"{model_dir}: cannot evaluate a {kind!r} model")
     options = DecodeOptions(image_transform=ImageTransform(size))
@@ -236,6 +243,9 @@ def evaluate(model_dir: str | os.PathLike, data: str | os.PathLike, splits: Sequ
                 raise ValueError(f"{data}: rows have no 'objects' scene graph; a detector is scored on a shapes world")
             images = torch.stack([item["image"] for item in items])
             results[split] = judge_metrics(model, images, [item["row"] for item in items])
+        elif kind == "autoencoder":
+            results[split] = autoencoder_metrics(model, torch.stack([item["image"] for item in items]),
+                                                 [item["row"] for item in items], judge)
         elif kind == "fusion":
             from polymodal.eval.understanding import fusion_metrics
 
@@ -244,6 +254,29 @@ def evaluate(model_dir: str | os.PathLike, data: str | os.PathLike, splits: Sequ
             shapes_world = "objects" in items[0]["row"]
             results[split] = contrastive_metrics(model, items, fields, shapes_world, class_names)
     return results
+
+
+@torch.no_grad()
+def autoencoder_metrics(model, images: torch.Tensor, rows: Sequence[dict], judge=None,
+                        batch: int = 256) -> dict[str, float]:
+    """Reconstruction error of an autoencoder (mean squared error and PSNR on [-1, 1] pixels);
+    with a ``judge`` detector and a shapes world, the judge's accuracy on the reconstructions,
+    beside its accuracy on the originals: what of the scene survives the latent grid."""
+    recon = torch.cat([model.reconstruct(images[i: i + batch]) for i in range(0, len(images), batch)])
+    mse = (recon - images).pow(2).mean().item()
+    metrics = {"mse": mse, "psnr": float(10 * np.log10(4.0 / max(mse, 1e-12)))}
+    if judge is not None:
+        from polymodal.eval.geneval import judge_metrics
+        from polymodal.models.detector import GridDetector
+
+        if "objects" not in rows[0]:
+            raise ValueError("a judge reads a shapes world: the rows have no 'objects' scene graph")
+        detector = GridDetector.from_pretrained(judge).eval()
+        for name, value in judge_metrics(detector, recon, rows).items():
+            if name != "samples":
+                metrics[f"judge {name} on reconstructions"] = value
+        metrics["judge scene accuracy on real"] = judge_metrics(detector, images, rows)["scene accuracy"]
+    return metrics
 
 
 @torch.no_grad()

@@ -38,7 +38,8 @@ class AutoencoderConfig:
     codebook_size: int = 512  # vq: number of codes
     commitment: float = 0.25  # vq: weight of the commitment loss
     codebook_decay: float = 0.99  # vq: EMA decay of the codebook
-    kl_weight: float = 1e-4  # kl: weight of the KL penalty
+    kl_weight: float = 1e-6  # kl: weight of the KL penalty (summed over latent cells); 1e-4 keeps the
+    # posteriors wide and blurs reconstructions (shapes world, 5-6 minutes: PSNR 30 vs 38 at 1e-6)
     image_size: int = 32  # side of the images it is trained on
     image_field: str = "image"  # batch field of the images
 
@@ -73,6 +74,8 @@ class Autoencoder(nn.Module):
         enc += [nn.GroupNorm(8, ch[-1]), nn.SiLU(), nn.Conv2d(ch[-1], 2 * c.latent_channels if c.kind == "kl"
                                                               else c.latent_channels, 1)]
         self.encoder = nn.Sequential(*enc)
+        if c.kind == "kl":  # posteriors start narrow (std 0.05): the decoder first sees the means, not
+            nn.init.constant_(enc[-1].bias[c.latent_channels:], -6.0)  # noise that hides them
         dec = [nn.Conv2d(c.latent_channels, ch[-1], 3, padding=1)]
         for i, width in reversed(list(enumerate(ch))):
             dec.append(ConvBlock(ch[min(i + 1, len(ch) - 1)], width))
@@ -99,6 +102,11 @@ class Autoencoder(nn.Module):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.decoder(latents)
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """Images through the latent grid and back, clamped to [-1, 1]."""
+        return self.decode(self.encode(images)).clamp(-1, 1)
 
     def encode_codes(self, images: torch.Tensor) -> torch.Tensor:
         """vq: the code index of every latent cell ``(B, S/f, S/f)``."""

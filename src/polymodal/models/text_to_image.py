@@ -181,6 +181,7 @@ class TextToImage(nn.Module):
             self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))
         self.diffusion = Diffusion(DiffusionConfig(**{"clip_sample": c.autoencoder is None, **c.diffusion}))
         self.channels = channels
+        self._latent_cache: dict[str, torch.Tensor] = {}  # training sample id -> its latent grid
 
     @property
     def tokenizer(self):
@@ -220,6 +221,20 @@ class TextToImage(nn.Module):
         return self.autoencoder.encode(images) * self.config.latent_scale
 
     @torch.no_grad()
+    def training_latents(self, images: torch.Tensor, rows: list[dict]) -> torch.Tensor:
+        """:meth:`to_latent` of a training batch, each sample encoded once: the frozen encoder
+        gives a sample the same latent every epoch (images are not augmented)."""
+        keys = [row.get("id", row.get("file_name")) for row in rows]
+        if self.autoencoder is None or any(k is None for k in keys):
+            return self.to_latent(images)
+        missing = [i for i, k in enumerate(keys) if k not in self._latent_cache]
+        if missing:
+            fresh = self.to_latent(images[missing])
+            for i, latent in zip(missing, fresh, strict=True):
+                self._latent_cache[keys[i]] = latent.cpu()
+        return torch.stack([self._latent_cache[k] for k in keys]).to(images.device)
+
+    @torch.no_grad()
     def from_latent(self, latents: torch.Tensor) -> torch.Tensor:
         if self.autoencoder is None:
             return latents
@@ -236,7 +251,7 @@ class TextToImage(nn.Module):
         rng = random.Random(None if generator is None else generator.initial_seed())
         texts = [None if rng.random() < self.config.condition_dropout else t for t in texts]
         device = images.device
-        x0 = self.to_latent(images)
+        x0 = self.training_latents(images, batch["rows"])
         context, mask, pooled = self.condition(texts, device)
         noise = torch.randn(x0.shape, device=device, generator=generator)
         t = self.diffusion.sample_timesteps(x0.shape[0], device, generator)
@@ -274,15 +289,17 @@ class TextToImage(nn.Module):
             generator.manual_seed(0 if seed is None else seed)
         denoiser = self.ema_denoiser if use_ema and self.ema_denoiser is not None else self.denoiser
         b = len(prompts)
-        context, mask, pooled = self.condition(list(prompts) + [None] * b, device)  # cond, then uncond
+        guided_pass = guidance != 1.0  # guidance 1.0 is the conditional prediction alone
+        context, mask, pooled = self.condition(list(prompts) + [None] * b * guided_pass, device)  # cond, then uncond
         scheduler = self.diffusion.sampler(sampler, steps)
         x = torch.randn((b, self.channels, self.latent_size, self.latent_size), device=device, generator=generator)
         for i, t in enumerate(scheduler.timesteps):
-            timesteps = torch.full((2 * b,), int(t), device=device, dtype=torch.long)
-            out = denoiser(torch.cat([x, x]), timesteps, context, mask, pooled)
-            cond, uncond = out.chunk(2)
-            guided = uncond + guidance * (cond - uncond)
-            x = scheduler.step(guided, t, x, generator=generator).prev_sample
+            timesteps = torch.full(((1 + guided_pass) * b,), int(t), device=device, dtype=torch.long)
+            out = denoiser(torch.cat([x, x]) if guided_pass else x, timesteps, context, mask, pooled)
+            if guided_pass:
+                cond, uncond = out.chunk(2)
+                out = uncond + guidance * (cond - uncond)
+            x = scheduler.step(out, t, x, generator=generator).prev_sample
             if progress:
                 progress(i + 1)
         return self.from_latent(x).clamp(-1, 1)

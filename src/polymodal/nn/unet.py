@@ -6,11 +6,13 @@ vector (timestep embedding + pooled text) as a per-channel scale and shift after
 normalisation (adaptive group norm). At the levels marked in ``attention``, each residual block
 is followed by a spatial Transformer block: self-attention over the map's positions,
 cross-attention from every position to the text tokens (how "star" reaches the pixels where
-the star goes), and an MLP.
+the star goes), and an MLP. A fixed 2D position code joins the map before attention: without it
+a query knows what is under it but not where it is, and "in the top right" has nothing to match.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -27,11 +29,14 @@ class UNetConfig:
     in_channels: int = 3  # image (or latent) channels in and out
     channels: tuple[int, ...] = (64, 128, 192)  # feature channels at each level; level i is 2^i times smaller
     blocks: int = 1  # residual blocks per level on the way down (one more on the way up)
-    attention: tuple[bool, ...] = (False, True, True)  # spatial Transformer blocks at each level
+    attention: tuple[bool | str, ...] = (False, True, True)  # spatial Transformer blocks at each level:
+    # true = self- and cross-attention, "cross" = cross-attention only (cheap at full resolution)
     heads: int = 4  # attention heads
     context_dim: int = 128  # width of the text token states it cross-attends to
     groups: int = 8  # group-norm groups
     mid_attention: bool = True  # a Transformer block between the two bottleneck residual blocks
+    positions: bool = True  # add a 2D sine-cosine position code to the attention blocks' inputs, so
+    # a position's query knows where it is and "top right" in the text can find the top right
     patch: int = 1  # pixels folded into channels before the first level (space-to-depth); 2 makes
     # the first level work at half the resolution, a quarter of the cost
 
@@ -45,6 +50,9 @@ class UNetConfig:
         self.channels, self.attention = tuple(self.channels), tuple(self.attention)
         if len(self.attention) != len(self.channels):
             raise ValueError(f"unet: attention has {len(self.attention)} levels, channels {len(self.channels)}")
+        bad = [a for a in self.attention if a not in (True, False, "cross")]
+        if bad:
+            raise ValueError(f"unet: attention levels are true, false or 'cross', got {bad[0]!r}")
         if any(c % self.groups for c in self.channels):
             raise ValueError(f"unet: every channel count must be divisible by groups={self.groups}")
 
@@ -55,6 +63,22 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     args = t.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], -1)
+
+
+@functools.lru_cache(maxsize=32)
+def position_code(h: int, w: int, dim: int, device) -> torch.Tensor:
+    """Fixed 2D sine-cosine code ``(h*w, dim)`` of each position of an ``h`` x ``w`` map: half the
+    channels encode the row, half the column, from one cycle per side up to one per two positions."""
+    quarter = dim // 4
+
+    def axis(n: int) -> torch.Tensor:  # (n, 2 * quarter)
+        cycles = torch.exp(torch.linspace(0.0, math.log(max(n / 2, 1.0)), quarter, device=device))
+        angles = 2 * math.pi * ((torch.arange(n, device=device) + 0.5) / n)[:, None] * cycles[None]
+        return torch.cat([angles.sin(), angles.cos()], -1)
+
+    rows = axis(h)[:, None].expand(h, w, 2 * quarter)
+    cols = axis(w)[None].expand(h, w, 2 * quarter)
+    return F.pad(torch.cat([rows, cols], -1).reshape(h * w, 4 * quarter), (0, dim - 4 * quarter))
 
 
 class ResBlock(nn.Module):
@@ -79,12 +103,14 @@ class ResBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Self-attention, cross-attention to the context and an MLP over a feature map's positions."""
 
-    def __init__(self, channels: int, heads: int, context_dim: int, groups: int):
+    def __init__(self, channels: int, heads: int, context_dim: int, groups: int, self_attention: bool = True,
+                 positions: bool = True):
         super().__init__()
+        self.positions = positions
         self.norm = nn.GroupNorm(groups, channels)
         self.proj_in = nn.Conv2d(channels, channels, 1)
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(channels) for _ in range(3))
-        self.self_attn = Attention(channels, heads)
+        self.self_attn = Attention(channels, heads) if self_attention else None
         self.cross_attn = Attention(channels, heads, context_dim=context_dim)
         self.mlp = MLP(channels, 4 * channels)
         self.proj_out = nn.Conv2d(channels, channels, 1)
@@ -94,7 +120,10 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
         b, c, h, w = x.shape
         y = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)  # (B, HW, C)
-        y = y + self.self_attn(self.norm1(y))
+        if self.positions:
+            y = y + position_code(h, w, c, x.device)
+        if self.self_attn is not None:
+            y = y + self.self_attn(self.norm1(y))
         mask = context_mask[:, None, None, :] if context_mask is not None else None  # (B, 1, 1, T)
         y = y + self.cross_attn(self.norm2(y), context=context, mask=mask)
         y = y + self.mlp(self.norm3(y))
@@ -108,7 +137,8 @@ class Level(nn.Module):
         super().__init__()
         self.res = nn.ModuleList(ResBlock(cin, cout, cond_dim, config.groups) for cin in cins)
         self.attn = nn.ModuleList(
-            SpatialTransformer(cout, config.heads, config.context_dim, config.groups) if attention else nn.Identity()
+            SpatialTransformer(cout, config.heads, config.context_dim, config.groups, self_attention=attention is True,
+                               positions=config.positions) if attention else nn.Identity()
             for _ in cins)
 
 
@@ -133,7 +163,8 @@ class UNet(nn.Module):
                 self.downsample.append(nn.Conv2d(cout, cout, 3, stride=2, padding=1))
                 skips.append(cout)
         self.mid1 = ResBlock(prev, prev, cond_dim, c.groups)
-        self.mid_attn = SpatialTransformer(prev, c.heads, c.context_dim, c.groups) if c.mid_attention else None
+        self.mid_attn = (SpatialTransformer(prev, c.heads, c.context_dim, c.groups, positions=c.positions)
+                         if c.mid_attention else None)
         self.mid2 = ResBlock(prev, prev, cond_dim, c.groups)
         # up path: each block takes one skip
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
