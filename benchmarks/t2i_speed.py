@@ -13,6 +13,11 @@ Sampling: ``--steps`` DDIM steps for ``--sample-batch`` images with classifier-f
 (the denoiser sees twice the batch at every step), from the same scheduler.
 
     python benchmarks/t2i_speed.py [--recipe recipes/t2i-shapes.yaml] [--batch 64] [--repeats 7]
+    python benchmarks/t2i_speed.py --recipe recipes/t2i-latent-shapes.yaml --channels 4 --side 8
+
+``--channels`` / ``--side`` give the denoiser's input (3 and 32 for 32x32 pixels; a latent
+recipe diffuses its autoencoder's grid, e.g. 4 channels at 8x8). The autoencoder's decoder,
+run once per image after the last step, is not timed.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import torch.nn.functional as F
 CONTEXT_TOKENS = 16
 
 
-def build(recipe: str):
+def build(recipe: str, channels: int, side: int):
     from diffusers import UNet2DConditionModel
 
     from polymodal.models.text_to_image import build_denoiser
@@ -41,12 +46,12 @@ def build(recipe: str):
         raise SystemExit("the peer is a UNet: the recipe's denoiser must be a unet")
     context_dim = load_recipe(recipe).model["text"].get("width", 128)
     torch.manual_seed(0)
-    ours = build_denoiser(spec, 3, context_dim)
+    ours = build_denoiser(spec, channels, context_dim)
     c = ours.config
     down = [("CrossAttnDownBlock2D" if a else "DownBlock2D") for a in c.attention]
     up = [("CrossAttnUpBlock2D" if a else "UpBlock2D") for a in reversed(c.attention)]
     peer = UNet2DConditionModel(
-        sample_size=32 // c.patch, in_channels=3 * c.patch**2, out_channels=3 * c.patch**2,
+        sample_size=side // c.patch, in_channels=channels * c.patch**2, out_channels=channels * c.patch**2,
         down_block_types=tuple(down), up_block_types=tuple(up), block_out_channels=tuple(c.channels),
         layers_per_block=c.blocks, cross_attention_dim=context_dim, attention_head_dim=c.heads,
         norm_num_groups=c.groups, mid_block_type="UNetMidBlock2DCrossAttn" if c.mid_attention else None)
@@ -68,6 +73,8 @@ def run_peer(model, patch):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="recipes/t2i-shapes.yaml")
+    parser.add_argument("--channels", type=int, default=3, help="denoiser input channels")
+    parser.add_argument("--side", type=int, default=32, help="denoiser input side")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--sample-batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=50)
@@ -80,12 +87,12 @@ def main():
         torch.set_num_threads(args.threads)
     from polymodal.nn.diffusion import Diffusion, DiffusionConfig
 
-    ours, peer, patch, dim = build(args.recipe)
+    ours, peer, patch, dim = build(args.recipe, args.channels, args.side)
     runners = {"polymodal": (ours, run_ours), "diffusers": (peer, run_peer(peer, patch))}
     params = {name: sum(p.numel() for p in m.parameters()) for name, (m, _) in runners.items()}
     g = torch.Generator().manual_seed(1)
     b = args.batch
-    x = torch.randn(b, 3, 32, 32, generator=g)
+    x = torch.randn(b, args.channels, args.side, args.side, generator=g)
     t = torch.randint(0, 1000, (b,), generator=g)
     context = torch.randn(b, CONTEXT_TOKENS, dim, generator=g)
     mask = torch.ones(b, CONTEXT_TOKENS, dtype=torch.bool)
@@ -112,7 +119,7 @@ def main():
         model, run = runners[name]
         model.eval()
         scheduler = diffusion.sampler("ddim", args.steps)
-        latents = torch.randn(s, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+        latents = torch.randn(s, args.channels, args.side, args.side, generator=torch.Generator().manual_seed(2))
         start = time.perf_counter()
         for step in scheduler.timesteps:
             tt = torch.full((2 * s,), int(step))
@@ -133,7 +140,7 @@ def main():
         for name in runners:
             sample_times[name].append(sample(name))
     results = {"machine": platform.machine(), "threads": torch.get_num_threads(), "recipe": args.recipe,
-               "batch": b, "sample_batch": s, "steps": args.steps}
+               "batch": b, "sample_batch": s, "steps": args.steps, "input": [args.channels, args.side, args.side]}
     for name in runners:
         results[name] = {
             "parameters": params[name],

@@ -145,6 +145,7 @@ def test_demo_runs_every_step(tmp_path):
     understanding = json.loads((tmp_path / "captioner_metrics.json").read_text())
     assert {"scene-graph objects right", "vqa accuracy"} <= set(understanding["test"])
     assert (tmp_path / "captions.png").stat().st_size > 1000
+    assert (tmp_path / "autoencoder" / "model" / "model.safetensors").is_file()
     assert (tmp_path / "text_to_image" / "model" / "model.safetensors").is_file()
     assert (tmp_path / "generated.png").stat().st_size > 1000
 

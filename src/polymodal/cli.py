@@ -375,7 +375,8 @@ def demo(
     n: Annotated[int, typer.Option("--n", help="Samples in the demo's shapes world.")] = 4000,
     clip_minutes: Annotated[float, typer.Option(help="Training budget of the demo's CLIP.")] = 8.0,
     caption_minutes: Annotated[float, typer.Option(help="Training budget of the demo's captioner.")] = 5.0,
-    t2i_minutes: Annotated[float, typer.Option(help="Training budget of the demo's text-to-image model.")] = 5.0,
+    t2i_minutes: Annotated[float, typer.Option(
+        help="Training budget of the demo's text-to-image model, a third of it for its autoencoder.")] = 6.0,
     steps: Annotated[str | None, typer.Option(help="Comma-separated steps to run (default: all).")] = None,
 ):
     """The main job on built-in data: make a shapes world, train, evaluate and search with it,

@@ -149,7 +149,8 @@ DEMO_PROMPTS = ("a large red circle in the top left", "a large blue square in th
 
 
 def draw(state: dict) -> dict:
-    """Train a text-to-image diffusion model on the world's images and captions; draw a few prompts."""
+    """Train an autoencoder and a latent text-to-image diffusion model on the world's images and
+    captions (a third of the budget for the autoencoder); draw a few prompts."""
     import torch
 
     from polymodal.modalities.image import image_grid
@@ -157,8 +158,12 @@ def draw(state: dict) -> dict:
     from polymodal.train.recipe import load_recipe
     from polymodal.train.run import train
 
-    recipe = load_recipe(RECIPES / "t2i-shapes.yaml", [f"trainer.max_minutes={state['t2i_minutes']}",
-                                                       "trainer.snapshot_every_minutes=null"])
+    minutes = state["t2i_minutes"]
+    recipe = load_recipe(RECIPES / "ae-shapes.yaml", [f"trainer.max_minutes={minutes / 3:g}"])
+    autoencoder = train(recipe, state["world"], state["out"] / "autoencoder")
+    recipe = load_recipe(RECIPES / "t2i-latent-shapes.yaml", [f"trainer.max_minutes={minutes * 2 / 3:g}",
+                                                              "trainer.snapshot_every_minutes=null",
+                                                              f"model.autoencoder={autoencoder}"])
     run = state["out"] / "text_to_image"
     model_dir = train(recipe, state["world"], run)
     model = TextToImage.from_pretrained(model_dir)
@@ -172,7 +177,7 @@ def draw(state: dict) -> dict:
     image_grid(torch.cat(rows), columns=4, scale=4, labels=labels,
                title=f"text-to-image after {state['t2i_minutes']:g} training minutes (guidance 3, 50 DDIM steps)"
                ).save(sheet)
-    return {"text-to-image model": model_dir, "generated images": sheet}
+    return {"autoencoder": autoencoder, "text-to-image model": model_dir, "generated images": sheet}
 
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -189,7 +194,7 @@ STEPS: list[Step] = [
 
 
 def run_demo(out: Path, n: int = 4000, clip_minutes: float = 8.0, caption_minutes: float = 5.0,
-             t2i_minutes: float = 5.0, steps: list[Step] = STEPS) -> dict:
+             t2i_minutes: float = 6.0, steps: list[Step] = STEPS) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state: dict = {"out": out, "n": n, "clip_minutes": clip_minutes, "caption_minutes": caption_minutes,
