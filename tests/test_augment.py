@@ -22,3 +22,28 @@ def test_question_pairs_are_labelled_by_the_scene_graph(small_world):
             labels[row["fusion_label"]] += 1
     assert repaired > len(pairs)
     assert abs(labels["yes"] - labels["no"]) < 0.2 * sum(labels.values())
+
+
+def test_fresh_captions_are_true_of_the_scene_and_vary(small_world):
+    import pytest
+
+    from polymodal.data.augment import FreshCaptions
+    from polymodal.data.scene import check_caption, parse_claims
+
+    items = MemoryDataset(small_world, {"image": "image"}, split="train").items
+    fresh = FreshCaptions(items, keep=0.0, unplaced=0.5, seed=0)
+    changed = unplaced = 0
+    for _ in range(3):
+        for i in range(len(fresh)):
+            item = fresh[i]
+            text, objects = item["row"]["text"], [SceneObject.from_dict(o) for o in item["row"]["objects"]]
+            assert check_caption(text, objects) == [], text  # every claim holds
+            assert item["image"] is items[i]["image"]  # the image stays its own
+            changed += text != items[i]["row"]["text"]
+            unplaced += all(m.cell is None for m in parse_claims(text).mentions)
+    assert changed > len(fresh)  # most captions are new
+    assert unplaced > 0.3 * 3 * len(fresh)  # about half name the objects without places
+    kept = FreshCaptions(items, keep=1.0)
+    assert all(kept[i]["row"]["text"] == items[i]["row"]["text"] for i in range(len(kept)))
+    with pytest.raises(ValueError, match="objects"):
+        FreshCaptions([{"row": {"text": "a cat"}}])

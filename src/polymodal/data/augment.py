@@ -1,4 +1,5 @@
-"""Training-set augmentation for the shapes-world fusion task: new question-image pairs.
+"""Training-set augmentation for the shapes world: new question-image pairs for the fusion
+task (:class:`QuestionPairs`), new captions for text-to-image (:class:`FreshCaptions`).
 
 A training split holds one spoken yes/no question per image, so a fused model sees each
 image with one question only and soon memorises the pairs. Any training image can be asked
@@ -13,9 +14,13 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
+
 from torch.utils.data import Dataset
 
 from polymodal.data.scene import SceneObject, parse_claims
+from polymodal.data.shapes import _join as join_phrases
+from polymodal.data.shapes import caption, object_phrase
 
 
 def question_pair(question: str) -> tuple[str, str]:
@@ -70,3 +75,39 @@ class QuestionPairs(Dataset):
             row[column] = donor["row"][column]
         row[self.label_column] = label
         return {**item, self.question: donor[self.question], "row": row}
+
+
+class FreshCaptions(Dataset):
+    """Items whose caption is drawn afresh from the scene graph each time they are served.
+
+    A world stores one caption per image, so a text-to-image model sees each scene described
+    one way. With probability ``keep`` an item keeps its stored caption; otherwise it gets a
+    new one from the world's own caption generator (other templates, synonyms, relations and
+    counts), or, with probability ``unplaced`` of the new ones, its objects named without
+    places in a random order ("a large red circle and a small blue star"), a sentence shape
+    the world's captions never use (they place every object) but prompts often do.
+    """
+
+    def __init__(self, items: list[dict], *, caption_column: str = "text", keep: float = 0.5,
+                 unplaced: float = 0.25, seed: int = 0):
+        if items and "objects" not in items[0]["row"]:
+            raise ValueError("augment: fresh_captions needs a shapes world (rows with an 'objects' scene graph)")
+        self.items, self.column = items, caption_column
+        self.keep, self.unplaced = keep, unplaced
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.items[index]
+        if self.rng.random() < self.keep:
+            return item
+        objects = [SceneObject.from_dict(o) for o in item["row"]["objects"]]
+        if self.rng.random() < self.unplaced:
+            with_size = bool(self.rng.random() < 0.5)
+            phrases = [object_phrase(self.rng, objects[i], with_size) for i in self.rng.permutation(len(objects))]
+            text = join_phrases(phrases)
+        else:
+            text = caption(self.rng, objects)
+        return {**item, "row": {**item["row"], self.column: text}}

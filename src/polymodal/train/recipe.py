@@ -29,7 +29,8 @@ class DataSettings:
     num_workers: int = 0
     bucket_by_length: bool = False  # batch audio of similar length together (one process, in memory)
     augment: str | None = None  # question_pairs: re-pair spoken questions and images of the training
-    # split, labelled from the scene graph (shapes-world fusion task; see polymodal.data.augment)
+    # split, labelled from the scene graph (shapes-world fusion task); fresh_captions: a new caption
+    # of the scene graph each time a training image is served (text-to-image; polymodal.data.augment)
 
 
 @dataclass

@@ -108,13 +108,16 @@ def latent_scale(autoencoder, data: Path, recipe: Recipe, samples: int = 512) ->
 
 def augmented(train_set, recipe: Recipe, model):
     """The training set wrapped in the recipe's augmentation."""
-    from polymodal.data.augment import QuestionPairs
+    from polymodal.data.augment import FreshCaptions, QuestionPairs
     from polymodal.data.dataset import parse_fields
 
-    if recipe.data.augment != "question_pairs":
-        raise ValueError(f"unknown augmentation {recipe.data.augment!r}; known: question_pairs")
+    if recipe.data.augment not in ("question_pairs", "fresh_captions"):
+        raise ValueError(f"unknown augmentation {recipe.data.augment!r}; known: question_pairs, fresh_captions")
     if not recipe.data.in_memory:
-        raise ValueError("augment: question_pairs needs data.in_memory: true")
+        raise ValueError(f"augment: {recipe.data.augment} needs data.in_memory: true")
+    if recipe.data.augment == "fresh_captions":
+        return FreshCaptions(train_set.items, caption_column=getattr(model.config, "caption_column", "text"),
+                             seed=recipe.trainer.seed)
     fields = {f.modality: f for f in parse_fields(recipe.data.fields)}
     if "audio" not in fields:
         raise ValueError("augment: question_pairs needs an audio (spoken question) field")
