@@ -15,7 +15,6 @@ from __future__ import annotations
 import random
 
 import numpy as np
-
 from torch.utils.data import Dataset
 
 from polymodal.data.scene import SceneObject, parse_claims
@@ -31,7 +30,27 @@ def question_pair(question: str) -> tuple[str, str]:
     return mentions[0].colour, mentions[0].shape
 
 
-class QuestionPairs(Dataset):
+class _SceneItems(Dataset):
+    """Training items served as they are with probability ``keep``, otherwise changed by
+    :meth:`change` from their scene graph."""
+
+    items: list[dict]
+    keep: float
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.items[index]
+        if self.rng.random() < self.keep:
+            return item
+        return self.change(item, [SceneObject.from_dict(o) for o in item["row"]["objects"]])
+
+    def change(self, item: dict, objects: list[SceneObject]) -> dict:
+        raise NotImplementedError
+
+
+class QuestionPairs(_SceneItems):
     """Items whose question field comes from any training item, labelled from the scene graph.
 
     ``question`` is the batch field of the spoken question; ``question_column`` and
@@ -53,14 +72,7 @@ class QuestionPairs(Dataset):
             self.by_pair.setdefault(question_pair(item["row"][text_column]), []).append(i)
         self.pairs = sorted(self.by_pair)
 
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict:
-        item = self.items[index]
-        if self.rng.random() < self.keep:
-            return item
-        objects = [SceneObject.from_dict(o) for o in item["row"]["objects"]]
+    def change(self, item: dict, objects: list[SceneObject]) -> dict:
         present = {(o.colour, o.shape) for o in objects}
         if self.rng.random() < 0.5:
             choices, label = [p for p in self.pairs if p in present], "yes"
@@ -77,7 +89,7 @@ class QuestionPairs(Dataset):
         return {**item, self.question: donor[self.question], "row": row}
 
 
-class FreshCaptions(Dataset):
+class FreshCaptions(_SceneItems):
     """Items whose caption is drawn afresh from the scene graph each time they are served.
 
     A world stores one caption per image, so a text-to-image model sees each scene described
@@ -96,14 +108,7 @@ class FreshCaptions(Dataset):
         self.keep, self.unplaced = keep, unplaced
         self.rng = np.random.default_rng(seed)
 
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict:
-        item = self.items[index]
-        if self.rng.random() < self.keep:
-            return item
-        objects = [SceneObject.from_dict(o) for o in item["row"]["objects"]]
+    def change(self, item: dict, objects: list[SceneObject]) -> dict:
         if self.rng.random() < self.unplaced:
             with_size = bool(self.rng.random() < 0.5)
             phrases = [object_phrase(self.rng, objects[i], with_size) for i in self.rng.permutation(len(objects))]
