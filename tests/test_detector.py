@@ -202,7 +202,7 @@ def test_trains_and_evaluates_through_a_recipe(tiny_world, tmp_path):
     assert ae_metrics["mse"] > 0 and ae_metrics["psnr"] == pytest.approx(10 * np.log10(4 / ae_metrics["mse"]))
     assert 0.0 <= ae_metrics["judge shape accuracy on reconstructions"] <= 1.0
     with pytest.raises(ValueError, match="objects"):
-        from polymodal.eval.run import autoencoder_metrics
+        from polymodal.eval.run import autoencoder_metrics, load_judge
 
         autoencoder_metrics(Autoencoder.from_pretrained(tmp_path / "ae"), torch.zeros(2, 3, 32, 32), [{}, {}],
-                            judge=model_dir)
+                            judge=load_judge(model_dir))

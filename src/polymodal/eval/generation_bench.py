@@ -115,7 +115,7 @@ def bench_generation(model_dir: str | os.PathLike, data: str | os.PathLike, judg
                      splits: Sequence[str] = ("test", "test_novel")) -> dict:
     """Sample sheets, the guidance sweep and (for a run folder with snapshots) the training curve."""
     from polymodal.data.source import SkipLog, iter_folder
-    from polymodal.models.detector import GridDetector
+    from polymodal.eval.run import load_judge
     from polymodal.models.text_to_image import TextToImage
 
     model_dir, out = Path(model_dir), Path(out)
@@ -124,7 +124,7 @@ def bench_generation(model_dir: str | os.PathLike, data: str | os.PathLike, judg
         model_dir = run / "model"
     out.mkdir(parents=True, exist_ok=True)
     model = TextToImage.from_pretrained(model_dir)
-    judge = GridDetector.from_pretrained(judge_dir).eval()
+    judge = load_judge(judge_dir)
     rows = [sample.row for sample in iter_folder(data, SkipLog())]
     rows_by_split = {s: [r for r in rows if r.get("split") == s] for s in splits}
     results: dict = {"model": str(model_dir), "steps": steps, "per_category": per_category}

@@ -222,6 +222,7 @@ def evaluate(model_dir: str | os.PathLike, data: str | os.PathLike, splits: Sequ
         from polymodal.models.autoencoder import Autoencoder
 
         model = Autoencoder.from_pretrained(model_dir).eval()
+        detector = load_judge(judge) if judge is not None else None  # one load for every split
         fields = {"image": "image"}
         size = image_size or model.config.image_size
     else:
@@ -245,7 +246,7 @@ def evaluate(model_dir: str | os.PathLike, data: str | os.PathLike, splits: Sequ
             results[split] = judge_metrics(model, images, [item["row"] for item in items])
         elif kind == "autoencoder":
             results[split] = autoencoder_metrics(model, torch.stack([item["image"] for item in items]),
-                                                 [item["row"] for item in items], judge)
+                                                 [item["row"] for item in items], detector)
         elif kind == "fusion":
             from polymodal.eval.understanding import fusion_metrics
 
@@ -256,26 +257,35 @@ def evaluate(model_dir: str | os.PathLike, data: str | os.PathLike, splits: Sequ
     return results
 
 
+def load_judge(judge: str | os.PathLike):
+    """The detector saved in ``judge``, ready to judge images; an error naming the folder when it
+    holds another kind of model."""
+    from polymodal.errors import InputError
+    from polymodal.models.detector import GridDetector
+
+    if model_type(judge) != "detector":
+        raise InputError(judge, f"the judge must be a detector model, not a {model_type(judge)!r} model")
+    return GridDetector.from_pretrained(judge).eval()
+
+
 @torch.no_grad()
 def autoencoder_metrics(model, images: torch.Tensor, rows: Sequence[dict], judge=None,
                         batch: int = 256) -> dict[str, float]:
     """Reconstruction error of an autoencoder (mean squared error and PSNR on [-1, 1] pixels);
-    with a ``judge`` detector and a shapes world, the judge's accuracy on the reconstructions,
+    with a ``judge`` (a loaded detector) and a shapes world, the judge's accuracy on the reconstructions,
     beside its accuracy on the originals: what of the scene survives the latent grid."""
     recon = torch.cat([model.reconstruct(images[i: i + batch]) for i in range(0, len(images), batch)])
     mse = (recon - images).pow(2).mean().item()
     metrics = {"mse": mse, "psnr": float(10 * np.log10(4.0 / max(mse, 1e-12)))}
     if judge is not None:
         from polymodal.eval.geneval import judge_metrics
-        from polymodal.models.detector import GridDetector
 
         if "objects" not in rows[0]:
             raise ValueError("a judge reads a shapes world: the rows have no 'objects' scene graph")
-        detector = GridDetector.from_pretrained(judge).eval()
-        for name, value in judge_metrics(detector, recon, rows).items():
+        for name, value in judge_metrics(judge, recon, rows).items():
             if name != "samples":
                 metrics[f"judge {name} on reconstructions"] = value
-        metrics["judge scene accuracy on real"] = judge_metrics(detector, images, rows)["scene accuracy"]
+        metrics["judge scene accuracy on real"] = judge_metrics(judge, images, rows)["scene accuracy"]
     return metrics
 
 
@@ -289,15 +299,12 @@ def evaluate_text_to_image(model_dir, data, splits: Sequence[str], *, judge, cli
     from polymodal.eval.generation_bench import generator_function
     from polymodal.eval.geneval import evaluate_generator
     from polymodal.modalities.image import ImageTransform
-    from polymodal.models.detector import GridDetector
     from polymodal.models.text_to_image import TextToImage
 
     if judge is None:
         raise InputError(model_dir, "a text-to-image model is scored by a judge: pass --judge (a trained detector)")
-    if model_type(judge) != "detector":
-        raise InputError(judge, f"the judge must be a detector model, not a {model_type(judge)!r} model")
+    detector = load_judge(judge)
     model = TextToImage.from_pretrained(model_dir)
-    detector = GridDetector.from_pretrained(judge).eval()
     contrastive = None
     if clip is not None:
         from polymodal.models.clip import ContrastiveModel
