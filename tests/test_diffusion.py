@@ -141,6 +141,19 @@ def test_denoisers_reject_sizes_they_cannot_take():
         UNetConfig(channels=(16, 32), attention=(False, "both"))
 
 
+@pytest.mark.parametrize("pooled_text", [True, False])
+def test_unet_reads_pooled_text_only_when_asked(pooled_text):
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(channels=(16, 32), attention=(False, True), heads=2, groups=4, context_dim=24,
+                           pooled_text=pooled_text))
+    for p in unet.parameters():  # zero-initialised layers (output, conditioning) would hide the path
+        torch.nn.init.normal_(p, std=0.1)
+    x, t, ctx, mask, pooled = _inputs()
+    same = torch.allclose(unet(x, t, ctx, mask, pooled), unet(x, t, ctx, mask, pooled + 1.0))
+    assert same != pooled_text
+    assert (unet.text_to_cond is not None) == pooled_text
+
+
 @pytest.mark.parametrize("positions", [True, False])
 def test_attention_blocks_know_where_they_are(positions):
     """A uniform map through a spatial Transformer stays uniform unless positions are coded in."""

@@ -2,8 +2,8 @@
 
 Levels of residual blocks halve the resolution on the way down and double it on the way up,
 with skip connections between the two paths. Every residual block reads the conditioning
-vector (timestep embedding + pooled text) as a per-channel scale and shift after its first
-normalisation (adaptive group norm). At the levels marked in ``attention``, each residual block
+vector (timestep embedding, plus the pooled text unless ``pooled_text`` is off) as a per-channel
+scale and shift after its first normalisation (adaptive group norm). At the levels marked in ``attention``, each residual block
 is followed by a spatial Transformer block: self-attention over the map's positions,
 cross-attention from every position to the text tokens (how "star" reaches the pixels where
 the star goes), and an MLP. A fixed 2D position code joins the map before attention: without it
@@ -37,6 +37,8 @@ class UNetConfig:
     mid_attention: bool = True  # a Transformer block between the two bottleneck residual blocks
     positions: bool = True  # add a 2D sine-cosine position code to the attention blocks' inputs, so
     # a position's query knows where it is and "top right" in the text can find the top right
+    pooled_text: bool = True  # add the mean-pooled text to the timestep vector that every block reads;
+    # off, the text reaches the map only through cross-attention, where each position reads its own words
     patch: int = 1  # pixels folded into channels before the first level (space-to-depth); 2 makes
     # the first level work at half the resolution, a quarter of the cost
 
@@ -149,7 +151,8 @@ class UNet(nn.Module):
         ch = c.channels
         self.cond_dim = cond_dim = 4 * ch[0]
         self.time_mlp = nn.Sequential(nn.Linear(ch[0], cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
-        self.text_to_cond = nn.Linear(c.context_dim, cond_dim)  # the pooled text joins the timestep
+        # the pooled text joins the timestep: a global summary every position reads alike
+        self.text_to_cond = nn.Linear(c.context_dim, cond_dim) if c.pooled_text else None
         self.conv_in = nn.Conv2d(c.in_channels * c.patch**2, ch[0], 3, padding=1)
         # down path: remember the width of every skip
         skips, self.down, self.downsample = [ch[0]], nn.ModuleList(), nn.ModuleList()
@@ -188,7 +191,9 @@ class UNet(nn.Module):
         size = 2 ** (len(self.config.channels) - 1) * self.config.patch
         if x.shape[-1] % size or x.shape[-2] % size:
             raise ValueError(f"unet: image side {tuple(x.shape[-2:])} must be divisible by {size}")
-        cond = self.time_mlp(timestep_embedding(t, self.config.channels[0])) + self.text_to_cond(pooled)  # (B, 4C)
+        cond = self.time_mlp(timestep_embedding(t, self.config.channels[0]))  # (B, 4C)
+        if self.text_to_cond is not None:
+            cond = cond + self.text_to_cond(pooled)
         h = self.conv_in(F.pixel_unshuffle(x, self.config.patch) if self.config.patch > 1 else x)
         skips = [h]
         for i, level in enumerate(self.down):
