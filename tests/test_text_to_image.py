@@ -9,7 +9,7 @@ from polymodal.cli import app
 from polymodal.errors import InputError
 from polymodal.modalities.text import TextTokenizer
 from polymodal.models.autoencoder import Autoencoder, AutoencoderConfig
-from polymodal.models.text_to_image import TextToImage, TextToImageConfig
+from polymodal.models.text_to_image import TextToImage, TextToImageConfig, split_conjunction
 
 PROMPTS = ["a small red circle in the top left", "a large blue square in the center", "two green stars"]
 TINY_UNET = {"type": "unet", "channels": [16, 32], "attention": [False, True], "heads": 2, "groups": 4}
@@ -74,6 +74,36 @@ def test_generation_is_seeded_and_guidance_mixes_conditions(tokenizer):
     assert m.generate([PROMPTS[0]], steps=3, seed=3, sampler="ddpm").shape == (1, 3, 16, 16)
     with pytest.raises(ValueError, match="no prompts"):
         m.generate([])
+
+
+def test_prompts_split_into_the_parts_of_a_conjunction():
+    assert split_conjunction("a red circle and a blue star") == ["a red circle", "a blue star"]
+    assert split_conjunction("a red circle, a blue star and a green cross") == [
+        "a red circle", "a blue star", "a green cross"]
+    assert split_conjunction("three red stars") == ["three red stars"]
+    assert split_conjunction("a small red circle to the left of a large blue star") == [
+        "a small red circle to the left of a large blue star"]
+    assert split_conjunction("a sandy band") == ["a sandy band"]  # "and" inside a word is no conjunction
+
+
+def test_composed_guidance_adds_each_parts_direction(tokenizer):
+    m = make(tokenizer).eval()
+    with torch.no_grad():
+        for p in m.denoiser.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        m.ema_denoiser.load_state_dict(m.denoiser.state_dict())
+    one, two = PROMPTS[0], PROMPTS[1]
+    # a prompt with one part draws as it does without composing
+    assert torch.allclose(m.generate([one], steps=4, seed=3, compose=True), m.generate([one], steps=4, seed=3),
+                          atol=1e-5)
+    # "X and X" at guidance g adds X's direction twice: X alone at guidance 2g
+    assert torch.allclose(m.generate([f"{one} and {one}"], steps=4, seed=3, guidance=1.5, compose=True),
+                          m.generate([one], steps=4, seed=3, guidance=3.0), atol=1e-5)
+    # prompts with different numbers of parts share a batch; each image is its own prompt's
+    composed = m.generate([f"{one} and {two}", two], steps=4, seed=3, compose=True)
+    plain = m.generate([f"{one} and {two}", two], steps=4, seed=3)
+    assert torch.allclose(composed[1], plain[1], atol=1e-5)
+    assert not torch.allclose(composed[0], plain[0], atol=1e-3)
 
 
 def test_dropped_captions_use_the_learned_null_condition(tokenizer):
@@ -151,6 +181,10 @@ def test_generate_image_command_writes_a_grid(tokenizer, tmp_path):
     assert result.exit_code == 0, result.output
     with Image.open(out) as grid:
         assert grid.width > 3 * 16 * 4
+    composed = CliRunner().invoke(app, ["generate", "image", str(tmp_path / "t2i"), f"{PROMPTS[0]} and {PROMPTS[1]}",
+                                        "--n", "2", "--steps", "2", "--compose", "--out", str(tmp_path / "and.png")])
+    assert composed.exit_code == 0, composed.output
+    assert (tmp_path / "and.png").is_file()
     bad = CliRunner().invoke(app, ["generate", "image", str(tmp_path), "a star"])
     assert bad.exit_code == 2 and "config.json" in bad.output
 

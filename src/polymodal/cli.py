@@ -177,6 +177,8 @@ def eval_command(
     cfg: Annotated[float, typer.Option("--cfg", help="Text-to-image: guidance scale.")] = 3.0,
     steps: Annotated[int, typer.Option(help="Text-to-image: denoising steps.")] = 50,
     per_category: Annotated[int, typer.Option(help="Text-to-image: prompts per GenEval category and split.")] = 50,
+    compose: Annotated[bool, typer.Option(
+        help="Text-to-image: draw a prompt whose parts are joined by 'and' as the conjunction of its parts.")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write every metric as JSON.")] = None,
 ):
     """Score a model on each split. Contrastive: retrieval Recall@1/5/10 both ways and
@@ -192,7 +194,7 @@ def eval_command(
         default = ("test", "test_novel") if model_type(model) == "text_to_image" else DEFAULT_SPLITS
         results = evaluate(model, data, split or default, limit=limit, class_names=names,
                            decoding=decoding, examples=examples, judge=judge, clip=clip, guidance=cfg,
-                           sample_steps=steps, per_category=per_category)
+                           sample_steps=steps, per_category=per_category, compose=compose)
     except (InputError, ValueError) as e:
         raise fail(e) from None
     console.print(format_table(results))
@@ -277,6 +279,9 @@ def generate_image(
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 50,
     sampler: Annotated[str, typer.Option(help="ddim (deterministic) or ddpm (ancestral).")] = "ddim",
     seed: Annotated[int, typer.Option(help="Random seed; the same seed draws the same images.")] = 0,
+    compose: Annotated[bool, typer.Option(
+        help="Draw a prompt whose parts are joined by 'and' as the conjunction of its parts.")] = False,
+
     out: Annotated[Path | None, typer.Option(help="PNG grid to write (default: a name made from the prompt).")] = None,
     columns: Annotated[int, typer.Option(help="Images per row of the grid.")] = 8,
     scale: Annotated[int, typer.Option(help="Enlarge each image this many times in the grid.")] = 4,
@@ -299,12 +304,12 @@ def generate_image(
         start = time.perf_counter()
         with progress_bar("denoising", steps) as update, torch.no_grad():
             images = generator.generate([prompt] * n, guidance=cfg, steps=steps, sampler=sampler, seed=seed,
-                                        progress=update)
+                                        compose=compose, progress=update)
     except (InputError, ValueError) as e:
         raise fail(e) from None
     out = out or Path(re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60] + ".png")
     out.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, columns=columns, scale=scale, title=f"{prompt}  (cfg {cfg:g}, {steps} {sampler} steps, seed {seed})"
+    image_grid(images, columns=columns, scale=scale, title=f"{prompt}  (cfg {cfg:g}{', composed' if compose else ''}, {steps} {sampler} steps, seed {seed})"
                ).save(out)
     console.print(f"{n} images in {time.perf_counter() - start:.1f} s -> {out}")
 
@@ -323,6 +328,8 @@ def bench_generation_command(
     cfg: Annotated[float, typer.Option("--cfg", help="Guidance scale of the sample sheets and the training curve.")] = 3.0,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 50,
     per_category: Annotated[int, typer.Option(help="Prompts per category and split for each point.")] = 30,
+    compose: Annotated[bool, typer.Option(
+        help="Draw a prompt whose parts are joined by 'and' as the conjunction of its parts.")] = False,
 ):
     """Sample sheets per category, GenEval score against guidance scale and against training step."""
     from polymodal.eval.generation_bench import bench_generation
@@ -330,7 +337,7 @@ def bench_generation_command(
     try:
         values = [float(v) for v in scales.split(",") if v.strip()]
         results = bench_generation(model, data, judge, out, scales=values, guidance=cfg, steps=steps,
-                                   per_category=per_category)
+                                   per_category=per_category, compose=compose)
     except (InputError, ValueError) as e:
         raise fail(e) from None
     table = Table(title="GenEval-style overall score against guidance scale")

@@ -24,12 +24,14 @@ CURVE_METRICS = ("overall", "single_object colour", "single_object shape", "sing
 
 
 def generator_function(model, guidance: float, steps: int, batch: int = 100,
-                       progress: Callable[[int], None] | None = None):
-    """``generate(prompts, seed)`` for :func:`evaluate_generator`, in chunks of ``batch``."""
+                       progress: Callable[[int], None] | None = None, compose: bool = False):
+    """``generate(prompts, seed)`` for :func:`evaluate_generator`, in chunks of ``batch``;
+    ``compose``: "and"-joined prompts are drawn as conjunctions (``TextToImage.generate``)."""
     def generate(prompts: list[str], seed: int) -> torch.Tensor:
         out = []
         for k, start in enumerate(range(0, len(prompts), batch)):
-            out.append(model.generate(prompts[start : start + batch], guidance=guidance, steps=steps, seed=seed * 1000 + k))
+            out.append(model.generate(prompts[start : start + batch], guidance=guidance, steps=steps, seed=seed * 1000 + k,
+                                      compose=compose))
             if progress:
                 progress(len(out[-1]))
         return torch.cat(out)
@@ -37,7 +39,7 @@ def generator_function(model, guidance: float, steps: int, batch: int = 100,
 
 
 def sample_sheets(model, judge, rows: Sequence[dict], split: str, out: Path, *, guidance: float, steps: int,
-                  per_category: int = 8, seed: int = 0) -> dict[str, Path]:
+                  per_category: int = 8, seed: int = 0, compose: bool = False) -> dict[str, Path]:
     """One PNG per category: ``per_category`` prompts of ``split`` and what the model drew."""
     from polymodal.modalities.image import image_grid
 
@@ -47,7 +49,8 @@ def sample_sheets(model, judge, rows: Sequence[dict], split: str, out: Path, *, 
         chosen = [p for p in prompts if p["category"] == category]
         if not chosen:
             continue
-        images = model.generate([p["prompt"] for p in chosen], guidance=guidance, steps=steps, seed=seed)
+        images = model.generate([p["prompt"] for p in chosen], guidance=guidance, steps=steps, seed=seed,
+                                compose=compose)
         verdicts = judge_prompts(judge, chosen, images)
         labels = [("ok: " if v["ok"] else "no: ") + p["prompt"] for p, v in zip(chosen, verdicts, strict=True)]
         path = out / f"samples_{category}.png"
@@ -58,25 +61,25 @@ def sample_sheets(model, judge, rows: Sequence[dict], split: str, out: Path, *, 
 
 
 def guidance_sweep(model, judge, rows_by_split: dict[str, Sequence[dict]], scales: Sequence[float], *,
-                   steps: int, per_category: int, seed: int = 0) -> list[dict]:
+                   steps: int, per_category: int, seed: int = 0, compose: bool = False) -> list[dict]:
     """GenEval scores at each guidance scale: ``[{"guidance": g, split: metrics}, ...]``."""
     results = []
     for g in scales:
-        scores = evaluate_generator(generator_function(model, g, steps), judge, rows_by_split,
+        scores = evaluate_generator(generator_function(model, g, steps, compose=compose), judge, rows_by_split,
                                     per_category=per_category, seed=seed)
         results.append({"guidance": g, **scores})
     return results
 
 
 def snapshot_curve(run: Path, judge, rows_by_split: dict[str, Sequence[dict]], *, guidance: float, steps: int,
-                   per_category: int, seed: int = 0) -> list[dict]:
+                   per_category: int, seed: int = 0, compose: bool = False) -> list[dict]:
     """GenEval scores of every snapshot of a training run: ``[{"step": n, split: metrics}, ...]``."""
     from polymodal.models.text_to_image import TextToImage
 
     results = []
     for folder in sorted((run / "snapshots").glob("step-*")):
         model = TextToImage.from_pretrained(folder)
-        scores = evaluate_generator(generator_function(model, guidance, steps), judge, rows_by_split,
+        scores = evaluate_generator(generator_function(model, guidance, steps, compose=compose), judge, rows_by_split,
                                     per_category=per_category, seed=seed)
         results.append({"step": int(folder.name.split("-")[1]), **scores})
     return results
@@ -112,7 +115,7 @@ def plot_curves(points: list[dict], x_key: str, out: Path, title: str, xlabel: s
 def bench_generation(model_dir: str | os.PathLike, data: str | os.PathLike, judge_dir: str | os.PathLike,
                      out: str | os.PathLike, *, scales: Sequence[float] = (1.0, 2.0, 3.0, 5.0, 8.0),
                      guidance: float = 3.0, steps: int = 50, per_category: int = 30, seed: int = 0,
-                     splits: Sequence[str] = ("test", "test_novel")) -> dict:
+                     splits: Sequence[str] = ("test", "test_novel"), compose: bool = False) -> dict:
     """Sample sheets, the guidance sweep and (for a run folder with snapshots) the training curve."""
     from polymodal.data.source import SkipLog, iter_folder
     from polymodal.eval.run import load_judge
@@ -127,17 +130,18 @@ def bench_generation(model_dir: str | os.PathLike, data: str | os.PathLike, judg
     judge = load_judge(judge_dir)
     rows = [sample.row for sample in iter_folder(data, SkipLog())]
     rows_by_split = {s: [r for r in rows if r.get("split") == s] for s in splits}
-    results: dict = {"model": str(model_dir), "steps": steps, "per_category": per_category}
+    results: dict = {"model": str(model_dir), "steps": steps, "per_category": per_category, "compose": compose}
     results["sheets"] = {k: str(v) for k, v in sample_sheets(model, judge, rows_by_split[splits[0]], splits[0], out,
-                                                               guidance=guidance, steps=steps).items()}
+                                                               guidance=guidance, steps=steps,
+                                                               compose=compose).items()}
     results["guidance"] = guidance_sweep(model, judge, rows_by_split, scales, steps=steps, per_category=per_category,
-                                         seed=seed)
+                                         seed=seed, compose=compose)
     plot_curves(results["guidance"], "guidance", out / "guidance.png", "GenEval-style score against guidance scale",
                 "guidance scale (1 = none)")
     if run is not None:
         first = {splits[0]: rows_by_split[splits[0]]}
         results["training"] = snapshot_curve(run, judge, first, guidance=guidance, steps=steps,
-                                             per_category=per_category, seed=seed)
+                                             per_category=per_category, seed=seed, compose=compose)
         if results["training"]:
             plot_curves(results["training"], "step", out / "training.png", "GenEval-style score during training",
                         "training step")

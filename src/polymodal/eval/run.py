@@ -176,7 +176,7 @@ def evaluate(model_dir: str | os.PathLike, data: str | os.PathLike, splits: Sequ
              limit: int | None = None, class_names: list[str] | None = None, image_size: int | None = None,
              decoding: str = "greedy", examples: int = 0, progress=None, judge: str | os.PathLike | None = None,
              clip: str | os.PathLike | None = None, guidance: float = 3.0, sample_steps: int = 50,
-             per_category: int = 50, seed: int = 0) -> dict[str, dict[str, float]]:
+             per_category: int = 50, seed: int = 0, compose: bool = False) -> dict[str, dict[str, float]]:
     """Metrics of the model saved in ``model_dir`` on each split of ``data``.
 
     Contrastive models are scored on at most ``limit`` samples per split (1,000 by default,
@@ -188,7 +188,8 @@ def evaluate(model_dir: str | os.PathLike, data: str | os.PathLike, splits: Sequ
     kind = model_type(model_dir)
     if kind == "text_to_image":
         return evaluate_text_to_image(model_dir, data, splits, judge=judge, clip=clip, guidance=guidance,
-                                      steps=sample_steps, per_category=per_category, seed=seed, progress=progress)
+                                      steps=sample_steps, per_category=per_category, seed=seed, progress=progress,
+                                      compose=compose)
     if kind == "contrastive":
         from polymodal.models.clip import ContrastiveModel
 
@@ -291,7 +292,8 @@ def autoencoder_metrics(model, images: torch.Tensor, rows: Sequence[dict], judge
 
 @torch.no_grad()
 def evaluate_text_to_image(model_dir, data, splits: Sequence[str], *, judge, clip=None, guidance: float = 3.0,
-                           steps: int = 50, per_category: int = 50, seed: int = 0, progress=None) -> dict[str, dict[str, float]]:
+                           steps: int = 50, per_category: int = 50, seed: int = 0, progress=None,
+                           compose: bool = False) -> dict[str, dict[str, float]]:
     """GenEval-style scores of a text-to-image model on prompts built from each split's scenes
     (see :mod:`polymodal.eval.geneval`), judged by a detector trained on real images, beside
     the judge's own accuracy on the split's real images; a CLIP score with ``clip``."""
@@ -321,7 +323,7 @@ def evaluate_text_to_image(model_dir, data, splits: Sequence[str], *, judge, cli
         raise InputError(data, f"no samples in the splits {list(splits)}")
     if "objects" not in next(iter(rows.values()))[0]:
         raise InputError(data, "rows have no 'objects' scene graph: GenEval-style prompts need a shapes world")
-    return evaluate_generator(generator_function(model, guidance, steps, progress=progress), detector, rows,
+    return evaluate_generator(generator_function(model, guidance, steps, progress=progress, compose=compose), detector, rows,
                               per_category=per_category, seed=seed, clip=contrastive, real_images_by_split=real)
 
 
