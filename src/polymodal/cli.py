@@ -281,7 +281,6 @@ def generate_image(
     seed: Annotated[int, typer.Option(help="Random seed; the same seed draws the same images.")] = 0,
     compose: Annotated[bool, typer.Option(
         help="Draw a prompt whose parts are joined by 'and' as the conjunction of its parts.")] = False,
-
     out: Annotated[Path | None, typer.Option(help="PNG grid to write (default: a name made from the prompt).")] = None,
     columns: Annotated[int, typer.Option(help="Images per row of the grid.")] = 8,
     scale: Annotated[int, typer.Option(help="Enlarge each image this many times in the grid.")] = 4,

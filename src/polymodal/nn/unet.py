@@ -3,8 +3,8 @@
 Levels of residual blocks halve the resolution on the way down and double it on the way up,
 with skip connections between the two paths. Every residual block reads the conditioning
 vector (timestep embedding, plus the pooled text unless ``pooled_text`` is off) as a per-channel
-scale and shift after its first normalisation (adaptive group norm). At the levels marked in ``attention``, each residual block
-is followed by a spatial Transformer block: self-attention over the map's positions,
+scale and shift after its first normalisation (adaptive group norm). At the levels marked in
+``attention``, each residual block is followed by a spatial Transformer block: self-attention over the map's positions,
 cross-attention from every position to the text tokens (how "star" reaches the pixels where
 the star goes), and an MLP. A fixed 2D position code joins the map before attention: without it
 a query knows what is under it but not where it is, and "in the top right" has nothing to match.
