@@ -75,7 +75,7 @@ def test_loss_decreases_on_a_fixed_batch():
         before = m.loss(b)["loss"].item()
     m.train()
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
-    with torch.enable_grad():  # polymodal.eval.run.evaluate, run earlier in this process, turns it off
+    with torch.enable_grad():  # an evaluation run earlier in this process, turns it off
         for _ in range(40):
             out = m.loss(b)
             opt.zero_grad()
@@ -167,7 +167,7 @@ def test_config_errors_are_named():
 
 
 def test_trains_and_evaluates_through_a_recipe(tiny_world, tmp_path):
-    from polymodal.eval.run import evaluate
+    from polymodal.models import EvalOptions, evaluate
     from polymodal.train.recipe import Recipe
     from polymodal.train.run import train
 
@@ -197,12 +197,12 @@ def test_trains_and_evaluates_through_a_recipe(tiny_world, tmp_path):
 
     torch.manual_seed(0)
     Autoencoder(AutoencoderConfig(channels=(8, 16), image_size=32)).save_pretrained(tmp_path / "ae")
-    ae_metrics = evaluate(tmp_path / "ae", tiny_world, ["test"], judge=model_dir)["test"]
+    ae_metrics = evaluate(tmp_path / "ae", tiny_world, ["test"], EvalOptions(judge=model_dir))["test"]
     assert ae_metrics["judge scene accuracy on real"] == metrics["scene accuracy"]
     assert ae_metrics["mse"] > 0 and ae_metrics["psnr"] == pytest.approx(10 * np.log10(4 / ae_metrics["mse"]))
     assert 0.0 <= ae_metrics["judge shape accuracy on reconstructions"] <= 1.0
     with pytest.raises(ValueError, match="objects"):
-        from polymodal.eval.run import autoencoder_metrics, load_judge
+        from polymodal.eval.reconstruction import autoencoder_metrics
 
         autoencoder_metrics(Autoencoder.from_pretrained(tmp_path / "ae"), torch.zeros(2, 3, 32, 32), [{}, {}],
-                            judge=load_judge(model_dir))
+                            judge=GridDetector.load_judge(model_dir))

@@ -1,6 +1,6 @@
 import json
 
-from polymodal.eval.fusion_bench import bench_fusion, format_results
+from polymodal.bench.fusion import bench_fusion, format_results
 
 TINY_RECIPE = """
 model:

@@ -216,7 +216,7 @@ def test_evaluate_generator_end_to_end(tiny_world):
     batch = {"image": render_scenes([[SceneObject.from_dict(d) for d in r["objects"]] for r in train_rows]),
              "rows": train_rows}
     opt = torch.optim.Adam(judge.parameters(), lr=3e-3)
-    with torch.enable_grad():  # polymodal.eval.run.evaluate, run earlier in this process, turns it off
+    with torch.enable_grad():  # an evaluation run earlier in this process, turns it off
         for _ in range(3):
             loss = judge.loss(batch)["loss"]
             opt.zero_grad()

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -21,10 +22,10 @@ def tokenizer():
     return TextTokenizer.train(PROMPTS * 4, vocab_size=300)
 
 
-def make(tokenizer, **kw) -> TextToImage:
+def make(tokenizer, ae: Autoencoder | None = None, **kw) -> TextToImage:
     torch.manual_seed(0)
     settings = dict(denoiser=TINY_UNET, text=TINY_TEXT, image_size=16, ema_decay=0.9)
-    return TextToImage(TextToImageConfig(**{**settings, **kw}), tokenizer)
+    return TextToImage(TextToImageConfig(**{**settings, **kw}), tokenizer, ae)
 
 
 def batch():
@@ -162,15 +163,22 @@ def test_autoencoders_learn_to_reconstruct(kind, tmp_path):
 def test_latent_diffusion_generates_full_size_images(tokenizer, tmp_path):
     ae = Autoencoder(AutoencoderConfig(kind="kl", channels=(16, 32), latent_channels=4, image_size=16))
     ae.save_pretrained(tmp_path / "ae")
-    m = make(tokenizer, autoencoder=str(tmp_path / "ae"), latent_scale=0.5)
+    m = make(tokenizer, Autoencoder.from_pretrained(tmp_path / "ae"), autoencoder=str(tmp_path / "ae"), latent_scale=0.5)
     assert m.latent_size == 8 and m.channels == 4
     assert m.loss(batch())["loss"].item() > 0
-    assert m.generate(PROMPTS[:1], steps=2).shape == (1, 3, 16, 16)
-    m.save_pretrained(tmp_path / "t2i")  # the autoencoder's weights stay in its own folder
+    drawn = m.eval().generate(PROMPTS[:1], steps=2)
+    assert drawn.shape == (1, 3, 16, 16)
+    m.save_pretrained(tmp_path / "t2i")  # the autoencoder is saved in its own subfolder
     from safetensors.torch import load_file
 
     assert not any(k.startswith("autoencoder.") for k in load_file(str(tmp_path / "t2i" / "model.safetensors")))
-    assert TextToImage.from_pretrained(tmp_path / "t2i").latent_size == 8
+    assert (tmp_path / "t2i" / "autoencoder" / "model.safetensors").is_file()
+    # the saved model stands alone: moved elsewhere, with the folder it was built from deleted
+    shutil.rmtree(tmp_path / "ae")
+    shutil.move(tmp_path / "t2i", tmp_path / "moved")
+    loaded = TextToImage.from_pretrained(tmp_path / "moved")
+    assert loaded.latent_size == 8
+    assert torch.allclose(loaded.generate(PROMPTS[:1], steps=2), drawn, atol=1e-5)
 
 
 def test_generate_image_command_writes_a_grid(tokenizer, tmp_path):
@@ -209,8 +217,7 @@ def test_a_frozen_text_encoder_is_cached_and_matches_direct_encoding(tokenizer, 
 
 def test_training_latents_are_encoded_once_per_sample(tokenizer, tmp_path):
     ae = Autoencoder(AutoencoderConfig(kind="kl", channels=(16, 32), latent_channels=4, image_size=16))
-    ae.save_pretrained(tmp_path / "ae")
-    m = make(tokenizer, autoencoder=str(tmp_path / "ae"), latent_scale=0.5)
+    m = make(tokenizer, ae, autoencoder="ae", latent_scale=0.5)
     b = batch()
     rows = [{"id": str(i), **row} for i, row in enumerate(b["rows"])]
     calls = []

@@ -31,6 +31,25 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debu
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it picked
 
 
+def format_table(results: dict[str, dict[str, float]]):
+    from rich.table import Table
+
+    table = Table(title="evaluation")
+    table.add_column("metric")
+    splits = list(results)
+    for s in splits:
+        table.add_column(s, justify="right")
+    names = list(dict.fromkeys(k for r in results.values() for k, v in r.items() if isinstance(v, (int, float))))
+    for name in names:
+        cells = []
+        for s in splits:
+            v = results[s].get(name)
+            whole = name == "samples" or name.endswith("questions")
+            cells.append("" if v is None else (f"{int(v)}" if whole else f"{v:.3f}"))
+        table.add_row(name, *cells)
+    return table
+
+
 def fail(error: Exception) -> typer.Exit:
     console.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)
     return typer.Exit(2)
@@ -187,14 +206,14 @@ def eval_command(
     accuracy per attribute. Text-to-image: GenEval-style scores by category (test and test_novel
     prompts), the judge's accuracy on real images, Frechet distance and CLIP score. Autoencoder:
     reconstruction error, and with --judge the judge's accuracy on the reconstructions."""
-    from polymodal.eval.run import DEFAULT_SPLITS, evaluate, format_table, model_type
+    from polymodal.models import EvalOptions, evaluate
 
     try:
         names = [line.strip() for line in classes.read_text().splitlines() if line.strip()] if classes else None
-        default = ("test", "test_novel") if model_type(model) == "text_to_image" else DEFAULT_SPLITS
-        results = evaluate(model, data, split or default, limit=limit, class_names=names,
-                           decoding=decoding, examples=examples, judge=judge, clip=clip, guidance=cfg,
-                           sample_steps=steps, per_category=per_category, compose=compose)
+        options = EvalOptions(limit=limit, class_names=names, decoding=decoding, examples=examples, judge=judge,
+                              clip=clip, guidance=cfg, sample_steps=steps, per_category=per_category,
+                              compose=compose)
+        results = evaluate(model, data, split, options)
     except (InputError, ValueError) as e:
         raise fail(e) from None
     console.print(format_table(results))
@@ -240,11 +259,11 @@ def search_command(
     """Search an index by text, image or audio; prints the top k and draws them."""
     from polymodal.index.build import draw_hits, embed_query
     from polymodal.index.vectors import VectorIndex
-    from polymodal.models.clip import ContrastiveModel
+    from polymodal.models import load_model
 
     try:
         vectors = VectorIndex.open(index)
-        model = ContrastiveModel.from_pretrained(vectors.info["model"])
+        model = load_model(vectors.info["model"], task="embed")
         query_vector = embed_query(model, text=query, image=str(image) if image else None,
                                    audio=str(audio) if audio else None)
         scores, positions = vectors.search(query_vector, k)
@@ -290,16 +309,13 @@ def generate_image(
 
     import torch
 
-    from polymodal.eval.run import model_type
     from polymodal.modalities.image import image_grid
-    from polymodal.models.text_to_image import TextToImage
+    from polymodal.models import load_model
 
     try:
-        if model_type(model) != "text_to_image":
-            raise InputError(model, f"a {model_type(model)!r} model, not a text-to-image model")
         if n < 1:
             raise ValueError(f"--n must be at least 1, got {n}")
-        generator = TextToImage.from_pretrained(model)
+        generator = load_model(model, task="generate image")
         start = time.perf_counter()
         with progress_bar("denoising", steps) as update, torch.no_grad():
             images = generator.generate([prompt] * n, guidance=cfg, steps=steps, sampler=sampler, seed=seed,
@@ -331,7 +347,7 @@ def bench_generation_command(
         help="Draw a prompt whose parts are joined by 'and' as the conjunction of its parts.")] = False,
 ):
     """Sample sheets per category, GenEval score against guidance scale and against training step."""
-    from polymodal.eval.generation_bench import bench_generation
+    from polymodal.bench.generation import bench_generation
 
     try:
         values = [float(v) for v in scales.split(",") if v.strip()]
@@ -362,7 +378,7 @@ def bench_fusion_command(
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value settings for every run.")] = None,
 ):
     """Train image-only, audio-only, early, late and hybrid fusion on a shapes-world task; compare."""
-    from polymodal.eval.fusion_bench import TASKS, bench_fusion, format_results
+    from polymodal.bench.fusion import TASKS, bench_fusion, format_results
 
     if task not in TASKS:
         raise fail(ValueError(f"unknown task {task!r}; choose from {sorted(TASKS)}"))

@@ -56,7 +56,8 @@ def train_clip(state: dict) -> dict:
 def evaluate_clip(state: dict) -> dict:
     import json
 
-    from polymodal.eval.run import evaluate, format_table
+    from polymodal.cli import format_table
+    from polymodal.models import evaluate
 
     results = evaluate(state["clip"], state["world"], ["test", "test_novel"])
     console.print(format_table(results))
@@ -69,11 +70,11 @@ def evaluate_clip(state: dict) -> dict:
 
 def search_world(state: dict) -> dict:
     from polymodal.index.build import build_index, draw_hits, embed_query
-    from polymodal.models.clip import ContrastiveModel
+    from polymodal.models import load_model
 
     index_dir = state["out"] / "index"
     index = build_index(state["clip"], state["world"], index_dir, split="test")
-    model = ContrastiveModel.from_pretrained(state["clip"])
+    model = load_model(state["clip"], task="embed")
     # the query describes one held-out test image: where does that image rank?
     target = next(item for item in index.items if item["text"].startswith(("a ", "there are")))
     query = target["text"]
@@ -97,14 +98,14 @@ def understand(state: dict) -> dict:
 
     import torch
 
+    from polymodal.cli import format_table
     from polymodal.data.dataset import Collator
     from polymodal.data.inspect import contact_sheet
     from polymodal.data.memory import MemoryDataset
     from polymodal.data.scene import SceneObject
     from polymodal.eval.captioning import judge_caption
-    from polymodal.eval.run import evaluate, format_table
     from polymodal.modalities.image import load_image
-    from polymodal.models.captioner import Captioner
+    from polymodal.models import evaluate, load_model
     from polymodal.train.recipe import load_recipe
     from polymodal.train.run import train
 
@@ -121,7 +122,7 @@ def understand(state: dict) -> dict:
     path = state["out"] / "captioner_metrics.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
 
-    model = Captioner.from_pretrained(model_dir)
+    model = load_model(model_dir, task="caption")
     items = MemoryDataset(state["world"], ["image"], split="test", limit=6).items
     batch = Collator(["image"])(items)
     questions = [item["row"]["qa"][0] for item in items]
@@ -154,7 +155,7 @@ def draw(state: dict) -> dict:
     import torch
 
     from polymodal.modalities.image import image_grid
-    from polymodal.models.text_to_image import TextToImage
+    from polymodal.models import load_model
     from polymodal.train.recipe import load_recipe
     from polymodal.train.run import train
 
@@ -166,7 +167,7 @@ def draw(state: dict) -> dict:
                                                               f"model.autoencoder={autoencoder}"])
     run = state["out"] / "text_to_image"
     model_dir = train(recipe, state["world"], run)
-    model = TextToImage.from_pretrained(model_dir)
+    model = load_model(model_dir, task="generate image")
     rows = []
     with torch.no_grad(), progress_bar("drawing", len(DEMO_PROMPTS)) as update:
         for i, prompt in enumerate(DEMO_PROMPTS):

@@ -384,6 +384,21 @@ def scene_generator(prompts: Sequence[dict], size: int = 32) -> Callable[[list[s
 
 
 @torch.no_grad()
+def generator_function(model, guidance: float, steps: int, batch: int = 100,
+                       progress: Callable[[int], None] | None = None, compose: bool = False):
+    """``generate(prompts, seed)`` for :func:`evaluate_generator`, in chunks of ``batch``;
+    ``compose``: "and"-joined prompts are drawn as conjunctions (``TextToImage.generate``)."""
+    def generate(prompts: list[str], seed: int) -> torch.Tensor:
+        out = []
+        for k, start in enumerate(range(0, len(prompts), batch)):
+            out.append(model.generate(prompts[start : start + batch], guidance=guidance, steps=steps, seed=seed * 1000 + k,
+                                      compose=compose))
+            if progress:
+                progress(len(out[-1]))
+        return torch.cat(out)
+    return generate
+
+
 def evaluate_generator(
     generate: Callable[[list[str], int], torch.Tensor], judge, rows_by_split: dict[str, Sequence[dict]], *,
     per_category: int = 50, seed: int = 0, clip=None,

@@ -23,9 +23,9 @@ def build_index(model_dir: str | os.PathLike, data: str | os.PathLike, out: str 
                 modality: str = "image", split: str | None = None, kind: str = "auto",
                 exact_limit: int = EXACT_LIMIT, progress=None) -> VectorIndex:
     """Embed every sample's ``modality`` of ``data`` and write an index folder to ``out``."""
-    from polymodal.models.clip import ContrastiveModel
+    from polymodal.models import load_model
 
-    model = ContrastiveModel.from_pretrained(model_dir)
+    model = load_model(model_dir, task="embed")
     if modality not in model.config.towers:
         raise InputError(model_dir, f"model has no {modality!r} tower (has {sorted(model.config.towers)})")
     fields = {modality: model.input_kind(modality)}

@@ -25,6 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from polymodal.models.family import (
+    DEFAULT_SPLITS,
+    BuildContext,
+    EvalOptions,
+    Validator,
+    evaluate_splits,
+)
 from polymodal.models.folder import read_model_folder, write_model_folder
 
 KINDS = ("kl", "vq")
@@ -159,6 +166,50 @@ class Autoencoder(nn.Module):
             self.codebook[dead] = flat[pick]
             self.code_sums[dead] = flat[pick]
             self.code_counts[dead] = 1.0
+
+    # ---- the family (see polymodal.models.family) ----
+
+    tasks = ("reconstruct",)
+    default_splits = DEFAULT_SPLITS
+
+    @classmethod
+    def from_recipe(cls, spec: dict, build: BuildContext) -> Autoencoder:
+        if spec.get("init_from"):
+            raise ValueError("model.init_from: an autoencoder starts from scratch")
+        return cls(AutoencoderConfig(**spec))
+
+    def fields(self) -> dict[str, str]:
+        return {self.config.image_field: "image"}
+
+    def input_size(self) -> int:
+        return self.config.image_size
+
+    def validator(self, items: list[dict], fields) -> Validator:
+        """Reconstruction error on the validation images."""
+        from polymodal.data.dataset import Collator
+
+        def reconstruction(model) -> dict[str, float]:
+            if not items:
+                return {}
+            images = Collator(fields)(items)[model.config.image_field]
+            return {"reconstruction mse": float(F.mse_loss(model.decode(model.encode(images)), images))}
+
+        return reconstruction
+
+    def evaluate(self, data, splits, options: EvalOptions) -> dict[str, dict[str, float]]:
+        """Reconstruction error; with ``options.judge``, the judge's accuracy on the reconstructions."""
+        from polymodal.eval.reconstruction import autoencoder_metrics
+        from polymodal.models.detector import GridDetector
+
+        judge = GridDetector.load_judge(options.judge) if options.judge is not None else None  # once for every split
+        field = self.config.image_field
+
+        def score(items: list[dict]) -> dict[str, float]:
+            images = torch.stack([item[field] for item in items])
+            return autoencoder_metrics(self, images, [item["row"] for item in items], judge)
+
+        return evaluate_splits(data, splits, self.fields(), options.image_size or self.input_size(), score,
+                               limit=options.limit, progress=options.progress)
 
     # ---- saving ----
 

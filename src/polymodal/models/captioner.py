@@ -18,9 +18,10 @@ left-padded so every sequence of a batch grows at the same place.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,12 +29,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from polymodal.modalities.text import TextTokenizer
+from polymodal.models.family import (
+    DEFAULT_SPLITS,
+    BuildContext,
+    EvalOptions,
+    Validator,
+    encoder_fields,
+    encoder_image_size,
+    evaluate_splits,
+)
 from polymodal.models.folder import read_model_folder, write_model_folder
 from polymodal.nn.encoders import INPUT_KIND, build_encoder
 from polymodal.nn.layers import MLP, Attention
 
 TASKS = ("caption", "vqa")
 DECODING = ("greedy", "beam", "nucleus")
+
+log = logging.getLogger("polymodal.models")
 
 
 @dataclass
@@ -48,7 +60,7 @@ class CaptionerConfig:
     depth: int = 3  # decoder blocks (each: causal self-attention, cross-attention, MLP)
     heads: int = 4
     context_length: int = 64  # longest decoded sequence, prompt included
-    vocab_size: int = 1024  # set from the tokenizer
+    vocab_size: int | None = None  # of the tokenizer (None: whatever the tokenizer has; the builder records it)
     max_memory_tokens: int = 512  # learned positions for encoder tokens (images; audio has its own)
     freeze_encoders: bool = False  # keep (pretrained) encoders fixed; train only the decoder
     every_task_per_sample: bool = False  # train on each image's caption and its questions in one
@@ -88,8 +100,9 @@ class DecoderBlock(nn.Module):
 class Captioner(nn.Module):
     def __init__(self, config: CaptionerConfig, tokenizer: TextTokenizer):
         super().__init__()
-        if tokenizer.vocab_size != config.vocab_size:
-            config.vocab_size = tokenizer.vocab_size
+        if config.vocab_size is not None and tokenizer.vocab_size != config.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens; the config says vocab_size "
+                             f"{config.vocab_size}")
         self.config = c = config
         self.tokenizer = tokenizer
         self.names = list(c.encoders)
@@ -100,7 +113,7 @@ class Captioner(nn.Module):
         self.modality_embedding = nn.ParameterDict({n: nn.Parameter(torch.zeros(c.width)) for n in self.names})
         self.memory_position = nn.Parameter(torch.randn(c.max_memory_tokens, c.width) * 0.02)
         self.memory_norm = nn.LayerNorm(c.width)
-        self.token_embedding = nn.Embedding(c.vocab_size, c.width)
+        self.token_embedding = nn.Embedding(tokenizer.vocab_size, c.width)
         self.position_embedding = nn.Parameter(torch.randn(c.context_length, c.width) * 0.01)
         self.blocks = nn.ModuleList(DecoderBlock(c.width, c.heads) for _ in range(c.depth))
         self.norm = nn.LayerNorm(c.width)
@@ -326,6 +339,50 @@ class Captioner(nn.Module):
                 finished[i].append((0.0, [x for x in ids.view(b, k, -1)[i, j, t0:].tolist() if x != pad]))
             out.append(max(finished[i], key=lambda f: f[0])[1])
         return out
+
+    # ---- the family (see polymodal.models.family) ----
+
+    tasks = ("caption", "answer")
+    default_splits = DEFAULT_SPLITS
+
+    @classmethod
+    def from_recipe(cls, spec: dict, build: BuildContext) -> Captioner:
+        """A tokenizer trained on the training split's captions (and questions and answers, for
+        VQA); the recipe's fields remembered for evaluation; with ``init_from`` (a saved
+        contrastive model), encoders with the same spec as one of its towers start from it."""
+        from polymodal.models.clip import ContrastiveModel
+
+        spec = dict(spec)
+        init_from = spec.pop("init_from", None)
+        config = CaptionerConfig(**{**spec, "fields": spec.get("fields") or build.field_map()})
+        tokenizer = build.tokenizer(questions=config.qa_column if "vqa" in config.tasks else None)
+        model = cls(replace(config, vocab_size=tokenizer.vocab_size), tokenizer)
+        if init_from:
+            copied = model.init_encoders_from(ContrastiveModel.from_pretrained(init_from))
+            log.info("encoders %s start from %s", copied, init_from)
+        return model
+
+    def fields(self) -> dict[str, str]:
+        return encoder_fields(self.config.encoders, self.config.fields)
+
+    def input_size(self) -> int:
+        return encoder_image_size(self.config.encoders)
+
+    def validator(self, items: list[dict], fields) -> Validator:
+        """Decoded captions and answers of (at most 250) validation items, judged."""
+        from polymodal.eval.understanding import captioner_metrics
+
+        return lambda model: captioner_metrics(model, items[:250], fields, references=1)
+
+    def evaluate(self, data, splits, options: EvalOptions) -> dict[str, dict[str, float]]:
+        """BLEU-4, CIDEr-D, the scene-graph judge of captions, VQA accuracy per question type."""
+        from polymodal.eval.understanding import captioner_metrics
+
+        fields = self.fields()
+        return evaluate_splits(
+            data, splits, fields, options.image_size or self.input_size(),
+            lambda items: captioner_metrics(self, items, fields, decoding=options.decoding, examples=options.examples),
+            limit=options.limit, progress=options.progress)
 
     # ---- saving ----
 

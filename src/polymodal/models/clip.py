@@ -13,6 +13,7 @@ With several processes, embeddings are gathered across them *with gradients*
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -25,8 +26,17 @@ from torch import nn
 
 from polymodal.errors import InputError
 from polymodal.modalities.text import TextTokenizer
+from polymodal.models.family import (
+    DEFAULT_SPLITS,
+    BuildContext,
+    EvalOptions,
+    Validator,
+    evaluate_splits,
+)
 from polymodal.models.folder import read_model_folder, write_model_folder
 from polymodal.nn.encoders import INPUT_KIND, build_encoder
+
+log = logging.getLogger("polymodal.models")
 
 CACHE_LIMIT = 500_000  # texts whose fixed-tower features are kept
 
@@ -211,6 +221,50 @@ class ContrastiveModel(nn.Module):
                 self.projections[modality].load_state_dict(other.projections[modality].state_dict())
                 copied.append(modality)
         return copied
+
+    # ---- the family (see polymodal.models.family) ----
+
+    tasks = ("embed",)
+    default_splits = DEFAULT_SPLITS
+
+    @classmethod
+    def from_recipe(cls, spec: dict, build: BuildContext) -> ContrastiveModel:
+        """A text tower gets a tokenizer trained on the training split, or the one of the model
+        named by ``init_from``, whose towers with the same spec then start this one."""
+        spec = dict(spec)
+        init_from = spec.pop("init_from", None)
+        config = ContrastiveConfig(**spec)
+        base = cls.from_pretrained(init_from) if init_from else None
+        tokenizer = base.tokenizer if base is not None else None
+        if tokenizer is None and any(t.get("type") == "text" for t in config.towers.values()):
+            tokenizer = build.tokenizer()
+        model = cls(config, tokenizer)
+        if base is not None:
+            log.info("towers %s start from %s", model.init_towers_from(base), init_from)
+        return model
+
+    def fields(self) -> dict[str, str]:
+        """Batch fields for each tower: tower name -> the kind of input it reads (default column)."""
+        return {tower: self.input_kind(tower) for tower in self.config.towers}
+
+    def input_size(self) -> int:
+        return self.image_size
+
+    def validator(self, items: list[dict], fields) -> Validator:
+        """Recall@1/5 of each trained pair on the validation items."""
+        from polymodal.eval.contrastive import pair_retrieval
+
+        return lambda model: pair_retrieval(model, items, fields)
+
+    def evaluate(self, data, splits, options: EvalOptions) -> dict[str, dict[str, float]]:
+        """Retrieval both ways for every pair of towers and zero-shot classification, on at most
+        ``options.limit`` samples a split (1,000 by default: the retrieval gallery)."""
+        from polymodal.eval.contrastive import contrastive_metrics
+
+        fields = self.fields()
+        return evaluate_splits(data, splits, fields, options.image_size or self.input_size(),
+                               lambda items: contrastive_metrics(self, items, fields, options.class_names),
+                               limit=1000 if options.limit is None else options.limit, progress=options.progress)
 
     # ---- saving and loading ----
 

@@ -32,6 +32,7 @@ learned cell embedding and passed through a shared MLP to the occupied, shape an
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,8 +42,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from polymodal.data.scene import COLOURS, SHAPES, SIZES, SceneObject
-from polymodal.models.folder import read_model_folder, write_model_folder
+from polymodal.errors import InputError
+from polymodal.models.family import (
+    DEFAULT_SPLITS,
+    BuildContext,
+    EvalOptions,
+    Validator,
+    evaluate_splits,
+)
+from polymodal.models.folder import read_config, read_model_folder, write_model_folder
 from polymodal.nn.encoders import ResidualBlock
+
+log = logging.getLogger("polymodal.models")
 
 GRID = 3  # the shapes world's grid is GRID x GRID cells
 CELLS = GRID * GRID
@@ -249,6 +260,61 @@ class GridDetector(nn.Module):
         result.update({f"loss_{k}": v.detach() for k, v in parts.items()})
         result["scene_accuracy"] = right.float().mean()
         return result
+
+    # ---- the family (see polymodal.models.family) ----
+
+    tasks = ("detect",)
+    default_splits = DEFAULT_SPLITS
+
+    @classmethod
+    def from_recipe(cls, spec: dict, build: BuildContext) -> GridDetector:
+        if spec.get("init_from"):
+            raise ValueError("model.init_from: a detector starts from scratch")
+        config = DetectorConfig(**spec)
+        if build.image_size != config.image_size:
+            log.info("detector reads %dx%d images; data are decoded at %d and resized", config.image_size,
+                     config.image_size, build.image_size)
+        return cls(config)
+
+    def fields(self) -> dict[str, str]:
+        return {"image": "image"}
+
+    def input_size(self) -> int:
+        return self.config.image_size
+
+    def validator(self, items: list[dict], fields) -> Validator:
+        """Per-attribute accuracy on the validation images."""
+        from polymodal.eval.geneval import judge_metrics
+
+        def judge_accuracy(model) -> dict[str, float]:
+            if not items:
+                return {}
+            images = torch.stack([item["image"] for item in items])
+            return judge_metrics(model, images, [item["row"] for item in items])
+
+        return judge_accuracy
+
+    def evaluate(self, data, splits, options: EvalOptions) -> dict[str, dict[str, float]]:
+        """Accuracy of shape, colour, size and position over objects, of the count and the whole
+        scene over images (:func:`polymodal.eval.geneval.judge_metrics`)."""
+        from polymodal.eval.geneval import judge_metrics
+
+        def score(items: list[dict]) -> dict[str, float]:
+            if "objects" not in items[0]["row"]:
+                raise ValueError(f"{data}: rows have no 'objects' scene graph; a detector is scored on a shapes world")
+            return judge_metrics(self, torch.stack([item["image"] for item in items]), [item["row"] for item in items])
+
+        return evaluate_splits(data, splits, self.fields(), options.image_size or self.input_size(), score,
+                               limit=options.limit, progress=options.progress)
+
+    @classmethod
+    def load_judge(cls, directory: str | os.PathLike) -> GridDetector:
+        """The detector saved in ``directory``, ready to judge images; an error naming the folder
+        when it holds another kind of model."""
+        found = read_config(directory).get("model_type")
+        if found != "detector":
+            raise InputError(directory, f"the judge must be a detector model, not a {found!r} model")
+        return cls.from_pretrained(directory).eval()
 
     # ---- saving and loading ----
 

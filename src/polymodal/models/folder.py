@@ -39,16 +39,29 @@ def write_model_folder(directory: str | os.PathLike, config: dict, state: dict[s
     return directory
 
 
+def read_config(directory: str | os.PathLike) -> dict:
+    """The ``config.json`` of a saved model folder, as a dict: the one reader of that file, so
+    every caller gets the same clear error for a missing, unreadable or malformed config."""
+    directory = Path(directory)
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise InputError(directory, f"no {CONFIG_FILE}: not a saved model folder")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(path, f"not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise InputError(path, f"a model config is a JSON object, not {type(raw).__name__}")
+    return raw
+
+
 def read_model_folder(directory: str | os.PathLike, model_type: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """The config (without ``model_type``) and weights of a saved model of ``model_type``."""
     directory = Path(directory)
-    config_path = directory / CONFIG_FILE
-    if not config_path.is_file():
-        raise InputError(directory, f"no {CONFIG_FILE}: not a saved polymodal model")
-    raw = json.loads(config_path.read_text())
+    raw = read_config(directory)
     found = raw.pop("model_type", None)
     if found != model_type:
-        raise InputError(config_path, f"a {found!r} model, not a {model_type!r} model")
+        raise InputError(directory / CONFIG_FILE, f"a {found!r} model, not a {model_type!r} model")
     if not (directory / WEIGHTS_FILE).is_file():
         raise InputError(directory, f"{WEIGHTS_FILE} is missing")
     return raw, load_file(str(directory / WEIGHTS_FILE))

@@ -19,6 +19,7 @@ batch may simply lack a tower's field.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,12 +28,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from polymodal.models.family import (
+    DEFAULT_SPLITS,
+    BuildContext,
+    EvalOptions,
+    Validator,
+    encoder_fields,
+    encoder_image_size,
+    evaluate_splits,
+)
 from polymodal.models.folder import read_model_folder, write_model_folder
 from polymodal.nn.encoders import INPUT_KIND, build_encoder
 from polymodal.nn.fusion import masked_mean
 from polymodal.nn.layers import MLP, Attention, Transformer, attention_mask
 
 STRATEGIES = ("early", "late", "hybrid", "single")
+
+log = logging.getLogger("polymodal.models")
 
 
 @dataclass
@@ -295,6 +307,55 @@ class FusionClassifier(nn.Module):
         if self.config.multi_label:
             return ((logits > 0).float() == labels).all(1)
         return logits.argmax(1) == labels
+
+    # ---- the family (see polymodal.models.family) ----
+
+    tasks = ("classify",)
+    default_splits = DEFAULT_SPLITS
+
+    @classmethod
+    def from_recipe(cls, spec: dict, build: BuildContext) -> FusionClassifier:
+        """The recipe's fields are remembered for evaluation; with ``init_from`` (a saved
+        contrastive model), encoders with the same spec as one of its towers start from it."""
+        from polymodal.models.clip import ContrastiveModel
+
+        spec = dict(spec)
+        init_from = spec.pop("init_from", None)
+        model = cls(FusionConfig(**{**spec, "fields": spec.get("fields") or build.field_map()}))
+        if init_from:
+            copied = model.init_encoders_from(ContrastiveModel.from_pretrained(init_from))
+            log.info("encoders %s start from %s", copied, init_from)
+        return model
+
+    def fields(self) -> dict[str, str]:
+        return encoder_fields(self.config.towers, self.config.fields)
+
+    def input_size(self) -> int:
+        return encoder_image_size(self.config.towers)
+
+    def validator(self, items: list[dict], fields) -> Validator:
+        """Accuracy on the validation items."""
+        from polymodal.data.dataset import Collator
+
+        def accuracy(model) -> dict[str, float]:
+            correct, collate = 0, Collator(fields)
+            for start in range(0, len(items), 500):
+                batch = collate(items[start : start + 500])
+                correct += model.hits(model(batch).cpu(), model.labels(batch)).sum().item()
+            return {"accuracy": correct / max(len(items), 1)}
+
+        return accuracy
+
+    def evaluate(self, data, splits, options: EvalOptions) -> dict[str, dict[str, float]]:
+        """Accuracy with every modality and with each one alone."""
+        from polymodal.eval.understanding import fusion_metrics
+
+        fields = self.fields()
+        return evaluate_splits(data, splits, fields, options.image_size or self.input_size(),
+                               lambda items: fusion_metrics(self, items, fields),
+                               limit=options.limit, progress=options.progress)
+
+    # ---- saving and loading ----
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         return write_model_folder(directory, {"model_type": "fusion", **asdict(self.config)}, self.state_dict())

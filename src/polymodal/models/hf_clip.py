@@ -11,7 +11,6 @@ it, and :func:`clip_towers` gives the identical architecture for benchmarks agai
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -94,12 +93,11 @@ def convert_state_dict(hf: dict[str, torch.Tensor], vision_depth: int, text_dept
 
 
 def is_hf_clip(directory: str | os.PathLike) -> bool:
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        return False
+    from polymodal.models.folder import read_config
+
     try:
-        return json.loads(path.read_text()).get("model_type") == "clip"
-    except json.JSONDecodeError:
+        return read_config(directory).get("model_type") == "clip"
+    except InputError:
         return False
 
 

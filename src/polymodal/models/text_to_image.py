@@ -17,17 +17,19 @@ composable diffusion): each part is a condition of its own and every part's guid
 is added, ``uncond + guidance * sum_i (cond_i - uncond)``, so "a red circle and a blue star"
 asks for a red circle and for a blue star rather than for one mixture of the four words.
 
-An exponential moving average of the denoiser's weights (``ema_decay``) is kept during
-training and is what samples by default.
+The recipes train it with a moving average of the weights (``trainer.ema_decay``, kept by the
+trainer: :mod:`polymodal.train.ema`), so a saved model holds the averaged weights and samples
+with them.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import random
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -35,11 +37,16 @@ from torch import nn
 
 from polymodal.errors import InputError
 from polymodal.modalities.text import TextTokenizer
+from polymodal.models.autoencoder import Autoencoder
+from polymodal.models.family import BuildContext, EvalOptions, Validator
 from polymodal.models.folder import read_model_folder, write_model_folder
 from polymodal.nn.diffusion import Diffusion, DiffusionConfig
 from polymodal.nn.encoders import build_encoder, config_from_spec
 
 TEXT_ENCODERS = ("text", "clip", "minilm")
+AUTOENCODER_FOLDER = "autoencoder"  # subfolder of a saved model holding its autoencoder
+
+log = logging.getLogger("polymodal.models")
 
 
 @dataclass
@@ -53,11 +60,11 @@ class TextToImageConfig:
     image_field: str = "image"  # batch field of the training images
     caption_column: str = "text"  # metadata column with the caption
     condition_dropout: float = 0.1  # chance a training caption is replaced by "no text"
-    ema_decay: float = 0.999  # of the sampling copy of the denoiser (0: no copy)
-    autoencoder: str | None = None  # a saved autoencoder folder: diffuse in its latent space
-    latent_channels: int | None = None  # set from the autoencoder
-    latent_scale: float = 1.0  # latents are multiplied by this before diffusion (unit variance)
-    vocab_size: int = 1024  # set from the tokenizer
+    autoencoder: str | None = None  # a saved autoencoder folder: diffuse in its latent space (the
+    # folder the recipe names; a saved model keeps its own copy in its autoencoder/ subfolder)
+    latent_scale: float | None = None  # latents are multiplied by this before diffusion; None: the
+    # builder sets 1 / the standard deviation of the training images' latents (unit variance)
+    vocab_size: int | None = None  # of the trained text encoder's tokenizer (the builder records it)
     fields: dict[str, str] = field(default_factory=dict)  # data fields read when training
 
     def __post_init__(self):
@@ -173,25 +180,25 @@ def split_conjunction(prompt: str) -> list[str]:
 
 
 class TextToImage(nn.Module):
-    def __init__(self, config: TextToImageConfig, tokenizer: TextTokenizer | None = None):
+    """``autoencoder``: the trained autoencoder whose latent grid is diffused (the config's
+    ``autoencoder`` names where it came from; the model keeps it and saves it in its folder)."""
+
+    def __init__(self, config: TextToImageConfig, tokenizer: TextTokenizer | None = None,
+                 autoencoder: Autoencoder | None = None):
         super().__init__()
         self.config = c = config
+        if (autoencoder is None) != (c.autoencoder is None):
+            raise ValueError("config.autoencoder names an autoencoder folder exactly when one is passed in")
+        if autoencoder is not None and c.latent_scale is None:
+            raise ValueError("latent_scale is needed with an autoencoder (the builder measures it)")
         self.text = TextConditioner(c.text, tokenizer)
-        if self.text.tokenizer is not None and c.text["type"] == "text":
-            c.vocab_size = self.text.tokenizer.vocab_size
         self.autoencoder = None
         channels, self.latent_size = 3, c.image_size
-        if c.autoencoder:
-            from polymodal.models.autoencoder import Autoencoder
-
-            self.autoencoder = Autoencoder.from_pretrained(c.autoencoder).requires_grad_(False)
-            channels = c.latent_channels = self.autoencoder.config.latent_channels
-            self.latent_size = c.image_size // self.autoencoder.downsample
+        if autoencoder is not None:
+            self.autoencoder = autoencoder.requires_grad_(False).eval()
+            channels = autoencoder.config.latent_channels
+            self.latent_size = c.image_size // autoencoder.downsample
         self.denoiser = build_denoiser(c.denoiser, channels, self.text.width)
-        self.ema_denoiser = None
-        if c.ema_decay > 0:
-            self.ema_denoiser = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
-            self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))
         self.diffusion = Diffusion(DiffusionConfig(**{"clip_sample": c.autoencoder is None, **c.diffusion}))
         self.channels = channels
         self._latent_cache: dict[str, torch.Tensor] = {}  # training sample id -> its latent grid
@@ -200,10 +207,12 @@ class TextToImage(nn.Module):
     def tokenizer(self):
         return self.text.tokenizer
 
+    @property
+    def latent_scale(self) -> float:
+        return 1.0 if self.config.latent_scale is None else self.config.latent_scale
+
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.ema_denoiser is not None:
-            self.ema_denoiser.eval()
         if self.autoencoder is not None:
             self.autoencoder.eval()
         return self
@@ -231,7 +240,7 @@ class TextToImage(nn.Module):
     def to_latent(self, images: torch.Tensor) -> torch.Tensor:
         if self.autoencoder is None:
             return images
-        return self.autoencoder.encode(images) * self.config.latent_scale
+        return self.autoencoder.encode(images) * self.latent_scale
 
     @torch.no_grad()
     def training_latents(self, images: torch.Tensor, rows: list[dict]) -> torch.Tensor:
@@ -251,7 +260,7 @@ class TextToImage(nn.Module):
     def from_latent(self, latents: torch.Tensor) -> torch.Tensor:
         if self.autoencoder is None:
             return latents
-        return self.autoencoder.decode(latents / self.config.latent_scale)
+        return self.autoencoder.decode(latents / self.latent_scale)
 
     # ---- training ----
 
@@ -273,23 +282,11 @@ class TextToImage(nn.Module):
         loss = self.diffusion.loss(prediction, x0, noise, t)
         return {"loss": loss}
 
-    @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        """Move the sampling copy towards the trained weights (with a warm-up of the decay)."""
-        if self.ema_denoiser is None:
-            return
-        self.ema_steps += 1
-        decay = min(self.config.ema_decay, (1 + self.ema_steps.item()) / (10 + self.ema_steps.item()))
-        for ema, live in zip(self.ema_denoiser.parameters(), self.denoiser.parameters(), strict=True):
-            ema.lerp_(live, 1 - decay)
-        for ema, live in zip(self.ema_denoiser.buffers(), self.denoiser.buffers(), strict=True):
-            ema.copy_(live)
-
     # ---- sampling ----
 
     @torch.no_grad()
     def generate(self, prompts: list[str], *, guidance: float = 3.0, steps: int = 50, sampler: str = "ddim",
-                 seed: int | None = 0, generator: torch.Generator | None = None, use_ema: bool = True,
+                 seed: int | None = 0, generator: torch.Generator | None = None,
                  compose: bool = False, progress=None) -> torch.Tensor:
         """Images ``(B, 3, S, S)`` in [-1, 1] for ``prompts``: ``steps`` denoising steps from pure
         noise, conditional and unconditional predictions mixed by ``guidance``; with ``compose``,
@@ -301,7 +298,6 @@ class TextToImage(nn.Module):
         if generator is None:
             generator = torch.Generator(device=device)
             generator.manual_seed(0 if seed is None else seed)
-        denoiser = self.ema_denoiser if use_ema and self.ema_denoiser is not None else self.denoiser
         b = len(prompts)
         parts = [split_conjunction(p) if compose else [p] for p in prompts]
         owner = torch.tensor([i for i, ps in enumerate(parts) for _ in ps], device=device)  # prompt of each part
@@ -323,6 +319,80 @@ class TextToImage(nn.Module):
                 progress(i + 1)
         return self.from_latent(x).clamp(-1, 1)
 
+    # ---- the family (see polymodal.models.family) ----
+
+    tasks = ("generate image",)
+    default_splits = ("test", "test_novel")
+
+    @classmethod
+    def from_recipe(cls, spec: dict, build: BuildContext) -> TextToImage:
+        """A trained text encoder gets a tokenizer trained on the training split; an autoencoder
+        named by the recipe is loaded, and the scale that gives its latents of the training
+        images unit variance is measured (unless the recipe sets ``latent_scale``)."""
+        if spec.get("init_from"):
+            raise ValueError("model.init_from: a text-to-image model starts from its parts (text, autoencoder)")
+        config = TextToImageConfig(**{**spec, "fields": spec.get("fields") or build.field_map()})
+        tokenizer = build.tokenizer(config.caption_column) if config.text["type"] == "text" else None
+        if tokenizer is not None:
+            config = replace(config, vocab_size=tokenizer.vocab_size)
+        autoencoder = Autoencoder.from_pretrained(config.autoencoder) if config.autoencoder else None
+        if autoencoder is not None and config.latent_scale is None:
+            config = replace(config, latent_scale=latent_scale(autoencoder, build.images(512)))
+            log.info("latent scale %.4f", config.latent_scale)
+        return cls(config, tokenizer, autoencoder)
+
+    def fields(self) -> dict[str, str]:
+        return dict(self.config.fields) or {self.config.image_field: "image"}
+
+    def input_size(self) -> int:
+        return self.config.image_size
+
+    def validator(self, items: list[dict], fields) -> Validator:
+        """The denoising loss of the validation images at fixed noise (seeded): comparable from
+        one validation to the next."""
+        from polymodal.data.dataset import Collator
+
+        def denoising_loss(model) -> dict[str, float]:
+            generator = torch.Generator().manual_seed(0)
+            collate, total, n = Collator(fields), 0.0, 0
+            for start in range(0, len(items), 100):
+                batch = collate(items[start : start + 100])
+                total += model.loss(batch, generator=generator)["loss"].item() * len(batch["rows"])
+                n += len(batch["rows"])
+            return {"denoising loss": total / max(n, 1)}
+
+        return denoising_loss
+
+    @torch.no_grad()
+    def evaluate(self, data, splits, options: EvalOptions) -> dict[str, dict[str, float]]:
+        """GenEval-style scores on prompts built from each split's scenes (see
+        :mod:`polymodal.eval.geneval`), judged by a detector trained on real images
+        (``options.judge``), beside the judge's own accuracy on the split's real images; a CLIP
+        score with ``options.clip``."""
+        from polymodal.eval.geneval import evaluate_generator, generator_function
+        from polymodal.models.clip import ContrastiveModel
+        from polymodal.models.detector import GridDetector
+        from polymodal.models.family import split_items
+
+        if options.judge is None:
+            raise InputError(data, "a text-to-image model is scored by a judge: pass --judge (a trained detector)")
+        judge = GridDetector.load_judge(options.judge)
+        contrastive = ContrastiveModel.from_pretrained(options.clip) if options.clip is not None else None
+        rows, real = {}, {}
+        for split in splits:
+            items = split_items(data, {"image": "image"}, split, self.config.image_size)
+            if items:
+                rows[split] = [item["row"] for item in items]
+                real[split] = torch.stack([item["image"] for item in items])
+        if not rows:
+            raise InputError(data, f"no samples in the splits {list(splits)}")
+        if "objects" not in next(iter(rows.values()))[0]:
+            raise InputError(data, "rows have no 'objects' scene graph: GenEval-style prompts need a shapes world")
+        generate = generator_function(self, options.guidance, options.sample_steps, progress=options.progress,
+                                      compose=options.compose)
+        return evaluate_generator(generate, judge, rows, per_category=options.per_category, seed=options.seed,
+                                  clip=contrastive, real_images_by_split=real)
+
     # ---- saving ----
 
     def state_to_save(self) -> dict[str, torch.Tensor]:
@@ -330,9 +400,19 @@ class TextToImage(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """``config.json``, the denoiser's (and a trained text encoder's) weights, its tokenizer,
+        and the autoencoder in ``autoencoder/``, as diffusers saves a pipeline's parts: the folder
+        draws on its own, wherever it is moved."""
         tokenizer = self.tokenizer if self.config.text["type"] == "text" else None
-        return write_model_folder(directory, {"model_type": "text_to_image", **asdict(self.config)}, self.state_to_save(),
-                                  extra=tokenizer.save_pretrained if tokenizer is not None else None)
+
+        def parts(folder: Path) -> None:
+            if tokenizer is not None:
+                tokenizer.save_pretrained(folder)
+            if self.autoencoder is not None:
+                self.autoencoder.save_pretrained(folder / AUTOENCODER_FOLDER)
+
+        return write_model_folder(directory, {"model_type": "text_to_image", **asdict(self.config)},
+                                  self.state_to_save(), extra=parts)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> TextToImage:
@@ -340,10 +420,22 @@ class TextToImage(nn.Module):
         raw, state = read_model_folder(directory, "text_to_image")
         config = TextToImageConfig(**raw)
         tokenizer = TextTokenizer.from_pretrained(directory) if config.text["type"] == "text" else None
-        model = cls(config, tokenizer)
+        autoencoder = None
+        if config.autoencoder is not None:
+            if not (directory / AUTOENCODER_FOLDER).is_dir():
+                raise InputError(directory, f"the model diffuses latents but its {AUTOENCODER_FOLDER}/ folder is missing")
+            autoencoder = Autoencoder.from_pretrained(directory / AUTOENCODER_FOLDER)
+        model = cls(config, tokenizer, autoencoder)
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if k in model.state_to_save()]
         if missing or unexpected:
             raise InputError(directory / "model.safetensors", f"weights do not fit the config: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
         return model.eval()
+
+
+@torch.no_grad()
+def latent_scale(autoencoder: Autoencoder, images: torch.Tensor) -> float:
+    """1 / the standard deviation of the autoencoder's latents of ``images``: the scale that
+    gives diffusion unit-variance latents."""
+    return float(1.0 / autoencoder.encode(images).std().clamp(min=1e-6))

@@ -4,6 +4,14 @@ It knows nothing about model families. The optimiser is AdamW with weight decay 
 only; the learning rate warms up linearly, then follows a cosine to zero over the budget, which
 is either a step count or a wall-clock time (``max_minutes``: the schedule follows the elapsed
 fraction of the budget, so a run ends with a cooled-down model whatever the machine's speed).
+Steps are optimizer steps: with ``trainer.accumulate`` batches a step, the micro-batches of one
+step share its learning rate.
+
+What else shapes training is applied from outside the model, by Lightning and its callbacks:
+gradient clipping and accumulation (``trainer.gradient_clip``, ``trainer.accumulate``), the
+weights' moving average (:mod:`polymodal.train.ema`), validation and snapshots (below). They
+work the same in one process and in several (DDP): every decision that must be taken in step
+by all processes is taken on a clock that all of them share.
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ from collections.abc import Callable
 import lightning as L
 import torch
 from torch import nn
+
+from polymodal.train.ema import averaged_weights
 
 
 class TrainModule(L.LightningModule):
@@ -28,7 +38,9 @@ class TrainModule(L.LightningModule):
         self.validate_fn = validate
         self.started: float | None = None
         self.elapsed_before = 0.0  # training seconds spent before a resume
-        self.fraction = 0.0  # of the budget spent, as of the current step (same in every process)
+        self.fraction = 0.0  # of the budget spent, as of the current batch (same in every process)
+        self.minutes = 0.0  # of training, as of the current batch (same in every process)
+        self.step_before = 0  # the optimizer step count when the current batch began
 
     def budget_fraction(self) -> float:
         if self.max_steps:
@@ -45,16 +57,19 @@ class TrainModule(L.LightningModule):
     def on_train_start(self) -> None:
         self.started = time.perf_counter()
 
-    def synced_fraction(self) -> float:
-        """The budget fraction, the same in every process (the largest), so that all replicas
-        use one learning rate and stop at the same step."""
-        fraction = self.budget_fraction()
+    def synced_clock(self) -> tuple[float, float]:
+        """The budget fraction and the training minutes, the same in every process (the
+        largest), so that all replicas use one learning rate, stop at the same step and
+        validate at the same step."""
+        clock = torch.tensor([self.budget_fraction(), self.training_minutes()], dtype=torch.float64,
+                             device=self.device)
         if self.trainer.world_size > 1:
-            fraction = float(self.trainer.strategy.reduce(torch.tensor(fraction), reduce_op="max"))
-        return fraction
+            clock = self.trainer.strategy.reduce(clock, reduce_op="max")
+        return float(clock[0]), float(clock[1])
 
     def on_train_batch_start(self, batch, batch_idx):
-        self.fraction = self.synced_fraction()
+        self.fraction, self.minutes = self.synced_clock()
+        self.step_before = self.global_step
         if self.fraction >= 1.0:
             self.trainer.should_stop = True
             return -1  # skips the rest of the epoch; should_stop ends the run
@@ -70,10 +85,10 @@ class TrainModule(L.LightningModule):
         self.log("train/minutes", self.training_minutes(), batch_size=size)
         return out["loss"]
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        hook = getattr(self.model, "after_optimizer_step", None)  # e.g. a moving average of weights
-        if hook is not None:
-            hook()
+    def stepped(self) -> bool:
+        """Whether the optimizer stepped on the batch just trained (not so on the first
+        micro-batches of an accumulated step)."""
+        return self.global_step > self.step_before
 
     def training_minutes(self) -> float:
         return (self.elapsed_before + (time.perf_counter() - self.started if self.started else 0.0)) / 60
@@ -96,16 +111,18 @@ class TrainModule(L.LightningModule):
 
 
 class PeriodicValidation(L.Callback):
-    """Runs the module's validation every ``val_every_minutes`` of training and at the end."""
+    """Runs the module's validation every ``val_every_minutes`` of training and at the end.
+
+    The time is the module's shared clock and the check comes only after an optimizer step, so
+    with several processes all of them validate at the same step (see :func:`run_validation`)."""
 
     def __init__(self, val_every_minutes: float | None):
         self.val_every = val_every_minutes
         self.next_val = val_every_minutes
 
     def on_train_batch_end(self, trainer, module: TrainModule, outputs, batch, batch_idx):
-        minutes = module.training_minutes()
-        if self.val_every and module.validate_fn and minutes >= self.next_val:
-            self.next_val = minutes + self.val_every
+        if self.val_every and module.validate_fn and module.stepped() and module.minutes >= self.next_val:
+            self.next_val = module.minutes + self.val_every
             run_validation(trainer, module)
 
     def on_train_end(self, trainer, module: TrainModule):
@@ -114,32 +131,45 @@ class PeriodicValidation(L.Callback):
 
 
 def run_validation(trainer, module: TrainModule) -> None:
-    if not trainer.is_global_zero or module.validate_fn is None:
+    """Scores the model (its averaged weights when an EMA is kept) and logs the metrics.
+
+    Every process calls this; the first one computes (a validation metric such as retrieval
+    recall is over the whole validation set, not a sum of shards) and the others wait for it at
+    a barrier, so no process runs ahead into the next step's gradient exchange."""
+    if module.validate_fn is None:
         return
-    was_training = module.model.training
-    module.model.eval()
-    with torch.no_grad():
-        metrics = module.validate_fn(module.model)
-    module.model.train(was_training)
-    metrics = {f"val/{k}": float(v) for k, v in metrics.items()}
-    metrics["train/minutes"] = module.training_minutes()
-    for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=trainer.global_step)
+    if trainer.is_global_zero:
+        was_training = module.model.training
+        module.model.eval()
+        with torch.no_grad(), averaged_weights(trainer):
+            metrics = module.validate_fn(module.model)
+        module.model.train(was_training)
+        metrics = {f"val/{k}": float(v) for k, v in metrics.items()}
+        metrics["train/minutes"] = module.training_minutes()
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+    trainer.strategy.barrier("validation")
 
 
 class Snapshots(L.Callback):
-    """Saves the model (``save_pretrained``) to ``folder/step-NNNNNN`` every ``every_minutes`` of
-    training and at the end, so quality can be measured against training time afterwards."""
+    """Saves the model (``save_pretrained``; its averaged weights when an EMA is kept) to
+    ``folder/step-NNNNNN`` every ``every_minutes`` of training and at the end, so quality can
+    be measured against training time afterwards."""
 
     def __init__(self, folder, every_minutes: float | None):
         self.folder, self.every = folder, every_minutes
         self.next = every_minutes
 
     def on_train_batch_end(self, trainer, module: TrainModule, outputs, batch, batch_idx):
-        if self.every and trainer.is_global_zero and module.training_minutes() >= self.next:
-            self.next = module.training_minutes() + self.every
-            module.model.save_pretrained(self.folder / f"step-{trainer.global_step:06d}")
+        if self.every and module.stepped() and module.minutes >= self.next:
+            self.next = module.minutes + self.every
+            self.save(trainer, module)
 
     def on_train_end(self, trainer, module: TrainModule):
-        if self.every and trainer.is_global_zero:
-            module.model.save_pretrained(self.folder / f"step-{trainer.global_step:06d}")
+        if self.every:
+            self.save(trainer, module)
+
+    def save(self, trainer, module: TrainModule) -> None:
+        if trainer.is_global_zero:
+            with averaged_weights(trainer):
+                module.model.save_pretrained(self.folder / f"step-{trainer.global_step:06d}")

@@ -51,6 +51,11 @@ class TrainerSettings:
     log_every_steps: int = 10
     snapshot_every_minutes: float | None = None  # also save the model to snapshots/step-N this often
     # (to score it against training time afterwards)
+    gradient_clip: float | None = None  # clip the global gradient norm to this (null: no clipping)
+    accumulate: int = 1  # batches a step: gradients of this many batches are summed before the optimizer
+    # steps (steps, warm-up and the schedule count optimizer steps)
+    ema_decay: float | None = None  # keep a moving average of the weights (e.g. 0.999), saved and
+    # validated in place of the last weights (null: none; polymodal.train.ema)
 
 
 @dataclass

@@ -19,91 +19,17 @@ from polymodal.data.dataset import Collator, DecodeOptions, MultimodalDataset
 from polymodal.data.memory import LengthBucketBatchSampler, MemoryDataset, item_length
 from polymodal.data.source import SkipLog
 from polymodal.modalities.image import ImageTransform
-from polymodal.modalities.text import TextTokenizer
-from polymodal.train.recipe import Recipe
+from polymodal.models import BuildContext, build_model
+from polymodal.train.recipe import Recipe, TrainerSettings
 
 log = logging.getLogger("polymodal.train")
 
 
-def build_model(recipe: Recipe, data: Path):
-    """The model a recipe names; a text tokenizer is trained on the training split when needed."""
-    spec = dict(recipe.model)
-    kind = spec.pop("type")
-    init_from = spec.pop("init_from", None)  # a saved model whose matching towers start this one
-    if kind in ("fusion", "captioner", "text_to_image") and not spec.get("fields"):  # remembered for evaluation
-        fields = recipe.data.fields
-        spec["fields"] = dict(fields) if isinstance(fields, dict) else {f: f for f in fields}
-    if kind == "contrastive":
-        from polymodal.models.clip import ContrastiveConfig, ContrastiveModel
-
-        config = ContrastiveConfig(**spec)
-        base = ContrastiveModel.from_pretrained(init_from) if init_from else None
-        tokenizer = base.tokenizer if base is not None else None
-        if tokenizer is None and any(t.get("type") == "text" for t in config.towers.values()):
-            tokenizer = train_tokenizer(data, recipe.data.train_split, recipe.trainer.vocab_size)
-        model = ContrastiveModel(config, tokenizer)
-        if base is not None:
-            copied = model.init_towers_from(base)
-            log.info("towers %s start from %s", copied, init_from)
-        return model
-    if kind == "fusion":
-        from polymodal.models.clip import ContrastiveModel
-        from polymodal.models.fusion import FusionClassifier, FusionConfig
-
-        model = FusionClassifier(FusionConfig(**spec))
-        if init_from:
-            copied = model.init_encoders_from(ContrastiveModel.from_pretrained(init_from))
-            log.info("encoders %s start from %s", copied, init_from)
-        return model
-    if kind == "captioner":
-        from polymodal.models.captioner import Captioner, CaptionerConfig
-        from polymodal.models.clip import ContrastiveModel
-
-        config = CaptionerConfig(**spec)
-        tokenizer = train_tokenizer(data, recipe.data.train_split, recipe.trainer.vocab_size,
-                                    questions=config.qa_column if "vqa" in config.tasks else None)
-        model = Captioner(config, tokenizer)
-        if init_from:
-            copied = model.init_encoders_from(ContrastiveModel.from_pretrained(init_from))
-            log.info("encoders %s start from %s", copied, init_from)
-        return model
-    if kind == "detector":
-        from polymodal.models.detector import DetectorConfig, GridDetector
-
-        if init_from:
-            raise ValueError("model.init_from: a detector starts from scratch")
-        config = DetectorConfig(**spec)
-        if recipe.data.image_size != config.image_size:
-            log.info("detector reads %dx%d images; data are decoded at %d and resized", config.image_size,
-                     config.image_size, recipe.data.image_size)
-        return GridDetector(config)
-    if kind == "text_to_image":
-        from polymodal.models.text_to_image import TextToImage, TextToImageConfig
-
-        config = TextToImageConfig(**spec)
-        tokenizer = None
-        if config.text["type"] == "text":
-            tokenizer = train_tokenizer(data, recipe.data.train_split, recipe.trainer.vocab_size)
-        model = TextToImage(config, tokenizer)
-        if model.autoencoder is not None and "latent_scale" not in spec:  # unit-variance latents
-            model.config.latent_scale = latent_scale(model.autoencoder, data, recipe)
-            log.info("latent scale %.4f", model.config.latent_scale)
-        return model
-    if kind == "autoencoder":
-        from polymodal.models.autoencoder import Autoencoder, AutoencoderConfig
-
-        return Autoencoder(AutoencoderConfig(**spec))
-    raise ValueError(f"unknown model type {kind!r} in recipe "
-                     "(known: contrastive, fusion, captioner, detector, text_to_image, autoencoder)")
-
-
-@torch.no_grad()
-def latent_scale(autoencoder, data: Path, recipe: Recipe, samples: int = 512) -> float:
-    """1 / the standard deviation of the autoencoder's latents over training images."""
-    options = DecodeOptions(image_transform=ImageTransform(recipe.data.image_size))
-    items = MemoryDataset(data, ["image"], split=recipe.data.train_split, options=options, limit=samples).items
-    latents = autoencoder.encode(Collator(["image"])(items)["image"])
-    return float(1.0 / latents.std().clamp(min=1e-6))
+def build_context(recipe: Recipe, data: Path) -> BuildContext:
+    """What a model family may read from the recipe's data when it builds its model."""
+    d = recipe.data
+    return BuildContext(data=data, train_split=d.train_split, fields=d.fields, image_size=d.image_size,
+                        vocab_size=recipe.trainer.vocab_size)
 
 
 def augmented(train_set, recipe: Recipe, model):
@@ -135,19 +61,6 @@ def default_threads(devices: int) -> int:
     return min(threads, int(env)) if env.isdigit() and int(env) > 0 else threads
 
 
-def train_tokenizer(data: Path, split: str, vocab_size: int, questions: str | None = None) -> TextTokenizer:
-    """A BPE vocabulary from the training split's captions (and, given their column, its
-    questions and answers)."""
-    def texts():
-        for item in MultimodalDataset(data, {"text": "text"}, split=split):
-            yield item["text"]
-            for qa in item["row"].get(questions, []) if questions else []:
-                yield qa["question"]
-                yield qa["answer"]
-
-    return TextTokenizer.train(texts(), vocab_size=vocab_size)
-
-
 def atomic_checkpoint_io():
     """Lightning checkpoint I/O that writes to a temporary file and renames it into place."""
     from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -168,16 +81,47 @@ def atomic_checkpoint_io():
     return AtomicCheckpointIO()
 
 
+def build_trainer(t: TrainerSettings, out: Path, *, progress: bool = True, use_distributed_sampler: bool = True):
+    """The Lightning trainer of the settings ``t``, writing under ``out``: processes,
+    precision, the step budget, gradient clipping and accumulation, and the callbacks that
+    work on the model from outside (weight average, validation, snapshots, checkpoints)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from polymodal.train.ema import EMA
+    from polymodal.train.module import PeriodicValidation, Snapshots
+
+    if t.accumulate < 1:
+        raise ValueError(f"trainer.accumulate must be at least 1, got {t.accumulate}")
+    if t.gradient_clip is not None and t.gradient_clip <= 0:
+        raise ValueError(f"trainer.gradient_clip must be positive (or null: off), got {t.gradient_clip}")
+    callbacks = [EMA(t.ema_decay)] if t.ema_decay else []  # first: the others save and score the average
+    callbacks += [PeriodicValidation(t.val_every_minutes), Snapshots(out / "snapshots", t.snapshot_every_minutes),
+                  ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=200)]
+    # batch-norm statistics over the global batch, as in one process (gloo on CPUs cannot)
+    sync_batchnorm = t.devices > 1 and t.accelerator != "cpu" and torch.cuda.is_available()
+    return L.Trainer(
+        accelerator=t.accelerator, devices=t.devices, strategy="ddp" if t.devices > 1 else "auto",
+        precision=t.precision, max_epochs=-1, max_steps=t.max_steps or -1,
+        gradient_clip_val=t.gradient_clip, gradient_clip_algorithm="norm", accumulate_grad_batches=t.accumulate,
+        sync_batchnorm=sync_batchnorm,
+        logger=[TensorBoardLogger(out / "logs", name="tensorboard"), CSVLogger(out / "logs", name="csv")],
+        callbacks=callbacks, plugins=[atomic_checkpoint_io()],
+        enable_progress_bar=progress, log_every_n_steps=t.log_every_steps, enable_model_summary=False,
+        num_sanity_val_steps=0, use_distributed_sampler=use_distributed_sampler,
+    )
+
+
 def train(recipe: Recipe, data: str | os.PathLike, out: str | os.PathLike, *, resume: bool = False,
           progress: bool = True) -> Path | None:
     """Train ``recipe`` on ``data`` into ``out``; returns the model folder (None in every
     process but the first when several train together)."""
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
     from torch.utils.data import DataLoader
 
-    from polymodal.train.module import PeriodicValidation, Snapshots, TrainModule
+    from polymodal.train.ema import averaged_weights
+    from polymodal.train.module import TrainModule
 
     data, out = Path(data), Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -187,7 +131,7 @@ def train(recipe: Recipe, data: str | os.PathLike, out: str | os.PathLike, *, re
     L.seed_everything(t.seed, workers=True, verbose=False)
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
-    model = build_model(recipe, data)
+    model = build_model(recipe.model, build_context(recipe, data))
     options = DecodeOptions(image_transform=ImageTransform(recipe.data.image_size))
     skips = SkipLog()
     fields = recipe.data.fields
@@ -209,28 +153,18 @@ def train(recipe: Recipe, data: str | os.PathLike, out: str | os.PathLike, *, re
     else:
         loader = DataLoader(train_set, batch_size=per_process, shuffle=recipe.data.in_memory, drop_last=True, **common)
     validate = None
-    if recipe.data.val_split:
-        from polymodal.eval.run import validation_function
-
-        validate = validation_function(model, data, recipe.data.val_split, fields, options, recipe.data.val_limit)
+    if recipe.data.val_split:  # decoded once; the family says what to score on it
+        items = MemoryDataset(data, fields, split=recipe.data.val_split, options=options, limit=recipe.data.val_limit).items
+        validate = model.validator(items, fields)
     module = TrainModule(model, lr=t.lr, weight_decay=t.weight_decay, betas=t.betas, warmup_steps=t.warmup_steps,
                          max_steps=t.max_steps, max_minutes=t.max_minutes, validate=validate)
-    checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0,
-                                  every_n_train_steps=200)
-    trainer = L.Trainer(
-        accelerator=t.accelerator, devices=devices, strategy="ddp" if devices > 1 else "auto",
-        precision=t.precision, max_epochs=-1, max_steps=t.max_steps or -1,
-        logger=[TensorBoardLogger(out / "logs", name="tensorboard"), CSVLogger(out / "logs", name="csv")],
-        callbacks=[checkpoints, PeriodicValidation(t.val_every_minutes),
-                   Snapshots(out / "snapshots", t.snapshot_every_minutes)], plugins=[atomic_checkpoint_io()],
-        enable_progress_bar=progress, log_every_n_steps=t.log_every_steps, enable_model_summary=False,
-        num_sanity_val_steps=0, use_distributed_sampler=recipe.data.in_memory and not bucketed,
-    )
+    trainer = build_trainer(t, out, progress=progress, use_distributed_sampler=recipe.data.in_memory and not bucketed)
     last = out / "checkpoints" / "last.ckpt"
     trainer.fit(module, loader, ckpt_path=str(last) if resume and last.exists() else None)
     trainer.save_checkpoint(last)  # every process takes part; the first one writes
     if trainer.is_global_zero:
-        model.save_pretrained(out / "model")
+        with averaged_weights(trainer):  # the weights' moving average, when one is kept
+            model.save_pretrained(out / "model")
         from polymodal.train.curves import plot_curves
 
         plot_curves(out / "logs" / "csv", out / "curves.png")

@@ -46,7 +46,7 @@ def bench_fusion(data: str | os.PathLike, out: str | os.PathLike, *, minutes: fl
     """Train each strategy on ``recipe_path``'s task for ``minutes``; score each on the test split."""
     from polymodal.data.memory import MemoryDataset
     from polymodal.eval.understanding import fusion_metrics
-    from polymodal.models.fusion import FusionClassifier
+    from polymodal.models import load_model
     from polymodal.train.recipe import load_recipe
     from polymodal.train.run import train
 
@@ -66,7 +66,7 @@ def bench_fusion(data: str | os.PathLike, out: str | os.PathLike, *, minutes: fl
         start = time.perf_counter()
         model_dir = train(recipe, data, out / name, progress=False)
         seconds = time.perf_counter() - start
-        model = FusionClassifier.from_pretrained(model_dir)
+        model = load_model(model_dir, task="classify")
         with torch.no_grad():
             items = MemoryDataset(data, base_fields, split="test", options=DecodeOptions()).items
             metrics = fusion_metrics(model, items, base_fields)

@@ -12,30 +12,21 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from polymodal.eval.geneval import CATEGORIES, evaluate_generator, geneval_prompts, judge_prompts
+from polymodal.eval.geneval import (
+    CATEGORIES,
+    evaluate_generator,
+    generator_function,
+    geneval_prompts,
+    judge_prompts,
+)
 
 CURVE_METRICS = ("overall", "single_object colour", "single_object shape", "single_object position",
                  "single_object colour+shape+position")
-
-
-def generator_function(model, guidance: float, steps: int, batch: int = 100,
-                       progress: Callable[[int], None] | None = None, compose: bool = False):
-    """``generate(prompts, seed)`` for :func:`evaluate_generator`, in chunks of ``batch``;
-    ``compose``: "and"-joined prompts are drawn as conjunctions (``TextToImage.generate``)."""
-    def generate(prompts: list[str], seed: int) -> torch.Tensor:
-        out = []
-        for k, start in enumerate(range(0, len(prompts), batch)):
-            out.append(model.generate(prompts[start : start + batch], guidance=guidance, steps=steps, seed=seed * 1000 + k,
-                                      compose=compose))
-            if progress:
-                progress(len(out[-1]))
-        return torch.cat(out)
-    return generate
 
 
 def sample_sheets(model, judge, rows: Sequence[dict], split: str, out: Path, *, guidance: float, steps: int,
@@ -74,11 +65,11 @@ def guidance_sweep(model, judge, rows_by_split: dict[str, Sequence[dict]], scale
 def snapshot_curve(run: Path, judge, rows_by_split: dict[str, Sequence[dict]], *, guidance: float, steps: int,
                    per_category: int, seed: int = 0, compose: bool = False) -> list[dict]:
     """GenEval scores of every snapshot of a training run: ``[{"step": n, split: metrics}, ...]``."""
-    from polymodal.models.text_to_image import TextToImage
+    from polymodal.models import load_model
 
     results = []
     for folder in sorted((run / "snapshots").glob("step-*")):
-        model = TextToImage.from_pretrained(folder)
+        model = load_model(folder, task="generate image")
         scores = evaluate_generator(generator_function(model, guidance, steps, compose=compose), judge, rows_by_split,
                                     per_category=per_category, seed=seed)
         results.append({"step": int(folder.name.split("-")[1]), **scores})
@@ -118,16 +109,15 @@ def bench_generation(model_dir: str | os.PathLike, data: str | os.PathLike, judg
                      splits: Sequence[str] = ("test", "test_novel"), compose: bool = False) -> dict:
     """Sample sheets, the guidance sweep and (for a run folder with snapshots) the training curve."""
     from polymodal.data.source import SkipLog, iter_folder
-    from polymodal.eval.run import load_judge
-    from polymodal.models.text_to_image import TextToImage
+    from polymodal.models import load_model
 
     model_dir, out = Path(model_dir), Path(out)
     run = model_dir if (model_dir / "snapshots").is_dir() else None
     if run is not None:
         model_dir = run / "model"
     out.mkdir(parents=True, exist_ok=True)
-    model = TextToImage.from_pretrained(model_dir)
-    judge = load_judge(judge_dir)
+    model = load_model(model_dir, task="generate image")
+    judge = load_model(judge_dir, task="detect")
     rows = [sample.row for sample in iter_folder(data, SkipLog())]
     rows_by_split = {s: [r for r in rows if r.get("split") == s] for s in splits}
     results: dict = {"model": str(model_dir), "steps": steps, "per_category": per_category, "compose": compose}

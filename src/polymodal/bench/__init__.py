@@ -1,0 +1,1 @@
+"""Benchmarks that train and compare several models (above training and evaluation)."""

@@ -1,0 +1,30 @@
+"""Metrics of image autoencoders: reconstruction error, and what of a scene survives the latent
+grid as a judge (a detector) reads it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+
+@torch.no_grad()
+def autoencoder_metrics(model, images: torch.Tensor, rows: Sequence[dict], judge=None,
+                        batch: int = 256) -> dict[str, float]:
+    """Reconstruction error of an autoencoder (mean squared error and PSNR on [-1, 1] pixels);
+    with a ``judge`` (a loaded detector) and a shapes world, the judge's accuracy on the reconstructions,
+    beside its accuracy on the originals: what of the scene survives the latent grid."""
+    recon = torch.cat([model.reconstruct(images[i: i + batch]) for i in range(0, len(images), batch)])
+    mse = (recon - images).pow(2).mean().item()
+    metrics = {"mse": mse, "psnr": float(10 * np.log10(4.0 / max(mse, 1e-12)))}
+    if judge is not None:
+        from polymodal.eval.geneval import judge_metrics
+
+        if "objects" not in rows[0]:
+            raise ValueError("a judge reads a shapes world: the rows have no 'objects' scene graph")
+        for name, value in judge_metrics(judge, recon, rows).items():
+            if name != "samples":
+                metrics[f"judge {name} on reconstructions"] = value
+        metrics["judge scene accuracy on real"] = judge_metrics(judge, images, rows)["scene accuracy"]
+    return metrics
