@@ -27,6 +27,7 @@ demo: system-deps $(STAMP)
 	$(BIN)/polymodal demo --out outputs/demo
 
 test: system-deps $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/pytest -n 2 --dist loadfile
 
 lint: $(STAMP)

@@ -12,8 +12,8 @@ Training step: forward, v-prediction mean squared error, backward, AdamW, at ``-
 Sampling: ``--steps`` DDIM steps for ``--sample-batch`` images with classifier-free guidance
 (the denoiser sees twice the batch at every step), from the same scheduler.
 
-    python benchmarks/t2i_speed.py [--recipe recipes/t2i-shapes.yaml] [--batch 64] [--repeats 7]
-    python benchmarks/t2i_speed.py --recipe recipes/t2i-latent-shapes.yaml --channels 4 --side 8
+    python benchmarks/t2i_speed.py [--recipe t2i-shapes] [--batch 64] [--repeats 7]
+    python benchmarks/t2i_speed.py --recipe t2i-latent-shapes --channels 4 --side 8
 
 ``--channels`` / ``--side`` give the denoiser's input (3 and 32 for 32x32 pixels; a latent
 recipe diffuses its autoencoder's grid, e.g. 4 channels at 8x8). The autoencoder's decoder,
@@ -72,7 +72,7 @@ def run_peer(model, patch):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default="recipes/t2i-shapes.yaml")
+    parser.add_argument("--recipe", default="t2i-shapes")
     parser.add_argument("--channels", type=int, default=3, help="denoiser input channels")
     parser.add_argument("--side", type=int, default=32, help="denoiser input side")
     parser.add_argument("--batch", type=int, default=64)

@@ -88,7 +88,7 @@ def test_recipe_overrides_and_errors(tmp_path):
     assert raw == {"trainer": {"lr": 0.5}, "model": {"towers": {"image": {"type": "cnn"}}}, "name": "x"}
     with pytest.raises(InputError, match="key=value"):
         apply_overrides({}, ["trainer.lr"])
-    recipe = load_recipe("recipes/clip-shapes.yaml", ["trainer.max_minutes=3", "data.batch_size=64"])
+    recipe = load_recipe("clip-shapes", ["trainer.max_minutes=3", "data.batch_size=64"])
     assert recipe.trainer.max_minutes == 3 and recipe.data.batch_size == 64 and recipe.model["type"] == "contrastive"
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {type: contrastive}\noptimiser: {}\n")
@@ -98,4 +98,4 @@ def test_recipe_overrides_and_errors(tmp_path):
     with pytest.raises(InputError, match="invalid YAML"):
         load_recipe(bad)
     for recipe_file in ("clip-shapes", "clap-shapes", "bind-shapes", "lit-shapes"):
-        assert load_recipe(f"recipes/{recipe_file}.yaml").model["type"] == "contrastive"
+        assert load_recipe(recipe_file).model["type"] == "contrastive"

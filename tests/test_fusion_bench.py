@@ -27,7 +27,7 @@ trainer:
 def test_bench_trains_every_strategy_and_writes_results(small_world, tmp_path):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(TINY_RECIPE)
-    results = bench_fusion(small_world, tmp_path / "bench", minutes=1, recipe_path=recipe,
+    results = bench_fusion(small_world, tmp_path / "bench", recipe_path=recipe,
                            extra=["trainer.max_minutes=null", "data.augment=question_pairs"])
     assert list(results) == ["image-only", "audio-only", "early", "late", "hybrid"]
     for name, row in results.items():
@@ -37,7 +37,7 @@ def test_bench_trains_every_strategy_and_writes_results(small_world, tmp_path):
     assert json.loads((tmp_path / "bench" / "results.json").read_text()) == results
     assert (tmp_path / "bench" / "accuracy.png").stat().st_size > 1000
     assert format_results(results).row_count == 5
-    again = bench_fusion(small_world, tmp_path / "bench", minutes=1, recipe_path=recipe, strategies=["late"],
+    again = bench_fusion(small_world, tmp_path / "bench", recipe_path=recipe, strategies=["late"],
                          extra=["trainer.max_minutes=null"])
     assert list(again) == list(results) and again["image-only"] == results["image-only"]
 

@@ -59,8 +59,8 @@ def test_hf_clip_embeddings_equal_transformers(clip_folder):
 
 def test_a_folder_that_is_not_clip_is_refused(tmp_path):
     from polymodal.errors import InputError
-    from polymodal.models.hf_clip import load_hf_clip
+    from polymodal.models.hf_clip import read_hf_clip
 
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(InputError, match="not a Hugging Face CLIP folder"):
-        load_hf_clip(tmp_path)
+        read_hf_clip(tmp_path)

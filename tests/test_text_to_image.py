@@ -24,7 +24,7 @@ def tokenizer():
 
 def make(tokenizer, ae: Autoencoder | None = None, **kw) -> TextToImage:
     torch.manual_seed(0)
-    settings = dict(denoiser=TINY_UNET, text=TINY_TEXT, image_size=16, ema_decay=0.9)
+    settings = dict(denoiser=TINY_UNET, text=TINY_TEXT, image_size=16)
     return TextToImage(TextToImageConfig(**{**settings, **kw}), tokenizer, ae)
 
 
@@ -36,23 +36,19 @@ def batch():
 
 @pytest.mark.parametrize("denoiser", [TINY_UNET, {"type": "dit", "width": 32, "depth": 2, "heads": 2, "patch": 2}],
                          ids=["unet", "dit"])
-def test_it_learns_a_fixed_batch_and_the_ema_follows(tokenizer, denoiser):
+def test_it_learns_a_fixed_batch(tokenizer, denoiser):
     m = make(tokenizer, denoiser=denoiser, condition_dropout=0.0)
     b = batch()
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], 3e-3)
     g = torch.Generator().manual_seed(5)
     first = sum(m.loss(b, generator=torch.Generator().manual_seed(i))["loss"].item() for i in range(4))
-    ema_before = [p.clone() for p in m.ema_denoiser.parameters()]
     for _ in range(100):
         loss = m.loss(b, generator=g)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
-        m.after_optimizer_step()
     last = sum(m.loss(b, generator=torch.Generator().manual_seed(i))["loss"].item() for i in range(4))
     assert last < 0.8 * first
-    assert any(not torch.equal(a, p) for a, p in zip(ema_before, m.ema_denoiser.parameters(), strict=True))
-    assert all(not p.requires_grad for p in m.ema_denoiser.parameters())
 
 
 def test_generation_is_seeded_and_guidance_mixes_conditions(tokenizer):
@@ -60,7 +56,6 @@ def test_generation_is_seeded_and_guidance_mixes_conditions(tokenizer):
     with torch.no_grad():  # give the untrained denoiser a nonzero output so conditions matter
         for p in m.denoiser.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-        m.ema_denoiser.load_state_dict(m.denoiser.state_dict())
     a = m.generate(PROMPTS[:2], steps=4, seed=1)
     assert a.shape == (2, 3, 16, 16) and a.min() >= -1 and a.max() <= 1
     assert torch.equal(a, m.generate(PROMPTS[:2], steps=4, seed=1))
@@ -92,7 +87,6 @@ def test_composed_guidance_adds_each_parts_direction(tokenizer):
     with torch.no_grad():
         for p in m.denoiser.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-        m.ema_denoiser.load_state_dict(m.denoiser.state_dict())
     one, two = PROMPTS[0], PROMPTS[1]
     # a prompt with one part draws as it does without composing
     assert torch.allclose(m.generate([one], steps=4, seed=3, compose=True), m.generate([one], steps=4, seed=3),

@@ -15,7 +15,7 @@ TINY = ["model.towers.image={type: cnn, preset: tiny}", "model.towers.text={type
 @pytest.fixture(scope="module")
 def trained(small_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    result = CliRunner().invoke(app, ["train", "recipes/clip-shapes.yaml", "--data", str(small_world), "--out", str(out), *TINY])
+    result = CliRunner().invoke(app, ["train", "clip-shapes", "--data", str(small_world), "--out", str(out), *TINY])
     assert result.exit_code == 0, result.output
     return out
 
@@ -35,7 +35,7 @@ def test_resume_continues_from_the_last_checkpoint(trained, small_world):
     import torch
 
     before = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
-    result = CliRunner().invoke(app, ["train", "recipes/clip-shapes.yaml", "--data", str(small_world), "--out",
+    result = CliRunner().invoke(app, ["train", "clip-shapes", "--data", str(small_world), "--out",
                                       str(trained), "--resume", *TINY, "trainer.max_steps=6"])
     assert result.exit_code == 0, result.output
     after = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
@@ -69,7 +69,7 @@ def test_index_and_search_by_text_and_image(trained, small_world, tmp_path):
 
 
 def test_bad_recipe_settings_are_named(small_world, tmp_path):
-    result = CliRunner().invoke(app, ["train", "recipes/clip-shapes.yaml", "--data", str(small_world), "--out",
+    result = CliRunner().invoke(app, ["train", "clip-shapes", "--data", str(small_world), "--out",
                                       str(tmp_path), "trainer.max_stepz=3"])
     assert result.exit_code == 2 and "max_stepz" in result.output
 

@@ -18,7 +18,7 @@ TINY_FUSION = ["model.towers.image={type: cnn, preset: tiny}", "model.towers.que
 @pytest.fixture(scope="module")
 def captioner(small_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("cap")
-    result = CliRunner().invoke(app, ["train", "recipes/caption-shapes.yaml", "--data", str(small_world), "--out",
+    result = CliRunner().invoke(app, ["train", "caption-shapes", "--data", str(small_world), "--out",
                                       str(out), *TINY_TRAIN, *TINY_CAPTIONER])
     assert result.exit_code == 0, result.output
     return out / "model"
@@ -39,7 +39,7 @@ def test_eval_of_a_captioner_reports_captions_and_vqa_per_type(captioner, small_
 
 def test_fusion_training_with_question_pairs_and_eval_of_each_missing_modality(small_world, tmp_path):
     out = tmp_path / "fusion"
-    result = CliRunner().invoke(app, ["train", "recipes/fusion-shapes.yaml", "--data", str(small_world), "--out",
+    result = CliRunner().invoke(app, ["train", "fusion-shapes", "--data", str(small_world), "--out",
                                       str(out), *TINY_TRAIN, *TINY_FUSION, "model.strategy=hybrid",
                                       "data.augment=question_pairs", "model.freeze_encoders=true"])
     assert result.exit_code == 0, result.output

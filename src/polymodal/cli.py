@@ -15,6 +15,7 @@ from rich.table import Table
 
 from polymodal.errors import InputError
 from polymodal.progress import console, progress_bar
+from polymodal.report import format_table, print_inspection
 
 app = typer.Typer(help="Build, train, evaluate and serve multimodal models.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
@@ -29,25 +30,6 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debu
     for name in ("lightning.pytorch", "lightning.fabric"):  # these print through their own handler
         logging.getLogger(name).propagate = False
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it picked
-
-
-def format_table(results: dict[str, dict[str, float]]):
-    from rich.table import Table
-
-    table = Table(title="evaluation")
-    table.add_column("metric")
-    splits = list(results)
-    for s in splits:
-        table.add_column(s, justify="right")
-    names = list(dict.fromkeys(k for r in results.values() for k, v in r.items() if isinstance(v, (int, float))))
-    for name in names:
-        cells = []
-        for s in splits:
-            v = results[s].get(name)
-            whole = name == "samples" or name.endswith("questions")
-            cells.append("" if v is None else (f"{int(v)}" if whole else f"{v:.3f}"))
-        table.add_row(name, *cells)
-    return table
 
 
 def fail(error: Exception) -> typer.Exit:
@@ -125,24 +107,6 @@ def inspection_json(report) -> dict:
     }
 
 
-def print_inspection(report) -> None:
-    modalities = sorted({m for c in report.per_modality.values() for m in c})
-    table = Table(title=f"{report.samples} samples")
-    for header in ["split", "samples", *modalities]:
-        table.add_column(header, justify="right" if header != "split" else "left")
-    for split, count in sorted(report.per_split.items()):
-        table.add_row(split, str(count), *[str(report.per_modality[split].get(m, 0)) for m in modalities])
-    console.print(table)
-    if report.bad:
-        console.print(f"[yellow]{len(report.bad)} bad samples:[/yellow]")
-        for b in report.bad[:50]:
-            console.print(f"  {b.source}: {b.reason}")
-    else:
-        console.print("no bad samples found")
-    if report.sheet:
-        console.print(f"contact sheet: {report.sheet}")
-
-
 @data_app.command("shard")
 def data_shard(
     directory: Annotated[Path, typer.Argument(help="Data set folder with metadata.jsonl.")],
@@ -162,10 +126,11 @@ def data_shard(
 
 @app.command("train")
 def train_command(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see recipes/).")],
+    recipe: Annotated[str, typer.Argument(help="A shipped recipe's name (clip-shapes, caption-shapes, ...; "
+                                               "`polymodal recipes` lists them) or a recipe YAML file.")],
     data: Annotated[Path, typer.Option(help="Data set folder or shards.")],
     out: Annotated[Path, typer.Option(help="Output folder: model/, checkpoints/, logs/, curves.png.")],
-    overrides: Annotated[list[str] | None, typer.Argument(help="key=value settings, e.g. trainer.max_minutes=5")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value settings, e.g. trainer.max_steps=500")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.ckpt.")] = False,
 ):
     """Train a model from a recipe; writes a from_pretrained-ready folder, logs and curves."""
@@ -179,6 +144,20 @@ def train_command(
         raise fail(e) from None
     if model_dir is not None:  # the first process reports
         console.print(f"model saved to {model_dir}; curves: {out / 'curves.png'}")
+
+
+@app.command("recipes")
+def recipes_command():
+    """List the recipes that ship with polymodal (usable by name: `polymodal train clip-shapes ...`)."""
+    from polymodal.train.recipe import load_recipe, shipped_recipes
+
+    table = Table(title="shipped recipes")
+    for column in ("name", "model", "budget"):
+        table.add_column(column)
+    for name in shipped_recipes():
+        recipe = load_recipe(name)
+        table.add_row(name, recipe.model["type"], f"{recipe.trainer.max_steps} steps of {recipe.data.batch_size}")
+    console.print(table)
 
 
 @app.command("eval")
@@ -201,10 +180,10 @@ def eval_command(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write every metric as JSON.")] = None,
 ):
     """Score a model on each split. Contrastive: retrieval Recall@1/5/10 both ways and
-    zero-shot accuracy. Captioner: BLEU-4, CIDEr, scene-graph judge, VQA accuracy per question
+    zero-shot accuracy. Captioning models: BLEU-4, CIDEr, scene-graph judge, VQA accuracy per question
     type. Fusion classifier: accuracy with every modality and with each one alone. Detector:
     accuracy per attribute. Text-to-image: GenEval-style scores by category (test and test_novel
-    prompts), the judge's accuracy on real images, Frechet distance and CLIP score. Autoencoder:
+    prompts), the judge's accuracy on real images, Frechet distance and CLIP score. Autoencoders:
     reconstruction error, and with --judge the judge's accuracy on the reconstructions."""
     from polymodal.models import EvalOptions, evaluate
 
@@ -370,7 +349,7 @@ def bench_generation_command(
 def bench_fusion_command(
     data: Annotated[Path, typer.Option(help="A shapes world (with speech).")],
     out: Annotated[Path, typer.Option(help="Folder for the runs, results.json and accuracy.png.")],
-    minutes: Annotated[float, typer.Option(help="Training budget of each model.")] = 4.0,
+    steps: Annotated[int | None, typer.Option(help="Training steps of each model (default: the recipe's).")] = None,
     init_from: Annotated[str | None, typer.Option(help="A bound model whose towers start the encoders.")] = None,
     task: Annotated[str, typer.Option(help="question (spoken question + image) or noisy (colour from noisy image and speech).")] = "question",
     strategies: Annotated[str, typer.Option(help="Comma-separated strategies to train (results.json keeps the others).")]
@@ -383,7 +362,7 @@ def bench_fusion_command(
     if task not in TASKS:
         raise fail(ValueError(f"unknown task {task!r}; choose from {sorted(TASKS)}"))
     try:
-        results = bench_fusion(data, out, minutes=minutes, init_from=init_from, recipe_path=TASKS[task],
+        results = bench_fusion(data, out, steps=steps, init_from=init_from, recipe_path=TASKS[task],
                                strategies=[s.strip() for s in strategies.split(",") if s.strip()], extra=overrides or [])
     except (InputError, ValueError) as e:
         raise fail(e) from None
@@ -395,14 +374,15 @@ def bench_fusion_command(
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for everything the demo makes.")] = Path("outputs/demo"),
     n: Annotated[int, typer.Option("--n", help="Samples in the demo's shapes world.")] = 4000,
-    clip_minutes: Annotated[float, typer.Option(help="Training budget of the demo's CLIP.")] = 8.0,
-    caption_minutes: Annotated[float, typer.Option(help="Training budget of the demo's captioner.")] = 5.0,
-    t2i_minutes: Annotated[float, typer.Option(
-        help="Training budget of the demo's text-to-image model, a third of it for its autoencoder.")] = 6.0,
+    train_scale: Annotated[float, typer.Option(
+        help="Multiply every model's training steps by this (1: the budgets the quality floors are measured at).")] = 1.0,
+    retrain: Annotated[bool, typer.Option(help="Train every model again instead of reusing an earlier run's.")] = False,
     steps: Annotated[str | None, typer.Option(help="Comma-separated steps to run (default: all).")] = None,
 ):
     """The main job on built-in data: make a shapes world, train, evaluate and search with it,
-    then caption its images and answer questions about them, and draw images from text."""
+    then caption its images and answer questions about them, and draw images from text. Models
+    train for fixed numbers of steps, are reused from an earlier run into the same folder, and are
+    checked against the quality they should reach (exit status 1 when one falls short)."""
     from polymodal.demo import STEPS, run_demo
 
     chosen = STEPS
@@ -412,8 +392,14 @@ def demo(
         if unknown:
             raise fail(ValueError(f"unknown steps {sorted(unknown)}; the demo has {[s.name for s in STEPS]}"))
         chosen = [s for s in STEPS if s.name in names]
-    run_demo(out, n=n, clip_minutes=clip_minutes, caption_minutes=caption_minutes, t2i_minutes=t2i_minutes,
-             steps=chosen)
+    if train_scale <= 0:
+        raise fail(ValueError(f"--train-scale must be positive, got {train_scale}"))
+    try:
+        state = run_demo(out, n=n, train_scale=train_scale, retrain=retrain, steps=chosen)
+    except (InputError, ValueError) as e:
+        raise fail(e) from None
+    if state["failed"]:
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

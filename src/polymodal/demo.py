@@ -2,18 +2,48 @@
 
 Each step takes the demo's state (a dict of what earlier steps made) and returns what it made,
 as ``{label: path or value}``; the summary at the end lists them all.
+
+As a user meets it:
+
+- every model trains for a number of optimizer **steps** (:data:`BUDGETS`), never for a time,
+  so a busy machine gives the same models as a quiet one, only later;
+- it says up front roughly how long it will take on this machine (a short matrix-multiply probe
+  against the reference 2-core machine the budgets were measured on);
+- a model trained by an earlier run into the same folder with the same recipe is reused (its
+  interrupted training is resumed); ``retrain`` trains everything again;
+- each model's metrics are written as ``metrics.json`` beside it, and checked against the floors
+  it should clear (:data:`FLOORS`): a model far below them is reported plainly, and the demo
+  ends with a failure, instead of a table that looks fine.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from rich.table import Table
 
 from polymodal.progress import console, progress_bar
+
+# Optimizer steps of each model the demo trains, and the minutes each stage took on the reference
+# machine (2 quiet CPU cores) with those budgets, training and evaluation together.
+BUDGETS = {"clip": 430, "captions": 600, "judge": 300, "autoencoder": 578, "drawing": 503}
+REFERENCE_MINUTES = {"world": 0.8, "inspect": 0.3, "clip": 8.5, "eval": 0.3, "search": 0.1, "understand": 6.0,
+                     "judge": 1.5, "draw": 7.5}
+REFERENCE_GFLOPS = 160.0  # fp32 matrix-multiply speed of the reference machine when quiet
+
+# (stage, metric on the test split, the least it should reach): a model below is reported as failed
+FLOORS = [
+    ("clip", "text->image R@5", 0.90),
+    ("captions", "scene-graph objects right", 0.70),
+    ("captions", "vqa accuracy", 0.80),
+    ("drawing", "single_object colour+shape+position", 0.60),
+]
 
 
 @dataclass(frozen=True)
@@ -23,19 +53,83 @@ class Step:
     run: Callable[[dict], dict]
 
 
+# ---- shared by the steps ----
+
+
+def budget(state: dict, model: str) -> int:
+    """Steps for one of the demo's models: its budget times the demo's ``train_scale``."""
+    return max(1, round(BUDGETS[model] * state["train_scale"]))
+
+
+def trained(state: dict, name: str, recipe_name: str, overrides: list[str], after: tuple[str, ...] = ()) -> Path:
+    """The model of ``recipe_name`` with ``overrides``, trained into ``out/name``: reused when an
+    earlier run trained it there with the same recipe (and none of the models named in ``after``,
+    which it builds on, was trained anew); resumed from its last checkpoint when that run was cut off."""
+    from polymodal.train.recipe import load_recipe
+    from polymodal.train.run import train
+
+    recipe = load_recipe(recipe_name, overrides)
+    run = state["out"] / name
+    saved = run / "recipe.yaml"
+    same = saved.is_file() and yaml.safe_load(saved.read_text()) == yaml.safe_load(yaml.safe_dump(recipe.to_dict()))
+    fresh = state["retrain"] or not same or any(a in state["trained"] for a in after)
+    if not fresh and (run / "model" / "config.json").is_file():
+        console.print(f"reusing {run / 'model'} (trained earlier with the same recipe; --retrain trains it again)")
+        return run / "model"
+    if fresh:
+        shutil.rmtree(run / "checkpoints", ignore_errors=True)  # nothing to resume from another recipe
+    model_dir = train(recipe, state["world"], run, resume=not fresh)
+    state["trained"].add(name)
+    return model_dir
+
+
+def scored(state: dict, name: str, results: dict) -> Path:
+    """Write ``results`` as ``out/name/metrics.json`` and check the test metrics against the floors."""
+    path = state["out"] / name / "metrics.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    test = results.get("test", {})
+    for stage, metric, floor in FLOORS:
+        if stage == name:
+            value = test.get(metric, float("nan"))
+            state["checks"].append((f"{name}: {metric} (test)", value, floor, value >= floor))
+    return path
+
+
+def machine_speed(seconds: float = 0.5) -> float:
+    """fp32 matrix-multiply GFLOP/s of this machine right now (a busy machine measures slower)."""
+    import torch
+
+    a = torch.randn(512, 512)
+    a @ a
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ a
+        count += 1
+    return count * 2 * 512**3 / (time.perf_counter() - start) / 1e9
+
+
+# ---- the steps ----
+
+
 def make_world(state: dict) -> dict:
-    from polymodal.data.shapes import WorldConfig, generate_world
+    from polymodal.data.shapes import WorldConfig, generate_world, world_info
 
     world = state["out"] / "shapes"
-    with progress_bar("shapes world", state["n"]) as update:
-        generate_world(world, WorldConfig(n=state["n"], seed=0), progress=update)
+    config = WorldConfig(n=state["n"], seed=0)
+    info = world / "world.json"
+    if info.is_file() and (world / "metadata.jsonl").is_file() and json.loads(info.read_text()) == json.loads(
+            json.dumps(world_info(config))) and not state["retrain"]:
+        console.print(f"reusing the world in {world}")
+    else:
+        with progress_bar("shapes world", state["n"]) as update:
+            generate_world(world, config, progress=update)
     state["world"] = world
     return {"data set": world}
 
 
 def inspect_world(state: dict) -> dict:
-    from polymodal.cli import print_inspection
     from polymodal.data.inspect import inspect_dataset
+    from polymodal.report import print_inspection
 
     with progress_bar("inspecting", state["n"]) as update:
         report = inspect_dataset(state["world"], sheet=state["out"] / "contact_sheet.png", progress=update)
@@ -44,25 +138,17 @@ def inspect_world(state: dict) -> dict:
 
 
 def train_clip(state: dict) -> dict:
-    from polymodal.train.recipe import load_recipe
-    from polymodal.train.run import train
-
-    recipe = load_recipe(RECIPES / "clip-shapes.yaml", [f"trainer.max_minutes={state['clip_minutes']}"])
-    run = state["out"] / "clip"
-    state["clip"] = train(recipe, state["world"], run)
-    return {"CLIP model": state["clip"], "training curves": run / "curves.png"}
+    state["clip"] = trained(state, "clip", "clip-shapes", [f"trainer.max_steps={budget(state, 'clip')}"])
+    return {"CLIP model": state["clip"], "training curves": state["out"] / "clip" / "curves.png"}
 
 
 def evaluate_clip(state: dict) -> dict:
-    import json
-
-    from polymodal.cli import format_table
     from polymodal.models import evaluate
+    from polymodal.report import format_table
 
     results = evaluate(state["clip"], state["world"], ["test", "test_novel"])
     console.print(format_table(results))
-    path = state["out"] / "clip_metrics.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    path = scored(state, "clip", results)
     test = results.get("test", {})
     return {"metrics": path, "text->image R@5 (test)": f"{test.get('text->image R@5', float('nan')):.3f}",
             "zero-shot shape (test)": f"{test.get('zero-shot shape', float('nan')):.3f}"}
@@ -94,11 +180,8 @@ def search_world(state: dict) -> dict:
 def understand(state: dict) -> dict:
     """Train a captioner (captions and VQA) on the CLIP's image tower; caption test images and
     answer a question about each; judge both against the scene graph."""
-    import json
-
     import torch
 
-    from polymodal.cli import format_table
     from polymodal.data.dataset import Collator
     from polymodal.data.inspect import contact_sheet
     from polymodal.data.memory import MemoryDataset
@@ -106,21 +189,13 @@ def understand(state: dict) -> dict:
     from polymodal.eval.captioning import judge_caption
     from polymodal.modalities.image import load_image
     from polymodal.models import evaluate, load_model
-    from polymodal.train.recipe import load_recipe
-    from polymodal.train.run import train
+    from polymodal.report import format_table
 
-    overrides = [f"trainer.max_minutes={state['caption_minutes']}"]
-    if state.get("clip"):
-        overrides.append(f"model.init_from={state['clip']}")
-    else:
-        overrides.append("model.init_from=null")
-    recipe = load_recipe(RECIPES / "caption-shapes.yaml", overrides)
-    run = state["out"] / "captioner"
-    model_dir = train(recipe, state["world"], run)
+    overrides = [f"trainer.max_steps={budget(state, 'captions')}", f"model.init_from={state.get('clip') or 'null'}"]
+    model_dir = trained(state, "captions", "caption-shapes", overrides, after=("clip",))
     results = evaluate(model_dir, state["world"], ["test", "test_novel"])
     console.print(format_table(results))
-    path = state["out"] / "captioner_metrics.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    path = scored(state, "captions", results)
 
     model = load_model(model_dir, task="caption")
     items = MemoryDataset(state["world"], ["image"], split="test", limit=6).items
@@ -145,28 +220,35 @@ def understand(state: dict) -> dict:
             "VQA accuracy (test)": f"{test.get('vqa accuracy', float('nan')):.3f}"}
 
 
+def train_judge(state: dict) -> dict:
+    """Train the detector that reads generated images back into scenes (it scores the drawings)."""
+    from polymodal.models import evaluate
+
+    state["judge"] = trained(state, "judge", "judge-shapes", [f"trainer.max_steps={budget(state, 'judge')}",
+                                                              "trainer.val_every_minutes=0"])
+    results = evaluate(state["judge"], state["world"], ["test"])
+    path = scored(state, "judge", results)
+    return {"judge": state["judge"], "metrics": path,
+            "scene accuracy on real test images": f"{results.get('test', {}).get('scene accuracy', float('nan')):.3f}"}
+
+
 DEMO_PROMPTS = ("a large red circle in the top left", "a large blue square in the center",
                 "a large yellow triangle at the bottom", "a large green star on the right")
 
 
 def draw(state: dict) -> dict:
     """Train an autoencoder and a latent text-to-image diffusion model on the world's images and
-    captions (a third of the budget for the autoencoder); draw a few prompts."""
+    captions; draw a few prompts; score single-object prompts of held-out scenes with the judge."""
     import torch
 
     from polymodal.modalities.image import image_grid
-    from polymodal.models import load_model
-    from polymodal.train.recipe import load_recipe
-    from polymodal.train.run import train
+    from polymodal.models import EvalOptions, evaluate, load_model
+    from polymodal.report import format_table
 
-    minutes = state["t2i_minutes"]
-    recipe = load_recipe(RECIPES / "ae-shapes.yaml", [f"trainer.max_minutes={minutes / 3:g}"])
-    autoencoder = train(recipe, state["world"], state["out"] / "autoencoder")
-    recipe = load_recipe(RECIPES / "t2i-latent-shapes.yaml", [f"trainer.max_minutes={minutes * 2 / 3:g}",
-                                                              "trainer.snapshot_every_minutes=null",
-                                                              f"model.autoencoder={autoencoder}"])
-    run = state["out"] / "text_to_image"
-    model_dir = train(recipe, state["world"], run)
+    autoencoder = trained(state, "autoencoder", "ae-shapes", [f"trainer.max_steps={budget(state, 'autoencoder')}"])
+    model_dir = trained(state, "drawing", "t2i-latent-shapes", [
+        f"trainer.max_steps={budget(state, 'drawing')}", "trainer.snapshot_every_minutes=null",
+        f"model.autoencoder={autoencoder}"], after=("autoencoder",))
     model = load_model(model_dir, task="generate image")
     rows = []
     with torch.no_grad(), progress_bar("drawing", len(DEMO_PROMPTS)) as update:
@@ -176,12 +258,18 @@ def draw(state: dict) -> dict:
     labels = [p for p in DEMO_PROMPTS for _ in range(4)]
     sheet = state["out"] / "generated.png"
     image_grid(torch.cat(rows), columns=4, scale=4, labels=labels,
-               title=f"text-to-image after {state['t2i_minutes']:g} training minutes (guidance 3, 50 DDIM steps)"
+               title=f"text-to-image after {budget(state, 'drawing')} training steps (guidance 3, 50 DDIM steps)"
                ).save(sheet)
-    return {"autoencoder": autoencoder, "text-to-image model": model_dir, "generated images": sheet}
+    made = {"autoencoder": autoencoder, "text-to-image model": model_dir, "generated images": sheet}
+    if state.get("judge"):
+        with progress_bar("judging drawings", None) as update:
+            results = evaluate(model_dir, state["world"], ["test"],
+                               EvalOptions(judge=state["judge"], per_category=state["judged_prompts"], progress=update))
+        console.print(format_table(results))
+        made["metrics"] = scored(state, "drawing", results)
+        made["single objects right (test)"] = f"{results['test']['single_object colour+shape+position']:.3f}"
+    return made
 
-
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 STEPS: list[Step] = [
     Step("world", "Generate the shapes world (images, captions, speech, QA, videos)", make_world),
@@ -190,16 +278,25 @@ STEPS: list[Step] = [
     Step("eval", "Evaluate it: retrieval and zero-shot classification", evaluate_clip),
     Step("search", "Index the test images and search them by text", search_world),
     Step("understand", "Train a captioner that also answers questions; caption and ask", understand),
-    Step("draw", "Train a text-to-image diffusion model and draw a few prompts", draw),
+    Step("judge", "Train the judge that reads generated images back into scenes", train_judge),
+    Step("draw", "Train a text-to-image diffusion model, draw a few prompts and judge its drawings", draw),
 ]
 
 
-def run_demo(out: Path, n: int = 4000, clip_minutes: float = 8.0, caption_minutes: float = 5.0,
-             t2i_minutes: float = 6.0, steps: list[Step] = STEPS) -> dict:
+def run_demo(out: Path, n: int = 4000, *, train_scale: float = 1.0, retrain: bool = False,
+             steps: list[Step] = STEPS, judged_prompts: int = 20) -> dict:
+    """Run ``steps`` into ``out``; returns the state, whose ``checks`` list each floor and
+    whether the model cleared it (``failed`` names those that did not)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    state: dict = {"out": out, "n": n, "clip_minutes": clip_minutes, "caption_minutes": caption_minutes,
-                   "t2i_minutes": t2i_minutes}
+    state: dict = {"out": out, "n": n, "train_scale": train_scale, "retrain": retrain, "trained": set(),
+                   "checks": [], "judged_prompts": judged_prompts}
+    speed = machine_speed()
+    minutes = sum(REFERENCE_MINUTES.get(s.name, 0.0) for s in steps) * max(1.0, REFERENCE_GFLOPS / speed)
+    console.print(f"this machine multiplies matrices at {speed:.0f} GFLOP/s now (the reference 2-core machine: "
+                  f"{REFERENCE_GFLOPS:.0f}); the demo should take about {minutes:.0f} minutes"
+                  + (f" at {train_scale:g} times the training steps" if train_scale != 1.0 else "")
+                  + ", less where it reuses models trained earlier in the same folder.")
     made: list[tuple[str, str, object]] = []
     start = time.perf_counter()
     for number, step in enumerate(steps, 1):
@@ -215,4 +312,16 @@ def run_demo(out: Path, n: int = 4000, clip_minutes: float = 8.0, caption_minute
     for name, label, value in made:
         table.add_row(name, label, str(value))
     console.print(table)
+    state["failed"] = [c for c in state["checks"] if not c[3]]
+    if state["checks"]:
+        checks = Table(title="are the models as good as they should be? (test split)")
+        for column in ("model and metric", "got", "floor", "verdict"):
+            checks.add_column(column)
+        for what, value, floor, ok in state["checks"]:
+            checks.add_row(what, f"{value:.3f}", f"{floor:.2f}", "[green]ok[/green]" if ok else "[red]BELOW[/red]")
+        console.print(checks)
+    if state["failed"]:
+        console.print(f"[red bold]{len(state['failed'])} result(s) came out below what these models reach with "
+                      "these budgets[/red bold]: the budgets are steps, so a busy machine is not the cause; "
+                      "see the metrics.json beside each model and the training curves.")
     return state

@@ -21,8 +21,7 @@ import torch
 from polymodal.data.dataset import DecodeOptions, parse_fields
 from polymodal.nn.encoders import INPUT_KIND
 
-RECIPES = Path(__file__).resolve().parents[3] / "recipes"
-TASKS = {"question": RECIPES / "fusion-shapes.yaml", "noisy": RECIPES / "fusion-noisy.yaml"}
+TASKS = {"question": "fusion-shapes", "noisy": "fusion-noisy"}  # shipped recipes
 RECIPE = TASKS["question"]
 STRATEGIES = ("image-only", "audio-only", "early", "late", "hybrid")
 
@@ -40,10 +39,11 @@ def strategy_overrides(name: str, towers: dict[str, dict], fields: dict[str, str
     return [f"model.strategy={name}"]
 
 
-def bench_fusion(data: str | os.PathLike, out: str | os.PathLike, *, minutes: float = 4.0,
-                 init_from: str | None = None, strategies=STRATEGIES, recipe_path: Path = RECIPE,
+def bench_fusion(data: str | os.PathLike, out: str | os.PathLike, *, steps: int | None = None,
+                 init_from: str | None = None, strategies=STRATEGIES, recipe_path: str | os.PathLike = RECIPE,
                  extra: list[str] | None = None) -> dict:
-    """Train each strategy on ``recipe_path``'s task for ``minutes``; score each on the test split."""
+    """Train each strategy on ``recipe_path``'s task for ``steps`` (the recipe's own budget by
+    default); score each on the test split."""
     from polymodal.data.memory import MemoryDataset
     from polymodal.eval.understanding import fusion_metrics
     from polymodal.models import load_model
@@ -60,7 +60,8 @@ def bench_fusion(data: str | os.PathLike, out: str | os.PathLike, *, minutes: fl
     saved = out / "results.json"  # a rerun replaces the rows of the strategies it trains
     results = json.loads(saved.read_text()) if saved.is_file() else {}
     for name in strategies:
-        overrides = [f"trainer.max_minutes={minutes}", f"model.init_from={init_from or 'null'}", *(extra or []),
+        budget = [f"trainer.max_steps={steps}"] if steps else []
+        overrides = [*budget, f"model.init_from={init_from or 'null'}", *(extra or []),
                      *strategy_overrides(name, base.model["towers"], base_fields)]  # the strategy's own settings win
         recipe = load_recipe(recipe_path, overrides)
         start = time.perf_counter()

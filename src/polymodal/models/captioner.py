@@ -12,8 +12,9 @@ target and its closing ``<eos>``. A training image gives a caption or one of its
 questions, drawn by the weights in ``tasks``, or (``every_task_per_sample``) its caption and all
 its questions at once: the encoder's work on an image then serves several sequences.
 
-Decoding: greedy, beam search (length-normalised) and nucleus sampling; prompts are
-left-padded so every sequence of a batch grows at the same place.
+Decoding (:mod:`polymodal.nn.decoding`): greedy, beam search (length-normalised) and nucleus
+sampling, each step one new position against a KV cache; prompts are left-padded so every
+sequence of a batch grows at the same place, and the pads stay masked in the cache.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ from polymodal.models.family import (
     evaluate_splits,
 )
 from polymodal.models.folder import read_model_folder, write_model_folder
+from polymodal.nn import decoding
 from polymodal.nn.encoders import INPUT_KIND, build_encoder
-from polymodal.nn.layers import MLP, Attention
+from polymodal.nn.layers import KVCache, Transformer
 
 TASKS = ("caption", "vqa")
 DECODING = ("greedy", "beam", "nucleus")
@@ -83,20 +85,6 @@ class CaptionerConfig:
                 raise ValueError(f"encoder {name!r}: type {spec.get('type')!r} is not an image or audio encoder")
 
 
-class DecoderBlock(nn.Module):
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(width), nn.LayerNorm(width), nn.LayerNorm(width)
-        self.self_attn = Attention(width, heads)
-        self.cross_attn = Attention(width, heads)
-        self.mlp = MLP(width, 4 * width)
-
-    def forward(self, x, self_mask, memory, memory_mask):
-        x = x + self.self_attn(self.norm1(x), mask=self_mask)
-        x = x + self.cross_attn(self.norm2(x), context=memory, mask=memory_mask)
-        return x + self.mlp(self.norm3(x))
-
-
 class Captioner(nn.Module):
     def __init__(self, config: CaptionerConfig, tokenizer: TextTokenizer):
         super().__init__()
@@ -115,7 +103,8 @@ class Captioner(nn.Module):
         self.memory_norm = nn.LayerNorm(c.width)
         self.token_embedding = nn.Embedding(tokenizer.vocab_size, c.width)
         self.position_embedding = nn.Parameter(torch.randn(c.context_length, c.width) * 0.01)
-        self.blocks = nn.ModuleList(DecoderBlock(c.width, c.heads) for _ in range(c.depth))
+        # causal self-attention, cross-attention to the memory, MLP; in every block
+        self.decoder = Transformer(c.width, c.depth, c.heads, cross_attention=True)
         self.norm = nn.LayerNorm(c.width)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
 
@@ -161,17 +150,17 @@ class Captioner(nn.Module):
 
     # ---- the decoder ----
 
-    def decode(self, ids: torch.Tensor, mask: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
-        """Next-token logits ``(B, T, vocab)`` for token ids ``(B, T)`` (padding anywhere, mask True on tokens)."""
-        positions = (mask.long().cumsum(1) - 1).clamp(min=0)  # left padding does not shift positions
-        x = self.token_embedding(ids) + self.position_embedding[positions]
-        t = ids.shape[1]
-        causal = torch.ones(t, t, dtype=torch.bool, device=ids.device).tril()
-        eye = torch.eye(t, dtype=torch.bool, device=ids.device)
-        self_mask = ((causal & mask[:, None, :]) | eye)[:, None]  # (B, 1, T, T); a pad sees itself
-        cross_mask = memory_mask[:, None, None, :]
-        for block in self.blocks:
-            x = block(x, self_mask, memory, cross_mask)
+    def decode(self, ids: torch.Tensor, mask: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor,
+               cache: KVCache | None = None) -> torch.Tensor:
+        """Next-token logits ``(B, T, vocab)`` for token ids ``(B, T)`` (padding anywhere, mask True on tokens).
+
+        With a ``cache`` (from ``self.decoder.new_cache()``), ``ids`` are the tokens after those
+        it holds: only they are computed, attending to the cached ones.
+        """
+        before = cache.key_mask.long().sum(1, keepdim=True) if cache is not None and len(cache) else 0  # (B, 1)
+        positions = (before + mask.long().cumsum(1) - 1).clamp(min=0)  # left padding does not shift positions
+        x = self.token_embedding(ids) + self.position_embedding[positions]  # (B, T, width)
+        x = self.decoder(x, mask, causal=True, context=memory, context_mask=memory_mask, cache=cache)
         return self.norm(x) @ self.token_embedding.weight.T
 
     # ---- sequences ----
@@ -248,8 +237,12 @@ class Captioner(nn.Module):
     @torch.no_grad()
     def generate(self, batch: dict, prompts: list[str | None] | None = None, *, method: str = "greedy",
                  beams: int = 4, top_p: float = 0.9, temperature: float = 1.0, max_new_tokens: int = 40,
-                 generator: torch.Generator | None = None) -> list[str]:
-        """Text for each sample of ``batch`` (after its prompt, if any): greedy, beam or nucleus."""
+                 generator: torch.Generator | None = None, use_cache: bool = True) -> list[str]:
+        """Text for each sample of ``batch`` (after its prompt, if any): greedy, beam or nucleus.
+
+        ``use_cache``: each step runs the decoder on the new token only, reading the keys and
+        values of the earlier ones from a KV cache (off: on the whole sequence, the same tokens).
+        """
         if method not in DECODING:
             raise ValueError(f"unknown decoding {method!r}; choose from {DECODING}")
         memory, memory_mask = self.memory(batch)
@@ -257,88 +250,33 @@ class Captioner(nn.Module):
         prompts = prompts if prompts is not None else [None] * b
         if len(prompts) != b:
             raise ValueError(f"{len(prompts)} prompts for a batch of {b}")
-        prefixes = [self._prefix(p) for p in prompts]
-        longest = max(len(p) for p in prefixes)
-        ids = torch.full((b, longest), self.tokenizer.pad_id, dtype=torch.long, device=memory.device)
-        for i, p in enumerate(prefixes):  # left-pad: every sequence grows at the right end
-            ids[i, longest - len(p):] = torch.tensor(p, device=memory.device)
-        max_new = min(max_new_tokens, self.config.context_length - longest)
+        ids = self.prompt_ids(prompts, memory.device)
+        max_new = min(max_new_tokens, self.config.context_length - ids.shape[1])
+        eos, pad = self.tokenizer.eos_id, self.tokenizer.pad_id
+        if method == "beam":  # each sample's memory serves its beams
+            memory, memory_mask = memory.repeat_interleave(beams, 0), memory_mask.repeat_interleave(beams, 0)
+
+        def step(new_ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:  # (B, t) -> (B, vocab)
+            return self.decode(new_ids, new_ids != pad, memory, memory_mask, cache)[:, -1]
+
+        cache = self.decoder.new_cache() if use_cache else None
         if method == "beam":
-            out = self._beam(ids, memory, memory_mask, beams, max_new)
+            out = decoding.beam(step, ids, beams=beams, max_new=max_new, eos=eos, pad=pad, cache=cache)
+        elif method == "nucleus":
+            out = decoding.nucleus(step, ids, max_new=max_new, eos=eos, pad=pad, top_p=top_p,
+                                   temperature=temperature, generator=generator, cache=cache)
         else:
-            out = self._sample(ids, memory, memory_mask, max_new, method == "nucleus", top_p, temperature, generator)
+            out = decoding.greedy(step, ids, max_new=max_new, eos=eos, pad=pad, cache=cache)
         return [self.tokenizer.decode(seq) for seq in out]
 
-    def _sample(self, ids, memory, memory_mask, max_new, nucleus, top_p, temperature, generator) -> list[list[int]]:
-        eos, pad = self.tokenizer.eos_id, self.tokenizer.pad_id
-        b = ids.shape[0]
-        done = torch.zeros(b, dtype=torch.bool, device=ids.device)
-        new = []
-        for _ in range(max_new):
-            logits = self.decode(ids, ids != pad, memory, memory_mask)[:, -1]
-            if nucleus:
-                probs = torch.softmax(logits / max(temperature, 1e-5), -1)
-                sorted_p, order = probs.sort(-1, descending=True)
-                keep = sorted_p.cumsum(-1) - sorted_p < top_p  # the smallest set whose mass reaches top_p
-                sorted_p = sorted_p * keep
-                pick = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=generator)
-                token = order.gather(1, pick)[:, 0]
-            else:
-                token = logits.argmax(-1)
-            token = torch.where(done, torch.full_like(token, pad), token)
-            new.append(token)
-            done |= token == eos
-            ids = torch.cat([ids, token[:, None]], 1)
-            if done.all():
-                break
-        seqs = torch.stack(new, 1).tolist() if new else [[] for _ in range(b)]
-        return [s[: s.index(eos)] if eos in s else s for s in seqs]
-
-    def _beam(self, ids, memory, memory_mask, k, max_new) -> list[list[int]]:
-        """Beam search with ``k`` beams; finished hypotheses are ranked by mean log-probability."""
-        eos, pad = self.tokenizer.eos_id, self.tokenizer.pad_id
-        b, t0 = ids.shape
-        ids = ids.repeat_interleave(k, 0)  # (B*k, T)
-        memory, memory_mask = memory.repeat_interleave(k, 0), memory_mask.repeat_interleave(k, 0)
-        scores = torch.full((b, k), float("-inf"), device=ids.device)
-        scores[:, 0] = 0.0  # all beams start identical: keep one alive
-        finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(b)]
-        for step in range(max_new):
-            logp = torch.log_softmax(self.decode(ids, ids != pad, memory, memory_mask)[:, -1], -1)  # (B*k, V)
-            v = logp.shape[-1]
-            total = (scores[:, :, None] + logp.view(b, k, v)).view(b, -1)  # (B, k*V)
-            top, index = total.topk(2 * k, -1)
-            beam, token = index // v, index % v
-            next_ids, next_scores = [], torch.full((b, k), float("-inf"), device=ids.device)
-            rows = ids.view(b, k, -1)
-            for i in range(b):
-                kept = 0
-                for s, bm, tk in zip(top[i].tolist(), beam[i].tolist(), token[i].tolist(), strict=True):
-                    if s == float("-inf"):
-                        break
-                    seq = rows[i, bm, t0:].tolist() + [tk]
-                    if tk == eos:
-                        finished[i].append((s / len(seq), seq[:-1]))
-                        continue
-                    if kept < k:
-                        next_ids.append(torch.cat([rows[i, bm], token.new_tensor([tk])]))
-                        next_scores[i, kept] = s
-                        kept += 1
-                while kept < k:  # pad with dead beams
-                    next_ids.append(torch.cat([rows[i, 0], token.new_tensor([pad])]))
-                    kept += 1
-            ids, scores = torch.stack(next_ids), next_scores
-            best_alive = scores.max(1).values
-            if all(len(finished[i]) >= k and max(f[0] for f in finished[i]) >= best_alive[i].item() / (step + 1)
-                   for i in range(b)):
-                break
-        out = []
-        for i in range(b):
-            if not finished[i]:  # nothing ended: take the best live beam
-                j = int(scores[i].argmax())
-                finished[i].append((0.0, [x for x in ids.view(b, k, -1)[i, j, t0:].tolist() if x != pad]))
-            out.append(max(finished[i], key=lambda f: f[0])[1])
-        return out
+    def prompt_ids(self, prompts: list[str | None], device: torch.device | str = "cpu") -> torch.Tensor:
+        """``<bos> prompt <eos>`` of each sample, left-padded so every sequence grows at the right end."""
+        prefixes = [self._prefix(p) for p in prompts]
+        longest = max(len(p) for p in prefixes)
+        ids = torch.full((len(prefixes), longest), self.tokenizer.pad_id, dtype=torch.long, device=device)
+        for i, p in enumerate(prefixes):
+            ids[i, longest - len(p):] = torch.tensor(p, device=device)
+        return ids
 
     # ---- the family (see polymodal.models.family) ----
 

@@ -287,10 +287,13 @@ class ContrastiveModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> ContrastiveModel:
         directory = Path(directory)
-        from polymodal.models.hf_clip import is_hf_clip, load_hf_clip
+        from polymodal.models.hf_clip import is_hf_clip, read_hf_clip
 
-        if is_hf_clip(directory):  # a transformers CLIPModel folder
-            return load_hf_clip(directory)
+        if is_hf_clip(directory):  # a transformers CLIPModel folder, converted tensor by tensor
+            settings, tokenizer, state = read_hf_clip(directory)
+            model = cls(ContrastiveConfig(**settings), tokenizer)
+            model.load_state_dict(state, strict=True)
+            return model.eval()
         raw, state = read_model_folder(directory, "contrastive")
         config = ContrastiveConfig(**raw)
         tokenizer = TextTokenizer.from_pretrained(directory) if (directory / "tokenizer.json").exists() else None

@@ -40,7 +40,7 @@ from polymodal.models.family import (
 from polymodal.models.folder import read_model_folder, write_model_folder
 from polymodal.nn.encoders import INPUT_KIND, build_encoder
 from polymodal.nn.fusion import masked_mean
-from polymodal.nn.layers import MLP, Attention, Transformer, attention_mask
+from polymodal.nn.layers import Block, Transformer, attention_mask
 
 STRATEGIES = ("early", "late", "hybrid", "single")
 
@@ -92,27 +92,6 @@ def copy_matching_encoders(encoders: nn.ModuleDict, specs: dict[str, dict], othe
     return copied
 
 
-class GatedCrossBlock(nn.Module):
-    """Self-attention, then tanh-gated cross-attention to the context, then an MLP."""
-
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(width), nn.LayerNorm(width), nn.LayerNorm(width)
-        self.self_attn = Attention(width, heads)
-        self.cross_attn = Attention(width, heads)
-        self.gate = nn.Parameter(torch.zeros(1))  # tanh(0) = 0: the cross path starts closed
-        self.mlp = MLP(width, 4 * width)
-
-    def forward(self, x, x_mask, context, context_mask):
-        x = x + self.self_attn(self.norm1(x), mask=attention_mask(x_mask, x.shape[1], False))
-        if context is not None:
-            attended = self.cross_attn(self.norm2(x), context=context, mask=context_mask[:, None, None, :])
-            # a sample whose context is all masked gets nothing from it
-            has_context = context_mask.any(1)[:, None, None].to(x.dtype)
-            x = x + torch.tanh(self.gate) * attended * has_context
-        return x + self.mlp(self.norm3(x))
-
-
 class FusionClassifier(nn.Module):
     def __init__(self, config: FusionConfig):
         super().__init__()
@@ -130,7 +109,9 @@ class FusionClassifier(nn.Module):
             self.fusion = Transformer(c.width, c.depth, c.heads)
             self.head = nn.Sequential(nn.LayerNorm(c.width), nn.Linear(c.width, n_classes))
         elif c.strategy == "hybrid":
-            self.blocks = nn.ModuleList(GatedCrossBlock(c.width, c.heads) for _ in range(c.depth))
+            # self-attention, tanh-gated cross-attention to the other towers (closed at the start), MLP
+            self.blocks = nn.ModuleList(Block(c.width, c.heads, cross_attention=True, cross_gate=True)
+                                        for _ in range(c.depth))
             self.head = nn.Sequential(nn.LayerNorm(c.width), nn.Linear(c.width, n_classes))
         elif c.strategy == "late" and c.late_merge == "embedding":  # late fusion of embeddings in one space
             self.projections = nn.ModuleDict({n: nn.Linear(self.encoders[n].width, c.width, bias=False)
@@ -260,8 +241,9 @@ class FusionClassifier(nn.Module):
             if stream not in states:  # no question: the context alone, pooled
                 return self.head(masked_mean(context, context_mask))
             x = states[stream]
+            self_mask = attention_mask(masks[stream], x.shape[1], causal=False)
             for block in self.blocks:
-                x = block(x, masks[stream], context, context_mask)
+                x = block(x, self_mask, context=context, context_mask=context_mask)
             return self.head(masked_mean(x, masks[stream]))
         # late / single: per-modality logits, merged over the modalities each sample has
         logits = torch.stack([self.heads[n](masked_mean(states[n], masks[n])) for n in present], 1)  # (B, M, K)

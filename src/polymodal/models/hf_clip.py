@@ -1,7 +1,8 @@
 """Hugging Face ``CLIPModel`` folders as polymodal contrastive models.
 
 A ``transformers`` CLIP folder (``config.json`` with ``model_type: clip``, weights, tokenizer)
-becomes a :class:`~polymodal.models.clip.ContrastiveModel` whose towers are polymodal's own
+becomes (through ``ContrastiveModel.from_pretrained``) a
+:class:`~polymodal.models.clip.ContrastiveModel` whose towers are polymodal's own
 ViT and text Transformer configured as CLIP's (quick-GELU, pre-LayerNorm on the image tokens,
 causal text attention, pooling at the class token and at the end-of-text token), with the
 weights copied over tensor by tensor. The same ``embed_text`` / ``embed_image`` API then serves
@@ -17,7 +18,6 @@ from pathlib import Path
 import torch
 
 from polymodal.errors import InputError
-from polymodal.models.clip import ContrastiveConfig, ContrastiveModel
 
 
 class HFTokenizer:
@@ -101,8 +101,9 @@ def is_hf_clip(directory: str | os.PathLike) -> bool:
         return False
 
 
-def load_hf_clip(directory: str | os.PathLike) -> ContrastiveModel:
-    """A ``CLIPModel`` folder as a polymodal :class:`ContrastiveModel` (in eval mode)."""
+def read_hf_clip(directory: str | os.PathLike) -> tuple[dict, HFTokenizer, dict[str, torch.Tensor]]:
+    """A ``CLIPModel`` folder's ``(ContrastiveConfig settings, tokenizer, polymodal state dict)``:
+    what :meth:`ContrastiveModel.from_pretrained` builds the same model from."""
     from transformers import AutoTokenizer, CLIPModel
 
     directory = Path(directory)
@@ -115,9 +116,7 @@ def load_hf_clip(directory: str | os.PathLike) -> ContrastiveModel:
         tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(str(directory), local_files_only=True))
     except (OSError, ValueError) as e:
         raise InputError(directory, f"cannot load the tokenizer: {e}") from e
-    config = ContrastiveConfig(towers=towers, embed_dim=cfg.projection_dim, max_logit_scale=100.0)
-    model = ContrastiveModel(config, tokenizer)
+    settings = {"towers": towers, "embed_dim": cfg.projection_dim, "max_logit_scale": 100.0}
     state = convert_state_dict(hf_model.state_dict(), cfg.vision_config.num_hidden_layers,
                                cfg.text_config.num_hidden_layers)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+    return settings, tokenizer, state

@@ -24,7 +24,6 @@ with them.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import random
@@ -309,7 +308,7 @@ class TextToImage(nn.Module):
         for i, t in enumerate(scheduler.timesteps):
             rows = torch.cat([x[owner], x]) if guided_pass else x
             timesteps = torch.full((len(rows),), int(t), device=device, dtype=torch.long)
-            out = denoiser(rows, timesteps, context, mask, pooled)
+            out = self.denoiser(rows, timesteps, context, mask, pooled)
             if guided_pass:
                 cond, uncond = out[: len(conditions)], out[len(conditions) :]
                 directions = torch.zeros_like(uncond).index_add_(0, owner, cond - uncond[owner])

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polymodal.nn.layers import MLP, Attention
+from polymodal.nn.layers import Block, modulate
 from polymodal.nn.unet import timestep_embedding
 
 
@@ -46,32 +46,6 @@ def sincos_2d(side: int, dim: int) -> torch.Tensor:
     return torch.cat([timestep_embedding(ys.flatten(), half, 100.0), timestep_embedding(xs.flatten(), half, 100.0)], 1)
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale[:, None]) + shift[:, None]
-
-
-class DiTBlock(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_ratio: float, context_dim: int):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(width, heads)
-        self.norm_cross = nn.LayerNorm(width)
-        self.cross_attn = Attention(width, heads, context_dim=context_dim)
-        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.mlp = MLP(width, int(width * mlp_ratio), activation="gelu")
-        self.ada = nn.Linear(width, 6 * width)  # shift, scale, gate for attention and MLP
-        nn.init.zeros_(self.ada.weight)
-        nn.init.zeros_(self.ada.bias)
-        nn.init.zeros_(self.cross_attn.out.weight)
-        nn.init.zeros_(self.cross_attn.out.bias)
-
-    def forward(self, x, cond, context, context_mask):
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(cond)).chunk(6, -1)
-        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
-        x = x + self.cross_attn(self.norm_cross(x), context=context, mask=context_mask)
-        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
-
-
 class DiT(nn.Module):
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -80,7 +54,17 @@ class DiT(nn.Module):
         self.register_buffer("positions", sincos_2d(c.max_side // c.patch, c.width), persistent=False)
         self.time_mlp = nn.Sequential(nn.Linear(c.width, c.width), nn.SiLU(), nn.Linear(c.width, c.width))
         self.text_to_cond = nn.Linear(c.context_dim, c.width)
-        self.blocks = nn.ModuleList(DiTBlock(c.width, c.heads, c.mlp_ratio, c.context_dim) for _ in range(c.depth))
+        # each block, and the linear map from the conditioning vector to its shift, scale and gate
+        # (for self-attention, then the MLP), zero-initialised: adaLN-Zero, every block starts as
+        # the identity. The cross-attention's output projection starts at zero too.
+        self.blocks, self.ada = nn.ModuleList(), nn.ModuleList()
+        for _ in range(c.depth):
+            self.blocks.append(Block(c.width, c.heads, c.mlp_ratio, cross_attention=True, context_dim=c.context_dim,
+                                     modulated=True))
+            self.ada.append(nn.Linear(c.width, 6 * c.width))
+            for layer in (self.ada[-1], self.blocks[-1].cross_attn.out):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
         self.norm_out = nn.LayerNorm(c.width, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Linear(c.width, 2 * c.width)
         self.patch_out = nn.Linear(c.width, c.in_channels * c.patch**2)
@@ -101,9 +85,9 @@ class DiT(nn.Module):
         index = (torch.arange(gh, device=x.device)[:, None] * side + torch.arange(gw, device=x.device)[None]).flatten()
         h_ = self.patch_in(tokens) + self.positions[index]  # (B, N, W)
         cond = self.time_mlp(timestep_embedding(t, self.config.width)) + self.text_to_cond(pooled)  # (B, W)
-        mask = context_mask[:, None, None, :] if context_mask is not None else None
-        for block in self.blocks:
-            h_ = block(h_, cond, context, mask)
+        for block, ada in zip(self.blocks, self.ada, strict=True):
+            modulation = ada(F.silu(cond)).view(b, 6, -1)  # (B, 6, W): shift, scale, gate twice
+            h_ = block(h_, context=context, context_mask=context_mask, modulation=modulation)
         shift, scale = self.ada_out(F.silu(cond)).chunk(2, -1)
         out = self.patch_out(modulate(self.norm_out(h_), shift, scale))  # (B, N, C*p*p)
         out = out.view(b, gh, gw, ch, p, p).permute(0, 3, 1, 4, 2, 5)

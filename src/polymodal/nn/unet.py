@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polymodal.nn.layers import MLP, Attention
+from polymodal.nn.layers import Block
 
 
 @dataclass
@@ -103,7 +103,9 @@ class ResBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """Self-attention, cross-attention to the context and an MLP over a feature map's positions."""
+    """A feature map's positions through one Transformer block: self-attention (unless
+    ``self_attention`` is off), cross-attention to the context, MLP; in and out through 1x1
+    convolutions, the output one zero-initialised so the block starts as the identity."""
 
     def __init__(self, channels: int, heads: int, context_dim: int, groups: int, self_attention: bool = True,
                  positions: bool = True):
@@ -111,10 +113,8 @@ class SpatialTransformer(nn.Module):
         self.positions = positions
         self.norm = nn.GroupNorm(groups, channels)
         self.proj_in = nn.Conv2d(channels, channels, 1)
-        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(channels) for _ in range(3))
-        self.self_attn = Attention(channels, heads) if self_attention else None
-        self.cross_attn = Attention(channels, heads, context_dim=context_dim)
-        self.mlp = MLP(channels, 4 * channels)
+        self.block = Block(channels, heads, self_attention=self_attention, cross_attention=True,
+                           context_dim=context_dim)
         self.proj_out = nn.Conv2d(channels, channels, 1)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
@@ -124,11 +124,7 @@ class SpatialTransformer(nn.Module):
         y = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)  # (B, HW, C)
         if self.positions:
             y = y + position_code(h, w, c, x.device)
-        if self.self_attn is not None:
-            y = y + self.self_attn(self.norm1(y))
-        mask = context_mask[:, None, None, :] if context_mask is not None else None  # (B, 1, 1, T)
-        y = y + self.cross_attn(self.norm2(y), context=context, mask=mask)
-        y = y + self.mlp(self.norm3(y))
+        y = self.block(y, context=context, context_mask=context_mask)
         return x + self.proj_out(y.transpose(1, 2).reshape(b, c, h, w))
 
 

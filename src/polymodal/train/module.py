@@ -2,8 +2,10 @@
 
 It knows nothing about model families. The optimiser is AdamW with weight decay on matrices
 only; the learning rate warms up linearly, then follows a cosine to zero over the budget, which
-is either a step count or a wall-clock time (``max_minutes``: the schedule follows the elapsed
-fraction of the budget, so a run ends with a cooled-down model whatever the machine's speed).
+is a step count (``max_steps``: the same model on a quiet or a busy machine, only the time
+varies), with an optional wall-clock cap (``max_minutes``: the schedule then follows whichever
+budget is further spent, so a capped run still ends with a cooled-down model). The warm-up is a
+share of the budget, so it scales with it.
 Steps are optimizer steps: with ``trainer.accumulate`` batches a step, the micro-batches of one
 step share its learning rate.
 
@@ -29,12 +31,16 @@ from polymodal.train.ema import averaged_weights
 
 class TrainModule(L.LightningModule):
     def __init__(self, model: nn.Module, *, lr: float, weight_decay: float, betas=(0.9, 0.98),
-                 warmup_steps: int = 100, max_steps: int | None = None, max_minutes: float | None = None,
+                 warmup: float = 0.05, max_steps: int | None = None, max_minutes: float | None = None,
                  validate: Callable[[nn.Module], dict[str, float]] | None = None):
         super().__init__()
         self.model = model
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
-        self.warmup_steps, self.max_steps, self.max_minutes = warmup_steps, max_steps, max_minutes
+        if not max_steps and not max_minutes:
+            raise ValueError("a training budget is needed: trainer.max_steps (or a max_minutes cap)")
+        if not 0.0 <= warmup < 1.0:
+            raise ValueError(f"trainer.warmup is a share of the budget in [0, 1), got {warmup}")
+        self.warmup, self.max_steps, self.max_minutes = warmup, max_steps, max_minutes
         self.validate_fn = validate
         self.started: float | None = None
         self.elapsed_before = 0.0  # training seconds spent before a resume
@@ -43,15 +49,20 @@ class TrainModule(L.LightningModule):
         self.step_before = 0  # the optimizer step count when the current batch began
 
     def budget_fraction(self) -> float:
-        if self.max_steps:
-            return min(1.0, self.global_step / self.max_steps)
+        """How much of the budget is spent: of the steps, or of the minutes when a clock cap is
+        set and further spent (so a capped run still ends cooled down)."""
+        fraction = self.global_step / self.max_steps if self.max_steps else 0.0
         if self.max_minutes:
             spent = self.elapsed_before + (time.perf_counter() - self.started if self.started else 0.0)
-            return min(1.0, spent / (self.max_minutes * 60))
-        return 0.0
+            fraction = max(fraction, spent / (self.max_minutes * 60))
+        return min(1.0, fraction)
 
     def learning_rate(self) -> float:
-        warm = min(1.0, (self.global_step + 1) / max(self.warmup_steps, 1))
+        """Linear warm-up over the first ``warmup`` share of the budget, then a cosine to zero.
+        With a step budget the warm-up counts steps: step ``g`` gets ``(g + 1) / (warmup * max_steps)``
+        of the peak, so a short budget warms up as fast as it must and still reaches the peak."""
+        progress = (self.global_step + 1) / self.max_steps if self.max_steps else self.fraction
+        warm = min(1.0, max(progress, self.fraction) / self.warmup) if self.warmup > 0 else 1.0
         return self.lr * warm * 0.5 * (1 + math.cos(math.pi * self.fraction))
 
     def on_train_start(self) -> None:
@@ -135,7 +146,9 @@ def run_validation(trainer, module: TrainModule) -> None:
 
     Every process calls this; the first one computes (a validation metric such as retrieval
     recall is over the whole validation set, not a sum of shards) and the others wait for it at
-    a barrier, so no process runs ahead into the next step's gradient exchange."""
+    a barrier, so no process runs ahead into the next step's gradient exchange. A validation
+    function therefore must not talk to the other processes (no gathered loss: score with
+    ``embed``/``forward``, not with a contrastive ``loss``)."""
     if module.validate_fn is None:
         return
     if trainer.is_global_zero:

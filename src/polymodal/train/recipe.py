@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -35,12 +36,13 @@ class DataSettings:
 
 @dataclass
 class TrainerSettings:
-    max_minutes: float | None = 20.0  # wall-clock budget of the training loop; the schedule follows it
-    max_steps: int | None = None  # or a step budget (takes precedence when set)
+    max_steps: int | None = None  # the budget, in optimizer steps: the same model on any machine
+    max_minutes: float | None = None  # an optional wall-clock cap: training also ends (cooled down, the
+    # schedule follows whichever of the two budgets is further spent) after this many minutes
     lr: float = 1e-3
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.98)
-    warmup_steps: int = 100
+    warmup: float = 0.05  # share of the budget over which the learning rate rises linearly to lr
     devices: int = 1  # processes (CPU: gloo DDP when > 1)
     accelerator: str = "auto"  # cpu | gpu | auto
     precision: str = "32-true"  # bf16-mixed on GPUs; never bf16 on CPU
@@ -99,12 +101,32 @@ def _settings(cls, raw: dict | None, section: str, source: str):
     return cls(**values)
 
 
+def shipped_recipes() -> list[str]:
+    """The names of the recipes that ship inside the package (``polymodal/recipes/*.yaml``)."""
+    folder = resources.files("polymodal") / "recipes"
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def recipe_text(name_or_path: str | os.PathLike) -> tuple[str, str]:
+    """``(name, YAML text)`` of a recipe: a file path, or the name of a recipe that ships with
+    polymodal (``clip-shapes``, also ``recipes/clip-shapes.yaml`` as the checkout once held them;
+    works from an installed wheel as from a checkout)."""
+    path = Path(name_or_path)
+    name = path.name.removesuffix(".yaml")
+    if path.is_file():
+        return name, path.read_text()
+    shipped = resources.files("polymodal") / "recipes" / f"{name}.yaml"
+    if str(name_or_path) in (name, f"{name}.yaml", f"recipes/{name}.yaml") and shipped.is_file():
+        return name, shipped.read_text()
+    raise InputError(name_or_path, f"no such recipe file, and no shipped recipe of that name; shipped: "
+                                   f"{', '.join(shipped_recipes())}")
+
+
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "recipe not found")
+    """The recipe at ``path`` (a YAML file, or the name of a shipped recipe) with ``overrides``."""
+    name, text = recipe_text(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise InputError(path, f"invalid YAML: {e}") from e
     raw = apply_overrides(raw, overrides or [])
@@ -114,7 +136,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     if not isinstance(raw.get("model"), dict) or "type" not in raw["model"]:
         raise InputError(path, "model: a mapping with a 'type' is required")
     return Recipe(
-        model=raw["model"], name=raw.get("name", path.stem),
+        model=raw["model"], name=raw.get("name", name),
         data=_settings(DataSettings, raw.get("data"), "data", str(path)),
         trainer=_settings(TrainerSettings, raw.get("trainer"), "trainer", str(path)),
     )

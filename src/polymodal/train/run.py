@@ -156,7 +156,7 @@ def train(recipe: Recipe, data: str | os.PathLike, out: str | os.PathLike, *, re
     if recipe.data.val_split:  # decoded once; the family says what to score on it
         items = MemoryDataset(data, fields, split=recipe.data.val_split, options=options, limit=recipe.data.val_limit).items
         validate = model.validator(items, fields)
-    module = TrainModule(model, lr=t.lr, weight_decay=t.weight_decay, betas=t.betas, warmup_steps=t.warmup_steps,
+    module = TrainModule(model, lr=t.lr, weight_decay=t.weight_decay, betas=t.betas, warmup=t.warmup,
                          max_steps=t.max_steps, max_minutes=t.max_minutes, validate=validate)
     trainer = build_trainer(t, out, progress=progress, use_distributed_sampler=recipe.data.in_memory and not bucketed)
     last = out / "checkpoints" / "last.ckpt"
