@@ -146,3 +146,17 @@ def test_generic_code_names_no_family():
         for pattern in patterns:
             found = re.search(pattern, text)
             assert found is None, f"{path.name} names a family: {found.group(0)!r}"
+
+
+def test_every_shipped_recipe_loads_by_name_with_a_step_budget():
+    from polymodal.train.recipe import load_recipe, shipped_recipes
+
+    names = shipped_recipes()
+    assert {"clip-shapes", "caption-shapes", "t2i-dit-latent-shapes"} <= set(names)
+    for name in names:
+        recipe = load_recipe(name)
+        assert recipe.model["type"] in FAMILIES, name
+        assert isinstance(recipe.trainer.max_steps, int) and recipe.trainer.max_steps > 0, name
+        assert 0.0 <= recipe.trainer.warmup < 0.5 and recipe.trainer.max_minutes is None, name
+    with pytest.raises(InputError, match="shipped: .*clip-shapes"):
+        load_recipe("clip-shapse")

@@ -10,7 +10,7 @@ from polymodal.cli import app
 from polymodal.errors import InputError
 from polymodal.modalities.text import TextTokenizer
 from polymodal.models.autoencoder import Autoencoder, AutoencoderConfig
-from polymodal.models.text_to_image import TextToImage, TextToImageConfig, split_conjunction
+from polymodal.models.text_to_image import TextToImage, TextToImageConfig, clip_text_tower, split_conjunction
 
 PROMPTS = ["a small red circle in the top left", "a large blue square in the center", "two green stars"]
 TINY_UNET = {"type": "unet", "channels": [16, 32], "attention": [False, True], "heads": 2, "groups": 4}
@@ -22,10 +22,10 @@ def tokenizer():
     return TextTokenizer.train(PROMPTS * 4, vocab_size=300)
 
 
-def make(tokenizer, ae: Autoencoder | None = None, **kw) -> TextToImage:
+def make(tokenizer, ae: Autoencoder | None = None, text_encoder=None, **kw) -> TextToImage:
     torch.manual_seed(0)
     settings = dict(denoiser=TINY_UNET, text=TINY_TEXT, image_size=16)
-    return TextToImage(TextToImageConfig(**{**settings, **kw}), tokenizer, ae)
+    return TextToImage(TextToImageConfig(**{**settings, **kw}), tokenizer, ae, text_encoder)
 
 
 def batch():
@@ -197,7 +197,8 @@ def test_a_frozen_text_encoder_is_cached_and_matches_direct_encoding(tokenizer, 
     clip = ContrastiveModel(ContrastiveConfig(towers={"image": {"type": "cnn", "preset": "tiny"},
                                                       "text": {"type": "text", "preset": "tiny"}}), tokenizer)
     clip.save_pretrained(tmp_path / "clip")
-    m = make(tokenizer, text={"type": "clip", "path": str(tmp_path / "clip")})
+    m = make(tokenizer, text_encoder=clip_text_tower(str(tmp_path / "clip")),
+             text={"type": "clip", "path": str(tmp_path / "clip")})
     assert m.text.frozen and not any(p.requires_grad for p in m.text.encoder.parameters())
     states, mask, pooled = m.text(PROMPTS, torch.device("cpu"))
     assert set(m.text._cache) == set(PROMPTS)
@@ -207,6 +208,14 @@ def test_a_frozen_text_encoder_is_cached_and_matches_direct_encoding(tokenizer, 
     again, _, _ = m.text(PROMPTS[::-1], torch.device("cpu"))  # from the cache, in another order
     assert torch.allclose(again[2, : mask[0].sum()], states[0, : mask[0].sum()])
     assert m.loss(batch())["loss"].item() > 0
+    # the frozen tower is saved with the model: it draws with the contrastive model's folder gone
+    drawn = m.eval().generate(PROMPTS[:2], steps=2)
+    m.save_pretrained(tmp_path / "t2i")
+    shutil.rmtree(tmp_path / "clip")
+    loaded = TextToImage.from_pretrained(tmp_path / "t2i")
+    assert torch.allclose(loaded.generate(PROMPTS[:2], steps=2), drawn, atol=1e-5)
+    with pytest.raises(ValueError, match="text encoder of a saved contrastive model"):
+        make(tokenizer, text={"type": "clip", "path": "anywhere"})
 
 
 def test_training_latents_are_encoded_once_per_sample(tokenizer, tmp_path):

@@ -44,6 +44,7 @@ from polymodal.nn.encoders import build_encoder, config_from_spec
 
 TEXT_ENCODERS = ("text", "clip", "minilm")
 AUTOENCODER_FOLDER = "autoencoder"  # subfolder of a saved model holding its autoencoder
+TEXT_ENCODER_FOLDER = "text_encoder"  # subfolder holding a frozen text tower taken from a contrastive model
 
 log = logging.getLogger("polymodal.models")
 
@@ -89,7 +90,7 @@ class TextConditioner(nn.Module):
     """Text -> token states (B, T, D), their mask (B, T) and a pooled vector (B, D); and the
     learned "no text" condition used for dropped captions and guidance."""
 
-    def __init__(self, spec: dict, tokenizer: TextTokenizer | None):
+    def __init__(self, spec: dict, tokenizer: TextTokenizer | None, encoder: nn.Module | None = None):
         super().__init__()
         self.spec = spec
         kind = spec["type"]
@@ -98,16 +99,10 @@ class TextConditioner(nn.Module):
             from polymodal.nn.pretrained import MiniLMTextEncoder
 
             self.encoder = MiniLMTextEncoder(spec.get("path"))
-        elif kind == "clip":
-            from polymodal.models.clip import ContrastiveModel
-
-            if not spec.get("path"):
-                raise ValueError("text: type clip needs path: a saved contrastive model")
-            clip = ContrastiveModel.from_pretrained(spec["path"])
-            tower = clip.tower_reading("text")
-            if tower is None or clip.config.towers[tower]["type"] != "text":
-                raise InputError(spec["path"], "has no trained text tower to condition on")
-            self.encoder = clip.encoders[tower]
+        elif kind == "clip":  # a trained contrastive model's text tower, passed in (see clip_text_tower)
+            if encoder is None:
+                raise ValueError("text: type clip needs the text encoder of a saved contrastive model")
+            self.encoder = encoder
         else:
             if tokenizer is None:
                 raise ValueError("a trained text encoder needs a tokenizer")
@@ -180,17 +175,19 @@ def split_conjunction(prompt: str) -> list[str]:
 
 class TextToImage(nn.Module):
     """``autoencoder``: the trained autoencoder whose latent grid is diffused (the config's
-    ``autoencoder`` names where it came from; the model keeps it and saves it in its folder)."""
+    ``autoencoder`` names where it came from; the model keeps it and saves it in its folder).
+    ``text_encoder``: with ``text: {type: clip}``, the text tower of a trained contrastive model
+    (kept frozen and saved in the model's folder the same way)."""
 
     def __init__(self, config: TextToImageConfig, tokenizer: TextTokenizer | None = None,
-                 autoencoder: Autoencoder | None = None):
+                 autoencoder: Autoencoder | None = None, text_encoder: nn.Module | None = None):
         super().__init__()
         self.config = c = config
         if (autoencoder is None) != (c.autoencoder is None):
             raise ValueError("config.autoencoder names an autoencoder folder exactly when one is passed in")
         if autoencoder is not None and c.latent_scale is None:
             raise ValueError("latent_scale is needed with an autoencoder (the builder measures it)")
-        self.text = TextConditioner(c.text, tokenizer)
+        self.text = TextConditioner(c.text, tokenizer, text_encoder)
         self.autoencoder = None
         channels, self.latent_size = 3, c.image_size
         if autoencoder is not None:
@@ -338,7 +335,8 @@ class TextToImage(nn.Module):
         if autoencoder is not None and config.latent_scale is None:
             config = replace(config, latent_scale=latent_scale(autoencoder, build.images(512)))
             log.info("latent scale %.4f", config.latent_scale)
-        return cls(config, tokenizer, autoencoder)
+        text_encoder = clip_text_tower(config.text.get("path")) if config.text["type"] == "clip" else None
+        return cls(config, tokenizer, autoencoder, text_encoder)
 
     def fields(self) -> dict[str, str]:
         return dict(self.config.fields) or {self.config.image_field: "image"}
@@ -409,6 +407,8 @@ class TextToImage(nn.Module):
                 tokenizer.save_pretrained(folder)
             if self.autoencoder is not None:
                 self.autoencoder.save_pretrained(folder / AUTOENCODER_FOLDER)
+            if self.config.text["type"] == "clip":
+                save_text_tower(self.text.encoder, folder / TEXT_ENCODER_FOLDER)
 
         return write_model_folder(directory, {"model_type": "text_to_image", **asdict(self.config)},
                                   self.state_to_save(), extra=parts)
@@ -424,7 +424,8 @@ class TextToImage(nn.Module):
             if not (directory / AUTOENCODER_FOLDER).is_dir():
                 raise InputError(directory, f"the model diffuses latents but its {AUTOENCODER_FOLDER}/ folder is missing")
             autoencoder = Autoencoder.from_pretrained(directory / AUTOENCODER_FOLDER)
-        model = cls(config, tokenizer, autoencoder)
+        text_encoder = load_text_tower(directory / TEXT_ENCODER_FOLDER) if config.text["type"] == "clip" else None
+        model = cls(config, tokenizer, autoencoder, text_encoder)
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if k in model.state_to_save()]
         if missing or unexpected:
@@ -438,3 +439,33 @@ def latent_scale(autoencoder: Autoencoder, images: torch.Tensor) -> float:
     """1 / the standard deviation of the autoencoder's latents of ``images``: the scale that
     gives diffusion unit-variance latents."""
     return float(1.0 / autoencoder.encode(images).std().clamp(min=1e-6))
+
+
+def clip_text_tower(path: str | None) -> nn.Module:
+    """The text encoder of the contrastive model saved in ``path`` (with its tokenizer)."""
+    from polymodal.models.clip import ContrastiveModel
+
+    if not path:
+        raise ValueError("text: type clip needs path: a saved contrastive model")
+    clip = ContrastiveModel.from_pretrained(path)
+    tower = clip.tower_reading("text")
+    if tower is None or clip.config.towers[tower]["type"] != "text":
+        raise InputError(path, "has no trained text tower to condition on")
+    return clip.encoders[tower]
+
+
+def save_text_tower(encoder: nn.Module, folder: Path) -> None:
+    """A text encoder's config, weights and tokenizer in ``folder`` (a part of a saved model)."""
+    write_model_folder(folder, {"model_type": "text_encoder", **asdict(encoder.config)}, encoder.state_dict(),
+                       extra=encoder.tokenizer.save_pretrained)
+
+
+def load_text_tower(folder: Path) -> nn.Module:
+    """The text encoder :func:`save_text_tower` wrote to ``folder``."""
+    if not folder.is_dir():
+        raise InputError(folder.parent, f"the model conditions on a contrastive model's text tower but its "
+                                        f"{folder.name}/ folder is missing")
+    raw, state = read_model_folder(folder, "text_encoder")
+    encoder = build_encoder(raw, tokenizer=TextTokenizer.from_pretrained(folder))
+    encoder.load_state_dict(state)
+    return encoder
