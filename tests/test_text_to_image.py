@@ -10,7 +10,12 @@ from polymodal.cli import app
 from polymodal.errors import InputError
 from polymodal.modalities.text import TextTokenizer
 from polymodal.models.autoencoder import Autoencoder, AutoencoderConfig
-from polymodal.models.text_to_image import TextToImage, TextToImageConfig, clip_text_tower, split_conjunction
+from polymodal.models.text_to_image import (
+    TextToImage,
+    TextToImageConfig,
+    clip_text_tower,
+    split_conjunction,
+)
 
 PROMPTS = ["a small red circle in the top left", "a large blue square in the center", "two green stars"]
 TINY_UNET = {"type": "unet", "channels": [16, 32], "attention": [False, True], "heads": 2, "groups": 4}
