@@ -97,7 +97,7 @@ def test_audio_captioner_reads_spectrograms(tokenizer):
     b = {"speech": torch.randn(2, 80, 50) - 8, "speech_mask": torch.ones(2, 50, dtype=torch.bool), "rows": rows(2)}
     out = m.loss(b)
     out["loss"].backward()
-    assert m.encoders["speech"].stem[0].weight.grad is not None
+    assert m.towers["speech"].encoder.stem[0].weight.grad is not None
     assert len(m.eval().generate(b, max_new_tokens=3)) == 2
 
 
@@ -109,7 +109,7 @@ def test_every_task_per_sample_decodes_each_caption_and_question_of_an_image(tok
     assert owner == [0, 0, 1, 1]
     out = m.loss(batch(2))
     out["loss"].backward()
-    assert torch.isfinite(out["loss"]) and m.encoders["image"].stem[0].weight.grad is not None
+    assert torch.isfinite(out["loss"]) and m.towers["image"].encoder.stem[0].weight.grad is not None
 
 
 def test_questions_per_sample_caps_the_questions_of_each_image(tokenizer):

@@ -133,15 +133,15 @@ def test_gathered_loss_and_gradients_equal_single_process():
 def test_frozen_towers_do_not_train_and_locked_text_features_are_cached(tokenizer):
     config = ContrastiveConfig(towers=TINY, pairs=[("audio", "text")], embed_dim=16, frozen=["image", "text"])
     model = ContrastiveModel(config, tokenizer).train()
-    assert not any(p.requires_grad for p in model.encoders["text"].parameters())
-    assert not any(p.requires_grad for p in model.projections["text"].parameters())
-    assert all(p.requires_grad for p in model.encoders["audio"].parameters())
-    assert not model.encoders["text"].training  # fixed towers stay in eval mode
+    assert not any(p.requires_grad for p in model.towers["text"].encoder.parameters())
+    assert not any(p.requires_grad for p in model.towers["text"].projection.parameters())
+    assert all(p.requires_grad for p in model.towers["audio"].encoder.parameters())
+    assert not model.towers["text"].encoder.training  # fixed towers stay in eval mode
     model.loss(batch_of())["loss"].backward()
-    assert len(model._locked_text_cache["text"]) == 4
+    assert len(model.towers["text"].cache) == 4
     locked = ContrastiveModel(ContrastiveConfig(towers=TINY, embed_dim=16, locked=["text"]), tokenizer)
-    assert all(p.requires_grad for p in locked.projections["text"].parameters())
-    assert not any(p.requires_grad for p in locked.encoders["text"].parameters())
+    assert all(p.requires_grad for p in locked.towers["text"].projection.parameters())
+    assert not any(p.requires_grad for p in locked.towers["text"].encoder.parameters())
 
 
 def test_init_towers_from_copies_matching_towers(tokenizer):

@@ -94,10 +94,11 @@ def test_late_fusion_of_embeddings_answers_with_and_without_a_modality():
 
 def test_frozen_encoders_stay_fixed():
     m = model("early", freeze_encoders=True).train()
-    assert not any(p.requires_grad for p in m.encoders.parameters())
-    assert not m.encoders["image"].training and m.inputs.training
+    encoders = [p for t in m.towers.values() for p in t.encoder.parameters()]
+    assert not any(p.requires_grad for p in encoders)
+    assert not m.towers["image"].encoder.training and m.towers["image"].projection.training
     m.loss(batch())["loss"].backward()
-    assert all(p.grad is None for p in m.encoders.parameters())
+    assert all(p.grad is None for p in encoders)
 
 
 def test_frozen_encoder_states_are_remembered_per_file_and_change_nothing():
@@ -107,7 +108,7 @@ def test_frozen_encoder_states_are_remembered_per_file_and_change_nothing():
         r.update(file_name=f"images/{i}.png", fusion_audio_file=f"audio/{i}.wav")
     plain = m({k: v for k, v in b.items() if k != "rows"})
     first = m(b)
-    assert len(m._cache) == 8 and torch.allclose(first, plain, atol=1e-5)
+    assert sum(len(t.cache) for t in m.towers.values()) == 8 and torch.allclose(first, plain, atol=1e-5)
     b["image"] = torch.zeros_like(b["image"])  # the same files: the remembered states answer
     assert torch.allclose(m(b), first, atol=1e-5)
 
@@ -129,3 +130,39 @@ def test_multi_label_classification_learns_sets_of_labels():
     b["rows"][0]["shapes"] = ["hexagon"]
     with pytest.raises(ValueError, match="shapes"):
         m.labels(b)
+
+
+@pytest.mark.parametrize("operator", ["concat", "sum", "gated", "attention", "cross_attention", "cross_transformer"])
+def test_late_fusion_through_each_fusion_operator(operator):
+    from polymodal.nn.fusion import FUSIONS
+
+    m = model("late", late_merge=operator, modality_dropout=0.5).train()
+    assert isinstance(m.merge, FUSIONS[operator]) and m.towers["image"].projection is None
+    out = m.loss(batch())
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    assert any(p.grad is not None for p in m.merge.parameters())
+    assert m.towers["image"].encoder.stem[0].weight.grad is not None  # the encoders train too
+    m.eval()
+    for missing in ("image", "question"):
+        b = batch()
+        b.pop(missing)
+        b.pop(f"{missing}_mask", None)
+        logits = m(b)
+        assert logits.shape == (4, 2) and torch.isfinite(logits).all()
+
+
+def test_fusion_operators_read_frozen_features_from_the_cache():
+    m = model("late", late_merge="attention", freeze_encoders=True,
+              fields={"image": "image", "question": "audio:fusion_audio_file"}).eval()
+    b = batch()
+    for i, r in enumerate(b["rows"]):
+        r.update(file_name=f"images/{i}.png", fusion_audio_file=f"audio/{i}.wav")
+    first = m(b)
+    assert sum(len(t.cache) for t in m.towers.values()) == 8
+    b["image"] = torch.zeros_like(b["image"])
+    assert torch.allclose(m(b), first, atol=1e-5)
+    with pytest.raises(ValueError, match="exactly two towers"):
+        FusionConfig(towers={**TOWERS, "third": TOWERS["image"]}, strategy="late", late_merge="cross_attention")
+    with pytest.raises(ValueError, match="unknown late_merge"):
+        FusionConfig(towers=TOWERS, strategy="late", late_merge="magic")

@@ -2,8 +2,9 @@
 
 CLIP (image-text), CLAP (audio-text) and bound models (image, text and audio in one space
 through a shared anchor, as ImageBind) are the same class with different ``towers`` and
-``pairs``. Each tower is an encoder from :mod:`polymodal.nn.encoders` followed by a linear
-projection to ``embed_dim``; embeddings are L2-normalised; each pair of modalities is trained
+``pairs``. Each tower (:class:`~polymodal.nn.tower.Tower`) is an encoder from
+:mod:`polymodal.nn.encoders` followed by a linear projection of its pooled feature to
+``embed_dim``; embeddings are L2-normalised; each pair of modalities is trained
 with the symmetric InfoNCE loss at a learnable temperature, initialised to 0.07 and clamped so
 the logit scale never exceeds 100, as CLIP does.
 
@@ -34,11 +35,10 @@ from polymodal.models.family import (
     evaluate_splits,
 )
 from polymodal.models.folder import read_model_folder, write_model_folder
-from polymodal.nn.encoders import INPUT_KIND, build_encoder
+from polymodal.nn.encoders import INPUT_KIND
+from polymodal.nn.tower import Tower
 
 log = logging.getLogger("polymodal.models")
-
-CACHE_LIMIT = 500_000  # texts whose fixed-tower features are kept
 
 
 @dataclass
@@ -94,65 +94,21 @@ class ContrastiveModel(nn.Module):
         super().__init__()
         self.config = config
         self.tokenizer = tokenizer
-        self.encoders = nn.ModuleDict()
-        self.projections = nn.ModuleDict()
-        for modality, spec in config.towers.items():
-            if spec.get("type") == "minilm":
-                from polymodal.nn.pretrained import MiniLMTextEncoder
-
-                encoder = MiniLMTextEncoder(spec.get("path"))
-            elif spec.get("type") == "text":
-                if tokenizer is None:
-                    raise ValueError("a text tower needs a tokenizer")
-                encoder = build_encoder({**spec, "vocab_size": tokenizer.vocab_size}, tokenizer=tokenizer)
-            else:
-                encoder = build_encoder(spec)
-            self.encoders[modality] = encoder
-            self.projections[modality] = nn.Linear(encoder.width, config.embed_dim, bias=False)
-        for modality in self.fixed_encoders:
-            self.encoders[modality].requires_grad_(False).eval()
+        # A fixed encoder gives the same features for the same text: its tower caches them.
+        self.towers = nn.ModuleDict({
+            modality: Tower(modality, spec, tokenizer=tokenizer, out_dim=config.embed_dim, project="pooled",
+                            bias=False, frozen=modality in self.fixed_encoders)
+            for modality, spec in config.towers.items()})
         for modality in config.frozen:
-            self.projections[modality].requires_grad_(False)
-        # A fixed text encoder always gives the same features for the same text: cache them.
-        self._locked_text_cache: dict[str, dict[str, torch.Tensor]] = {
-            m: {} for m in self.fixed_encoders if self.input_kind(m) == "text"}
+            self.towers[modality].projection.requires_grad_(False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / config.init_temperature)))
 
     # ---- embedding ----
 
     def encode(self, modality: str, batch: dict) -> torch.Tensor:
-        """Unnormalised features of ``modality`` from a collated batch (see Collator)."""
-        encoder = self.encoders[modality]
-        kind = self.config.towers[modality]["type"]
-        if INPUT_KIND[kind] == "text" and f"{modality}_ids" in batch:  # already tokenised
-            features = encoder(batch[f"{modality}_ids"], batch[f"{modality}_mask"])
-        elif modality in self._locked_text_cache:
-            features = self._locked_text_features(modality, list(batch[modality]))
-        elif INPUT_KIND[kind] == "text":
-            inputs = encoder.tokenize(batch[modality])
-            inputs = {k: v.to(self.logit_scale.device) for k, v in inputs.items()}
-            features = encoder(**inputs)
-        elif kind == "audio":
-            features = encoder(batch[modality], batch.get(f"{modality}_mask"))
-        elif kind == "video":
-            features = encoder(batch[modality], batch[f"{modality}_audio"], batch.get(f"{modality}_audio_mask"))
-        else:
-            features = encoder(batch[modality])
-        return self.projections[modality](features)
-
-    @torch.no_grad()
-    def _locked_text_features(self, modality: str, texts: list[str]) -> torch.Tensor:
-        cache, encoder = self._locked_text_cache[modality], self.encoders[modality]
-        if len(cache) > CACHE_LIMIT:
-            cache.clear()
-        missing = list(dict.fromkeys(t for t in texts if t not in cache))
-        encoder.eval()
-        for start in range(0, len(missing), 256):
-            chunk = missing[start : start + 256]
-            inputs = {k: v.to(self.logit_scale.device) for k, v in encoder.tokenize(chunk).items()}
-            for text, feature in zip(chunk, encoder(**inputs), strict=True):
-                cache[text] = feature
-        return torch.stack([cache[t] for t in texts]).to(self.logit_scale.device)
+        """Unnormalised features ``(B, embed_dim)`` of ``modality`` from a collated batch (see
+        Collator); a fixed text tower reads raw texts through its cache."""
+        return self.towers[modality].pooled(batch)
 
     def input_kind(self, tower: str) -> str:
         """What the tower reads: image, text, audio or video."""
@@ -169,13 +125,8 @@ class ContrastiveModel(nn.Module):
 
     @property
     def fixed_encoders(self) -> list[str]:
+        """Towers whose encoder is fixed (locked or frozen): no gradients, always in eval mode."""
         return list(dict.fromkeys([*self.config.locked, *self.config.frozen]))
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for modality in self.fixed_encoders:  # fixed towers stay in eval mode (no dropout, fixed norms)
-            self.encoders[modality].eval()
-        return self
 
     def embed(self, modality: str, batch: dict) -> torch.Tensor:
         """L2-normalised embeddings ``(B, embed_dim)``."""
@@ -217,8 +168,7 @@ class ContrastiveModel(nn.Module):
         copied = []
         for modality, spec in self.config.towers.items():
             if other.config.towers.get(modality) == spec and other.config.embed_dim == self.config.embed_dim:
-                self.encoders[modality].load_state_dict(other.encoders[modality].state_dict())
-                self.projections[modality].load_state_dict(other.projections[modality].state_dict())
+                self.towers[modality].load_state_dict(other.towers[modality].state_dict())
                 copied.append(modality)
         return copied
 
@@ -282,7 +232,7 @@ class ContrastiveModel(nn.Module):
 
     def _locked_prefixes(self) -> tuple[str, ...]:
         # the locked MiniLM weights ship with their package; they are not copied into every model
-        return tuple(f"encoders.{m}." for m, s in self.config.towers.items() if s.get("type") == "minilm")
+        return tuple(f"towers.{m}.encoder." for m, s in self.config.towers.items() if s.get("type") == "minilm")
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> ContrastiveModel:

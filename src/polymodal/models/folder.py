@@ -45,7 +45,7 @@ def read_config(directory: str | os.PathLike) -> dict:
     directory = Path(directory)
     path = directory / CONFIG_FILE
     if not path.is_file():
-        raise InputError(directory, f"no {CONFIG_FILE}: not a saved model folder")
+        raise InputError(directory, f"no {CONFIG_FILE}: not a saved polymodal model")
     try:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

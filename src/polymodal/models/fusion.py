@@ -1,12 +1,16 @@
 """Fusion classifiers: early, late and hybrid fusion of per-modality encoders.
 
-Each input (a *tower*: an encoder over one field of the batch) becomes a sequence of token
-states with a mask. The strategies differ in where the modalities meet:
+Each input (a *tower*, :class:`~polymodal.nn.tower.Tower`: an encoder over one field of the
+batch) becomes a sequence of token states with a mask. The strategies differ in where the modalities meet:
 
 - ``early``: every tower's tokens, projected to one width and tagged with a modality
   embedding, form one sequence with a class token; a Transformer reads it all.
-- ``late``: each tower has its own head; their logits are merged (mean over the modalities
-  present, or a learned weighting).
+- ``late``: the towers meet only after their encoders. ``late_merge`` says how: each tower
+  has its own head and their logits are merged (``mean`` over the modalities present, or
+  ``learned`` weights); or their pooled embeddings meet in one head (``embedding``); or a
+  fusion operator of :mod:`polymodal.nn.fusion` merges the encoders' features (``concat``,
+  ``sum``, ``gated`` over pooled features; ``attention``, ``cross_attention``,
+  ``cross_transformer`` over token states) and one head reads the result.
 - ``hybrid``: the last tower's tokens (the question, say) pass through blocks that, at every
   depth, also attend to the other towers' tokens through a tanh-gated cross-attention that
   starts closed (as Flamingo does), so training begins from the single-modality model.
@@ -39,10 +43,12 @@ from polymodal.models.family import (
 )
 from polymodal.models.folder import read_model_folder, write_model_folder
 from polymodal.nn.encoders import INPUT_KIND, build_encoder
-from polymodal.nn.fusion import masked_mean
+from polymodal.nn.fusion import FUSIONS, build_fusion, masked_mean
 from polymodal.nn.layers import Block, Transformer, attention_mask
+from polymodal.nn.tower import Tower, copy_matching_encoders
 
 STRATEGIES = ("early", "late", "hybrid", "single")
+LATE_MERGES = ("mean", "learned", "embedding", *FUSIONS)
 
 log = logging.getLogger("polymodal.models")
 
@@ -54,7 +60,8 @@ class FusionConfig:
     # batch field -> encoder spec; for hybrid the last tower is the stream that attends to the others
     strategy: str = "early"  # early | late | hybrid | single
     width: int = 192  # width of the fusion layers
-    depth: int = 2  # fusion Transformer blocks (early) or gated cross-attention blocks (hybrid)
+    depth: int = 2  # fusion Transformer blocks (early), gated cross-attention blocks (hybrid) or
+    # co-attention layers (late_merge cross_transformer)
     heads: int = 4
     classes: list[str] = field(default_factory=lambda: ["no", "yes"])  # label values, in logit order
     label_column: str = "fusion_label"  # metadata column holding the label
@@ -65,7 +72,9 @@ class FusionConfig:
     fields: dict[str, str] = field(default_factory=dict)  # data fields read (name -> "modality[:column]");
     # empty: each tower's name, with its input kind's default column
     late_merge: str = "mean"  # late fusion (other strategies ignore it): mean of present modalities' logits | learned weights |
-    # embedding: each tower's pooled embedding, L2-normalised, then one head on [e_1, e_2, e_1 * e_2]
+    # embedding: each tower's pooled embedding, L2-normalised, then one head on [e_1, e_2, e_1 * e_2] |
+    # an operator of polymodal.nn.fusion on the encoders' features, then one head: concat | sum | gated (pooled
+    # features) | attention | cross_attention (the last tower's tokens attend to the first's) | cross_transformer
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -74,22 +83,16 @@ class FusionConfig:
             raise ValueError("strategy 'single' takes exactly one tower")
         if self.strategy in ("early", "hybrid") and len(self.towers) < 2:
             raise ValueError(f"strategy {self.strategy!r} needs at least two towers")
-        if self.late_merge not in ("mean", "learned", "embedding"):
-            raise ValueError(f"unknown late_merge {self.late_merge!r}; choose mean, learned or embedding")
-        if self.late_merge == "embedding" and self.strategy == "late" and len(self.towers) != 2:
-            raise ValueError("late_merge 'embedding' is late fusion of exactly two towers")
+        if self.late_merge not in LATE_MERGES:
+            raise ValueError(f"unknown late_merge {self.late_merge!r}; choose from {LATE_MERGES}")
+        pairwise = self.late_merge in ("embedding", "cross_attention")
+        if pairwise and self.strategy == "late" and len(self.towers) != 2:
+            raise ValueError(f"late_merge {self.late_merge!r} is late fusion of exactly two towers")
 
-
-def copy_matching_encoders(encoders: nn.ModuleDict, specs: dict[str, dict], other) -> list[tuple[str, str]]:
-    """Load each encoder from the tower of contrastive model ``other`` with the identical spec;
-    returns the (encoder, tower) pairs copied."""
-    copied = []
-    for name, spec in specs.items():
-        match = next((m for m, s in other.config.towers.items() if s == spec), None)
-        if match is not None:
-            encoders[name].load_state_dict(other.encoders[match].state_dict())
-            copied.append((name, match))
-    return copied
+    @property
+    def operator(self) -> str | None:
+        """The :mod:`polymodal.nn.fusion` operator that merges the towers, if one does."""
+        return self.late_merge if self.strategy == "late" and self.late_merge in FUSIONS else None
 
 
 class FusionClassifier(nn.Module):
@@ -97,12 +100,16 @@ class FusionClassifier(nn.Module):
         super().__init__()
         self.config = c = config
         self.names = list(c.towers)
-        self.encoders = nn.ModuleDict({n: build_encoder(spec) for n, spec in c.towers.items()})
-        if c.freeze_encoders:
-            self.encoders.requires_grad_(False)
-        self._cache: dict = {}  # frozen encoders' states per input file (see frozen())
-        self.inputs = nn.ModuleDict({n: nn.Linear(self._token_width(n), c.width) for n in self.names})
-        self.modality_embedding = nn.ParameterDict({n: nn.Parameter(torch.zeros(c.width)) for n in self.names})
+        # Each tower projects its tokens to the fusion width and tags them (an operator has its
+        # own projections; late fusion of embeddings leaves them unused, but the parameter
+        # counts in BENCHMARKS.md include them). Frozen encoders' features are cached per input
+        # file (see _keys). Every encoder is built before any projection: the initialisation the
+        # models measured in BENCHMARKS.md had.
+        encoders = {n: build_encoder(spec) for n, spec in c.towers.items()}
+        self.towers = nn.ModuleDict({
+            n: Tower(n, spec, encoder=encoders[n], out_dim=None if c.operator else c.width,
+                     modality_embedding=not c.operator, frozen=c.freeze_encoders)
+            for n, spec in c.towers.items()})
         n_classes = len(c.classes)
         if c.strategy == "early":
             self.cls = nn.Parameter(torch.zeros(1, 1, c.width))
@@ -113,8 +120,18 @@ class FusionClassifier(nn.Module):
             self.blocks = nn.ModuleList(Block(c.width, c.heads, cross_attention=True, cross_gate=True)
                                         for _ in range(c.depth))
             self.head = nn.Sequential(nn.LayerNorm(c.width), nn.Linear(c.width, n_classes))
+        elif c.operator:  # the encoders' features merged by an operator of nn.fusion, one head
+            reads = FUSIONS[c.operator].reads
+            dims = {n: t.token_width if reads == "tokens" else t.width for n, t in self.towers.items()}
+            options = {"heads": c.heads} if reads == "tokens" else {}
+            if c.operator == "cross_attention":  # as in hybrid, the last tower attends to the other
+                options.update(query=self.names[-1], context=self.names[0])
+            if c.operator == "cross_transformer":
+                options.update(depth=c.depth)
+            self.merge = build_fusion(c.operator, dims, c.width, **options)
+            self.head = nn.Sequential(nn.LayerNorm(c.width), nn.Linear(c.width, n_classes))
         elif c.strategy == "late" and c.late_merge == "embedding":  # late fusion of embeddings in one space
-            self.projections = nn.ModuleDict({n: nn.Linear(self.encoders[n].width, c.width, bias=False)
+            self.projections = nn.ModuleDict({n: nn.Linear(self.towers[n].encoder.width, c.width, bias=False)
                                               for n in self.names})
             self.head = nn.Sequential(nn.Linear(3 * c.width, c.width), nn.GELU(), nn.Linear(c.width, n_classes))
         else:  # late, single: a head per tower
@@ -123,44 +140,17 @@ class FusionClassifier(nn.Module):
                                         for n in self.names})
             self.merge_weights = nn.Parameter(torch.zeros(len(self.names)))
 
-    def _token_width(self, name: str) -> int:
-        encoder = self.encoders[name]
-        if self.config.towers[name]["type"] == "cnn":
-            return encoder.config.widths[-1]
-        return encoder.width
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.config.freeze_encoders:  # fixed encoders keep their normalisation statistics
-            self.encoders.eval()
-        return self
-
     def init_encoders_from(self, other) -> list[str]:
-        """Copy each encoder from a tower of a contrastive model with the identical spec."""
+        """Copy each encoder from a tower of a contrastive model with the identical spec (and,
+        for late fusion of embeddings of the same width, its projection)."""
         copied = []
-        for name, match in copy_matching_encoders(self.encoders, self.config.towers, other):
+        for name, match in copy_matching_encoders(self.towers, other.towers):
             copied.append(f"{name}<-{match}")
             if hasattr(self, "projections") and other.config.embed_dim == self.config.width:
-                self.projections[name].load_state_dict(other.projections[match].state_dict())
+                self.projections[name].load_state_dict(other.towers[match].projection.state_dict())
         return copied
 
     # ---- tokens of each tower ----
-
-    def encoder_tokens(self, name: str, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """The encoder's own token states ``(B, T, C)`` of one tower and their mask ``(B, T)``."""
-        encoder, kind = self.encoders[name], self.config.towers[name]["type"]
-        if INPUT_KIND.get(kind) == "audio":
-            return encoder.tokens(batch[name], batch.get(f"{name}_mask"))
-        if INPUT_KIND.get(kind) == "image":
-            x = encoder.tokens(batch[name])
-            return x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        raise ValueError(f"tower {name!r}: encoder type {kind!r} is not supported in fusion models")
-
-    def encoder_pooled(self, name: str, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """The encoder's pooled features as one token ``(B, 1, C)``, and an all-true mask."""
-        encoder, kind = self.encoders[name], INPUT_KIND[self.config.towers[name]["type"]]
-        pooled = encoder(batch[name], batch.get(f"{name}_mask")) if kind == "audio" else encoder(batch[name])
-        return pooled[:, None], torch.ones(pooled.shape[0], 1, dtype=torch.bool, device=pooled.device)
 
     def _column(self, name: str) -> str:
         from polymodal.data.dataset import DEFAULT_COLUMNS
@@ -169,39 +159,20 @@ class FusionClassifier(nn.Module):
         modality, _, column = spec.partition(":")
         return column or DEFAULT_COLUMNS[modality]
 
-    def frozen(self, name: str, batch: dict, compute) -> tuple[torch.Tensor, torch.Tensor]:
-        """``compute(name, batch)``, remembered per input file while the encoders are frozen.
-
-        Fixed encoders give the same states for the same file every epoch, so a fused model on
-        frozen encoders pays for each input once and then trains at the speed of its fusion
-        layers. Inputs are keyed by the file (or text) their row names.
-        """
+    def _keys(self, name: str, batch: dict) -> list | None:
+        """The file (or text) each row's input to tower ``name`` came from: the key of its cached
+        features while the encoders are frozen. Fixed encoders give the same states for the
+        same file every epoch, so a fused model on frozen encoders pays for each input once and
+        then trains at the speed of its fusion layers."""
         rows = batch.get("rows")
-        if not self.config.freeze_encoders or rows is None:
-            return compute(name, batch)
+        if rows is None:
+            return None
         column = self._column(name)
-        keys = [(compute.__name__, name, r.get(column)) for r in rows]
-        if any(k[2] is None for k in keys):
-            return compute(name, batch)
-        missing = [i for i, k in enumerate(keys) if k not in self._cache]
-        if missing:
-            with torch.no_grad():
-                x, mask = compute(name, batch)
-            for i in missing:
-                self._cache[keys[i]] = x[i, mask[i]].detach().cpu()
-        states = [self._cache[k] for k in keys]
-        longest = max(s.shape[0] for s in states)
-        device = next(self.parameters()).device
-        x = torch.zeros(len(states), longest, states[0].shape[-1], device=device)
-        mask = torch.zeros(len(states), longest, dtype=torch.bool, device=device)
-        for i, s in enumerate(states):
-            x[i, : s.shape[0]], mask[i, : s.shape[0]] = s.to(device), True
-        return x, mask
+        return [r.get(column) for r in rows]
 
     def tokens(self, name: str, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, T, width)`` token states of one tower, projected and tagged, and their mask ``(B, T)``."""
-        x, mask = self.frozen(name, batch, self.encoder_tokens)
-        return self.inputs[name](x) + self.modality_embedding[name], mask
+        return self.towers[name].tokens(batch, self._keys(name, batch))
 
     def _drop_modalities(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Training: mask whole modalities of some samples, never every modality of one."""
@@ -223,6 +194,8 @@ class FusionClassifier(nn.Module):
             raise ValueError(f"the batch has none of this model's inputs {self.names}")
         if self.config.strategy == "late" and self.config.late_merge == "embedding":
             return self._embedding_logits(batch, present)
+        if self.config.operator:
+            return self._operator_logits(batch, present)
         states, masks = {}, {}
         for n in present:
             states[n], masks[n] = self.tokens(n, batch)
@@ -253,6 +226,19 @@ class FusionClassifier(nn.Module):
             has = has * weights
         return (logits * has[:, :, None]).sum(1) / has.sum(1, keepdim=True).clamp(min=1e-6)
 
+    def _operator_logits(self, batch: dict, present: list[str]) -> torch.Tensor:
+        """The present towers' encoder features (pooled or tokens, as the operator reads them)
+        merged by the operator; a dropped modality is masked (a pooled feature is one token)."""
+        features, masks = {}, {}
+        for n in present:
+            tower, keys = self.towers[n], self._keys(n, batch)
+            if self.merge.reads == "tokens":
+                features[n], masks[n] = tower.encoder_tokens(batch, keys)  # (B, T, C), (B, T)
+            else:
+                features[n] = tower.encoder_pooled(batch, keys)  # (B, C)
+                masks[n] = torch.ones(features[n].shape[0], 1, dtype=torch.bool, device=features[n].device)
+        return self.head(self.merge(features, self._drop_modalities(masks)))
+
     def _embedding_logits(self, batch: dict, present: list[str]) -> torch.Tensor:
         b = len(batch["rows"]) if "rows" in batch else batch[present[0]].shape[0]
         embeddings = []
@@ -260,7 +246,7 @@ class FusionClassifier(nn.Module):
             if n not in batch:  # a missing modality contributes a zero embedding
                 embeddings.append(next(self.parameters()).new_zeros(b, self.config.width))
                 continue
-            pooled = self.frozen(n, batch, self.encoder_pooled)[0][:, 0]
+            pooled = self.towers[n].encoder_pooled(batch, self._keys(n, batch))
             embeddings.append(F.normalize(self.projections[n](pooled), dim=-1))
         a, c = embeddings
         if self.training and self.config.modality_dropout > 0:

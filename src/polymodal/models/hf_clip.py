@@ -72,23 +72,23 @@ def convert_state_dict(hf: dict[str, torch.Tensor], vision_depth: int, text_dept
     """Map a ``CLIPModel`` state dict onto a polymodal contrastive model's names."""
     v, t = "vision_model", "text_model"
     out = {
-        "encoders.image.patch_embed.weight": hf[f"{v}.embeddings.patch_embedding.weight"],
-        "encoders.image.class_embedding": hf[f"{v}.embeddings.class_embedding"],
-        "encoders.image.position_embedding": hf[f"{v}.embeddings.position_embedding.weight"],
-        "encoders.image.pre_norm.weight": hf[f"{v}.pre_layrnorm.weight"],
-        "encoders.image.pre_norm.bias": hf[f"{v}.pre_layrnorm.bias"],
-        "encoders.image.norm.weight": hf[f"{v}.post_layernorm.weight"],
-        "encoders.image.norm.bias": hf[f"{v}.post_layernorm.bias"],
-        "encoders.text.token_embedding.weight": hf[f"{t}.embeddings.token_embedding.weight"],
-        "encoders.text.position_embedding": hf[f"{t}.embeddings.position_embedding.weight"],
-        "encoders.text.norm.weight": hf[f"{t}.final_layer_norm.weight"],
-        "encoders.text.norm.bias": hf[f"{t}.final_layer_norm.bias"],
-        "projections.image.weight": hf["visual_projection.weight"],
-        "projections.text.weight": hf["text_projection.weight"],
+        "towers.image.encoder.patch_embed.weight": hf[f"{v}.embeddings.patch_embedding.weight"],
+        "towers.image.encoder.class_embedding": hf[f"{v}.embeddings.class_embedding"],
+        "towers.image.encoder.position_embedding": hf[f"{v}.embeddings.position_embedding.weight"],
+        "towers.image.encoder.pre_norm.weight": hf[f"{v}.pre_layrnorm.weight"],
+        "towers.image.encoder.pre_norm.bias": hf[f"{v}.pre_layrnorm.bias"],
+        "towers.image.encoder.norm.weight": hf[f"{v}.post_layernorm.weight"],
+        "towers.image.encoder.norm.bias": hf[f"{v}.post_layernorm.bias"],
+        "towers.text.encoder.token_embedding.weight": hf[f"{t}.embeddings.token_embedding.weight"],
+        "towers.text.encoder.position_embedding": hf[f"{t}.embeddings.position_embedding.weight"],
+        "towers.text.encoder.norm.weight": hf[f"{t}.final_layer_norm.weight"],
+        "towers.text.encoder.norm.bias": hf[f"{t}.final_layer_norm.bias"],
+        "towers.image.projection.weight": hf["visual_projection.weight"],
+        "towers.text.projection.weight": hf["text_projection.weight"],
         "logit_scale": hf["logit_scale"],
     }
-    out.update(_blocks(v, "encoders.image", vision_depth, hf))
-    out.update(_blocks(t, "encoders.text", text_depth, hf))
+    out.update(_blocks(v, "towers.image.encoder", vision_depth, hf))
+    out.update(_blocks(t, "towers.text.encoder", text_depth, hf))
     return out
 
 

@@ -41,6 +41,7 @@ from polymodal.models.family import BuildContext, EvalOptions, Validator
 from polymodal.models.folder import read_model_folder, write_model_folder
 from polymodal.nn.diffusion import Diffusion, DiffusionConfig
 from polymodal.nn.encoders import build_encoder, config_from_spec
+from polymodal.nn.tower import Tower
 
 TEXT_ENCODERS = ("text", "clip", "minilm")
 AUTOENCODER_FOLDER = "autoencoder"  # subfolder of a saved model holding its autoencoder
@@ -86,75 +87,38 @@ def build_denoiser(spec: dict, in_channels: int, context_dim: int) -> nn.Module:
     return model_cls(config_from_spec(config_cls, spec, kind))
 
 
-class TextConditioner(nn.Module):
+class TextConditioner(Tower):
     """Text -> token states (B, T, D), their mask (B, T) and a pooled vector (B, D); and the
-    learned "no text" condition used for dropped captions and guidance."""
+    learned "no text" condition used for dropped captions and guidance.
+
+    A :class:`~polymodal.nn.tower.Tower` over raw texts: a text encoder trained with the
+    denoiser (``text``), or a fixed one (``clip``: the text tower of a trained contrastive
+    model, passed in as ``encoder``, see :func:`clip_text_tower`; ``minilm``) whose token states
+    the tower caches per text, so each caption is encoded once.
+    """
 
     def __init__(self, spec: dict, tokenizer: TextTokenizer | None, encoder: nn.Module | None = None):
-        super().__init__()
-        self.spec = spec
-        kind = spec["type"]
-        self.frozen = kind != "text"
-        if kind == "minilm":
-            from polymodal.nn.pretrained import MiniLMTextEncoder
-
-            self.encoder = MiniLMTextEncoder(spec.get("path"))
-        elif kind == "clip":  # a trained contrastive model's text tower, passed in (see clip_text_tower)
+        kind, encoder_spec = spec["type"], spec
+        if kind == "clip":
             if encoder is None:
                 raise ValueError("text: type clip needs the text encoder of a saved contrastive model")
-            self.encoder = encoder
-        else:
-            if tokenizer is None:
-                raise ValueError("a trained text encoder needs a tokenizer")
-            settings = {k: v for k, v in spec.items() if k != "type"}
-            self.encoder = build_encoder({"type": "text", **settings, "vocab_size": tokenizer.vocab_size},
-                                         tokenizer=tokenizer)
-        if self.frozen:
-            self.encoder.requires_grad_(False).eval()
-        self.width = self.encoder.width
-        self._cache: dict[str, torch.Tensor] = {}  # text -> token states, for a frozen encoder
+            encoder_spec = asdict(encoder.config)
+        elif kind == "text" and tokenizer is None:
+            raise ValueError("a trained text encoder needs a tokenizer")
+        super().__init__("text", encoder_spec, tokenizer=tokenizer, encoder=encoder if kind == "clip" else None,
+                         frozen=kind != "text")
         self.null_token = nn.Parameter(torch.randn(self.width) * 0.02)  # the "no text" condition
 
     @property
     def tokenizer(self):
         return getattr(self.encoder, "tokenizer", None)
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.frozen:
-            self.encoder.eval()
-        return self
-
     def forward(self, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        states, mask = self._cached(texts, device) if self.frozen else self._encode(texts, device)
+        states, mask = self.encoder_tokens({self.name: list(texts)})  # a frozen encoder's from the cache
+        states, mask = states.to(device), mask.to(device)
         m = mask[:, :, None].to(states.dtype)
         pooled = (states * m).sum(1) / m.sum(1).clamp(min=1)  # (B, D)
         return states, mask, pooled
-
-    def _encode(self, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = {k: v.to(device) for k, v in self.encoder.tokenize(texts).items()}
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            if self.spec["type"] == "minilm":
-                states = self.encoder.bert(input_ids=inputs["ids"], attention_mask=inputs["mask"].long()).last_hidden_state
-            else:
-                states = self.encoder.tokens(inputs["ids"], inputs["mask"])
-        return states, inputs["mask"]
-
-    @torch.no_grad()
-    def _cached(self, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-        """A frozen encoder gives the same states for the same text: each text is encoded once."""
-        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
-        if missing:
-            states, mask = self._encode(missing, device)
-            for text, row, keep in zip(missing, states, mask, strict=True):
-                self._cache[text] = row[keep].cpu()
-        rows = [self._cache[t] for t in texts]
-        longest = max(len(r) for r in rows)
-        states = torch.zeros(len(rows), longest, self.width)
-        mask = torch.zeros(len(rows), longest, dtype=torch.bool)
-        for i, r in enumerate(rows):
-            states[i, : len(r)], mask[i, : len(r)] = r, True
-        return states.to(device), mask.to(device)
 
     def null(self, batch: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The "no text" condition for ``batch`` samples, padded to ``length`` tokens."""
@@ -451,7 +415,7 @@ def clip_text_tower(path: str | None) -> nn.Module:
     tower = clip.tower_reading("text")
     if tower is None or clip.config.towers[tower]["type"] != "text":
         raise InputError(path, "has no trained text tower to condition on")
-    return clip.encoders[tower]
+    return clip.towers[tower].encoder
 
 
 def save_text_tower(encoder: nn.Module, folder: Path) -> None:

@@ -1,22 +1,33 @@
 """Encoders for each modality, built from one set of layers, each with a config dataclass.
 
-Every encoder maps its input to pooled features ``(B, width)`` with ``forward`` and to a
-sequence of token states ``(B, N, width)`` with ``tokens`` (for cross-attention later). Each
-config has named size ``PRESETS``, always including ``tiny`` for tests.
+Every encoder answers the same two calls, whatever it reads::
 
-| type    | input                                  | architecture                                 |
-| ------- | -------------------------------------- | -------------------------------------------- |
-| ``vit`` | images (B, 3, H, W)                    | patch embedding + Transformer, cls/mean pool |
-| ``cnn`` | images (B, 3, H, W)                    | ResNet-style stages; position-keeping pool   |
-| ``text``| token ids (B, T) + mask                | Transformer, eos/mean pool                   |
-| ``audio``| log-mel (B, 80, T) + mask             | strided conv stem + Transformer, mean pool   |
-| ``video``| frames (B, N, 3, H, W) + log-mel track| image encoder per frame + audio encoder       |
+    states, mask = encoder.tokens(x, mask=None)  # (B, T, token_width), (B, T) bool, True = real
+    pooled = encoder(x, mask=None)               # (B, width) = encoder.pool(states, mask)
+
+so a model (through :class:`polymodal.nn.tower.Tower`) treats every modality alike: fusion and
+captioning read the token states, contrastive models the pooled features. ``mask`` marks the
+real frames or tokens of a padded input; images have no padding and ignore it. Each config has
+named size ``PRESETS``, always including ``tiny`` for tests.
+
+| type       | ``x``                                 | architecture                                     | tokens                        |
+| ---------- | ------------------------------------- | ------------------------------------------------ | ----------------------------- |
+| ``vit``    | images (B, 3, H, W)                   | patch embedding + Transformer, cls/mean pool     | class token + patches         |
+| ``cnn``    | images (B, 3, H, W)                   | ResNet-style stages; position-keeping pool       | cells of the last feature map |
+| ``text``   | token ids (B, T), mask (B, T)         | Transformer, eos/mean pool                       | one per text token            |
+| ``audio``  | log-mel (B, 80, T), mask (B, T)       | strided conv stem + Transformer, mean pool       | one per stem step             |
+| ``video``  | :class:`VideoInput`: frames + log-mel | image encoder per frame + audio encoder          | one per frame, sound fused in |
+| ``minilm`` | token ids (B, T), mask (B, T)         | pretrained BERT (:mod:`polymodal.nn.pretrained`) | one per text token            |
+
+``width`` is the pooled width, ``token_width`` the width of the token states (they differ for
+the CNN, whose tokens are its last stage's channels).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +35,18 @@ from torch import nn
 
 from polymodal.modalities.text import TextTokenizer
 from polymodal.nn.layers import Transformer
+from polymodal.nn.pretrained import MiniLMConfig, MiniLMTextEncoder
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` (B, T, C) over the real positions of ``mask`` (B, T) -> (B, C); zeros where none is."""
+    m = mask[:, :, None].to(x.dtype)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def all_real(x: torch.Tensor) -> torch.Tensor:
+    """The mask ``(B, T)`` of tokens ``x`` (B, T, C) that has no padding."""
+    return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
 
 
 def _preset(cls, name: str, overrides: dict):
@@ -69,19 +92,23 @@ class ViT(nn.Module):
         self.pre_norm = nn.LayerNorm(c.width, eps=c.eps) if c.pre_norm else nn.Identity()
         self.transformer = Transformer(c.width, c.depth, c.heads, c.mlp_ratio, c.activation, c.eps)
         self.norm = nn.LayerNorm(c.width, eps=c.eps)
-        self.width = c.width
+        self.width = self.token_width = c.width
 
-    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+    def tokens(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The class token and the patch tokens after the blocks ``(B, 1 + N, C)`` (the final
+        norm belongs to the pooled feature); ``mask`` is ignored: every patch is real."""
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, C)
         cls = self.class_embedding.expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.position_embedding  # (B, 1 + N, C)
         x = self.transformer(self.pre_norm(x))
-        return x
+        return x, all_real(x)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.tokens(images)
-        pooled = x[:, 0] if self.config.pool == "cls" else x[:, 1:].mean(1)
-        return self.norm(pooled)
+    def pool(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        pooled = states[:, 0] if self.config.pool == "cls" else states[:, 1:].mean(1)
+        return self.norm(pooled)  # (B, C)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.pool(*self.tokens(images, mask))
 
 
 # ---- images: CNN -------------------------------------------------------------------------------
@@ -148,24 +175,32 @@ class CNN(nn.Module):
             raise ValueError(f"unknown pool {c.pool!r}; choose flatten, mean or attention")
         self.norm = nn.LayerNorm(c.width)
         self.width = c.width
+        self.token_width = cin  # the last stage's channels
 
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(images))  # (B, C, g, g)
 
-    def tokens(self, images: torch.Tensor) -> torch.Tensor:
-        return self.feature_map(images).flatten(2).transpose(1, 2)  # (B, g*g, C)
+    def tokens(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per cell of the last feature map, row by row ``(B, g*g, C)``; ``mask`` is
+        ignored: every cell is real."""
+        x = self.feature_map(images).flatten(2).transpose(1, 2)  # (B, g*g, C)
+        return x, all_real(x)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        fmap = self.feature_map(images)
+    def pool(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The pooled feature from the cells ``(B, g*g, C)``; "flatten" keeps their order."""
         if self.config.pool == "flatten":
-            pooled = self.head(F.relu(self.reduce(fmap)).flatten(1))
+            cells = states.transpose(1, 2)[..., None]  # (B, C, g*g, 1): the feature map, cells in a column
+            pooled = self.head(F.relu(self.reduce(cells)).flatten(1))  # channel-major, as the map flattens
         elif self.config.pool == "mean":
-            pooled = self.head(fmap.mean((2, 3)))
+            pooled = self.head(states.mean(1))
         else:
-            x = fmap.flatten(2).transpose(1, 2) + self.position  # (B, N, C)
+            x = states + self.position  # (B, N, C)
             weights = torch.softmax(x @ self.query, dim=1)  # (B, N)
             pooled = self.head((weights[:, :, None] * x).sum(1))
-        return self.norm(pooled)
+        return self.norm(pooled)  # (B, width)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.pool(*self.tokens(images, mask))
 
 
 # ---- text --------------------------------------------------------------------------------------
@@ -201,7 +236,7 @@ class TextTransformer(nn.Module):
         self.position_embedding = nn.Parameter(torch.randn(c.context_length, c.width) * 0.01)
         self.transformer = Transformer(c.width, c.depth, c.heads, c.mlp_ratio, c.activation, c.eps)
         self.norm = nn.LayerNorm(c.width, eps=c.eps)
-        self.width = c.width
+        self.width = self.token_width = c.width
         nn.init.normal_(self.token_embedding.weight, std=0.02)
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -210,17 +245,20 @@ class TextTransformer(nn.Module):
         ids, mask = self.tokenizer.batch(texts, max_length=self.config.context_length)
         return {"ids": ids, "mask": mask}
 
-    def tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def tokens(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token states ``(B, T, C)`` of right-padded ``ids`` (B, T); ``mask`` True on real tokens."""
+        mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
         x = self.token_embedding(ids) + self.position_embedding[: ids.shape[1]]  # (B, T, C)
-        return self.norm(self.transformer(x, key_mask=mask, causal=self.config.causal))
+        return self.norm(self.transformer(x, key_mask=mask, causal=self.config.causal)), mask
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = self.tokens(ids, mask)
+    def pool(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.config.pool == "eos":
             last = mask.long().sum(1) - 1  # index of the last real token
-            return x[torch.arange(x.shape[0], device=x.device), last]
-        m = mask[:, :, None].to(x.dtype)
-        return (x * m).sum(1) / m.sum(1).clamp(min=1)
+            return states[torch.arange(states.shape[0], device=states.device), last]
+        return masked_mean(states, mask)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.pool(*self.tokens(ids, mask))
 
 
 # ---- audio -------------------------------------------------------------------------------------
@@ -269,21 +307,23 @@ class AudioEncoder(nn.Module):
         self.stem = nn.Sequential(*convs)
         self.transformer = Transformer(c.width, c.depth, c.heads, c.mlp_ratio, c.activation)
         self.norm = nn.LayerNorm(c.width)
-        self.width = c.width
+        self.width = self.token_width = c.width
 
     def tokens(self, mel: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per stem step ``(B, T / stem_stride, C)``; ``mask`` (B, T) over mel frames."""
         x = self.stem((mel - self.config.mel_mean) / self.config.mel_std).transpose(1, 2)  # (B, T', C)
         x = x + sinusoidal(x.shape[1], x.shape[2], x.device)
         if mask is None:
             mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         else:  # a frame is real if the first frame it covers is
-            mask = mask[:, :: self.config.stem_stride][:, : x.shape[1]]
+            mask = mask[:, :: self.config.stem_stride][:, : x.shape[1]].bool()
         return self.norm(self.transformer(x, key_mask=mask)), mask
 
+    def pool(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return masked_mean(states, mask)
+
     def forward(self, mel: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x, mask = self.tokens(mel, mask)
-        m = mask[:, :, None].to(x.dtype)
-        return (x * m).sum(1) / m.sum(1).clamp(min=1)
+        return self.pool(*self.tokens(mel, mask))
 
 
 # ---- video -------------------------------------------------------------------------------------
@@ -303,8 +343,27 @@ class VideoConfig:
     }
 
 
+class VideoInput(NamedTuple):
+    """What a video encoder reads: a batch of clips' frames and their sound track.
+
+    A clip is frames and sound together, so they travel as one ``x``; a batch without sound
+    (``audio`` None, or zero mel frames) is silent, and so is a clip whose ``audio_mask`` row is
+    all False.
+    """
+
+    frames: torch.Tensor  # (B, N, 3, H, W)
+    audio: torch.Tensor | None = None  # (B, 80, T) log-mel of the sound track
+    audio_mask: torch.Tensor | None = None  # (B, T), True on real mel frames
+
+
 class VideoEncoder(nn.Module):
-    """Frames through an image encoder, sound through an audio encoder, pooled over time, fused."""
+    """Frames through an image encoder, sound through an audio encoder, fused per frame, pooled
+    over time.
+
+    Each frame's token is ``fuse([frame feature + time embedding, the clip's sound feature])``
+    ``(B, N, width)``; the pooled feature is the normalised mean over (real) frames. As ``fuse``
+    is linear, that is the same as fusing the mean frame feature with the sound.
+    """
 
     def __init__(self, config: VideoConfig):
         super().__init__()
@@ -314,14 +373,25 @@ class VideoEncoder(nn.Module):
         self.time_embedding = nn.Parameter(torch.zeros(64, self.frame_encoder.width))
         self.fuse = nn.Linear(self.frame_encoder.width + self.audio_encoder.width, config.width)
         self.norm = nn.LayerNorm(config.width)
-        self.width = config.width
+        self.width = self.token_width = config.width
 
-    def forward(self, frames: torch.Tensor, audio: torch.Tensor, audio_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def tokens(self, x: VideoInput, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per frame ``(B, N, width)``; ``mask`` (B, N) marks real frames."""
+        frames = x.frames
         b, n = frames.shape[:2]
-        per_frame = self.frame_encoder(frames.flatten(0, 1)).view(b, n, -1) + self.time_embedding[:n]
-        has_sound = audio.shape[-1] > 0
-        sound = self.audio_encoder(audio, audio_mask) if has_sound else per_frame.new_zeros(b, self.audio_encoder.width)
-        return self.norm(self.fuse(torch.cat([per_frame.mean(1), sound], dim=-1)))
+        per_frame = self.frame_encoder(frames.flatten(0, 1)).view(b, n, -1) + self.time_embedding[:n]  # (B, N, Cf)
+        if x.audio is not None and x.audio.shape[-1] > 0:
+            sound = self.audio_encoder(x.audio, x.audio_mask)  # (B, Ca)
+        else:
+            sound = per_frame.new_zeros(b, self.audio_encoder.width)
+        states = self.fuse(torch.cat([per_frame, sound[:, None].expand(-1, n, -1)], dim=-1))  # (B, N, width)
+        return states, (all_real(states) if mask is None else mask.bool())
+
+    def pool(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.norm(masked_mean(states, mask))
+
+    def forward(self, x: VideoInput, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.pool(*self.tokens(x, mask))
 
 
 # ---- building from a dict ----------------------------------------------------------------------
@@ -332,10 +402,11 @@ ENCODERS = {
     "text": (TextConfig, TextTransformer),
     "audio": (AudioConfig, AudioEncoder),
     "video": (VideoConfig, VideoEncoder),
+    "minilm": (MiniLMConfig, MiniLMTextEncoder),
 }
 
 
-# the kind of input each encoder type reads ("minilm" is the pretrained text encoder)
+# the kind of input each encoder type reads
 INPUT_KIND = {"cnn": "image", "vit": "image", "text": "text", "minilm": "text", "audio": "audio", "video": "video"}
 
 
@@ -361,5 +432,7 @@ def config_from_spec(cls, spec: dict, name: str):
 
 
 def build_encoder(spec: dict | object, **kwargs) -> nn.Module:
+    """An encoder from a spec dict or a filled config; ``kwargs`` go to its class (a text
+    encoder's ``tokenizer``)."""
     config = encoder_config(spec) if isinstance(spec, dict) else spec
     return ENCODERS[config.type][1](config, **kwargs)

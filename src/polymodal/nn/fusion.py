@@ -8,16 +8,22 @@ Every operator has the same interface::
 sequence ``(B, T_m, C_m)``; ``masks`` optionally maps a modality to ``(B, T_m)`` (True = real
 token). A modality may be missing from ``features`` altogether (missing at inference time):
 every operator then fuses what is there. Operators are built with the widths of the
-modalities they may see (``dims``) and their output width.
+modalities they may see (``dims``) and their output width. ``reads`` says which features an
+operator is meant for: ``pooled`` ones (each modality one vector) or the ``tokens``; a model
+feeds it those (:class:`~polymodal.models.fusion.FusionClassifier`, ``late_merge``).
 
-| ``type``            | what it does                                                          |
-| ------------------- | --------------------------------------------------------------------- |
-| ``concat``          | pool each, concatenate (zeros for a missing modality), project        |
-| ``sum``             | pool and project each, add                                            |
-| ``gated``           | pool and project each, weigh by learned sigmoid gates, add            |
-| ``attention``       | all tokens in one set (with modality embeddings), one learned query   |
-| ``cross_attention`` | one modality's tokens query another's, then pool                      |
-| ``cross_transformer``| co-attention layers: each modality's tokens attend to the others'    |
+| ``type``            | reads  | what it does                                                 |
+| ------------------- | ------ | ------------------------------------------------------------ |
+| ``concat``          | pooled | pool each, concatenate (zeros for a missing modality), project |
+| ``sum``             | pooled | pool and project each, add                                   |
+| ``gated``           | pooled | pool and project each, weigh by learned sigmoid gates, add   |
+| ``attention``       | tokens | all tokens in one set (with modality embeddings), one learned query |
+| ``cross_attention`` | tokens | one modality's tokens query another's, then pool             |
+| ``cross_transformer``| tokens | co-attention layers: each modality's tokens attend to the others' |
+
+A sample whose tokens of a modality are all masked (a modality dropped in training) gets
+nothing from attending to them: the attention's update is zeroed for it, whatever the kernel
+answers for a row with no keys.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from polymodal.nn.encoders import masked_mean as _masked_mean
 from polymodal.nn.layers import MLP, Attention
 
 
@@ -38,9 +45,15 @@ def as_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor,
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    x, mask = as_tokens(x, mask)
-    m = mask[:, :, None].to(x.dtype)
-    return (x * m).sum(1) / m.sum(1).clamp(min=1)
+    """Mean over real tokens of ``(B, T, C)`` (or ``(B, C)``) -> ``(B, C)``."""
+    return _masked_mean(*as_tokens(x, mask))
+
+
+def attend(attn: Attention, x: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+    """``attn`` of ``x`` (B, T, C) to ``context`` (self-attention when None) whose real tokens
+    are ``mask`` (B, S); zero for a sample with no real token to attend to."""
+    out = attn(x, context=context, mask=mask[:, None, None, :])
+    return out * mask.any(1)[:, None, None].to(out.dtype)
 
 
 def _batch_size(features: dict[str, torch.Tensor]) -> int:
@@ -50,6 +63,8 @@ def _batch_size(features: dict[str, torch.Tensor]) -> int:
 
 
 class ConcatFusion(nn.Module):
+    reads = "pooled"
+
     def __init__(self, dims: dict[str, int], out_dim: int):
         super().__init__()
         self.dims = dict(dims)
@@ -65,6 +80,8 @@ class ConcatFusion(nn.Module):
 
 
 class SumFusion(nn.Module):
+    reads = "pooled"
+
     def __init__(self, dims: dict[str, int], out_dim: int):
         super().__init__()
         self.proj = nn.ModuleDict({m: nn.Linear(d, out_dim) for m, d in dims.items()})
@@ -77,6 +94,8 @@ class SumFusion(nn.Module):
 
 class GatedFusion(nn.Module):
     """``sum_m sigmoid(g_m) * h_m``: each present modality's gate is computed from all present ones."""
+
+    reads = "pooled"
 
     def __init__(self, dims: dict[str, int], out_dim: int):
         super().__init__()
@@ -98,6 +117,8 @@ class GatedFusion(nn.Module):
 class AttentionPoolFusion(nn.Module):
     """Every modality's tokens, projected and tagged with a modality embedding, pooled by one query."""
 
+    reads = "tokens"
+
     def __init__(self, dims: dict[str, int], out_dim: int, heads: int = 4):
         super().__init__()
         self.proj = nn.ModuleDict({m: nn.Linear(d, out_dim) for m, d in dims.items()})
@@ -115,7 +136,7 @@ class AttentionPoolFusion(nn.Module):
             tokens.append(self.proj[m](x) + self.modality_embedding[m])
             keep.append(mask)
         context, mask = torch.cat(tokens, 1), torch.cat(keep, 1)  # (B, T, C), (B, T)
-        pooled = self.attn(self.query.expand(b, -1, -1), context=context, mask=mask[:, None, None, :])
+        pooled = attend(self.attn, self.query.expand(b, -1, -1), context, mask)
         return self.norm(pooled[:, 0])
 
 
@@ -125,6 +146,8 @@ class CrossAttentionFusion(nn.Module):
     Without the context modality it is the query modality alone; without the query modality,
     the context modality alone.
     """
+
+    reads = "tokens"
 
     def __init__(self, dims: dict[str, int], out_dim: int, query: str, context: str, heads: int = 4):
         super().__init__()
@@ -147,7 +170,7 @@ class CrossAttentionFusion(nn.Module):
         x = self.q_in(q)
         if self.context_name in features:
             c, c_mask = as_tokens(features[self.context_name], masks.get(self.context_name))
-            x = x + self.attn(self.norm_q(x), context=self.norm_c(self.c_in(c)), mask=c_mask[:, None, None, :])
+            x = x + attend(self.attn, self.norm_q(x), self.norm_c(self.c_in(c)), c_mask)
         x = x + self.mlp(self.norm_mlp(x))
         return masked_mean(x, q_mask)
 
@@ -166,18 +189,20 @@ class CoAttentionLayer(nn.Module):
         out = {}
         for m, x in streams.items():
             n1, n2, n3 = self.norms[m]
-            x = x + self.self_attn[m](n1(x), mask=masks[m][:, None, None, :])
+            x = x + attend(self.self_attn[m], n1(x), None, masks[m])
             others = [o for o in streams if o != m]
             if others:
                 context = torch.cat([streams[o] for o in others], 1)
                 c_mask = torch.cat([masks[o] for o in others], 1)
-                x = x + self.cross_attn[m](n2(x), context=context, mask=c_mask[:, None, None, :])
+                x = x + attend(self.cross_attn[m], n2(x), context, c_mask)
             out[m] = x + self.mlp[m](n3(x))
         return out
 
 
 class CrossModalTransformer(nn.Module):
     """Co-attention layers over per-modality token streams, then pooled streams concatenated."""
+
+    reads = "tokens"
 
     def __init__(self, dims: dict[str, int], out_dim: int, depth: int = 2, heads: int = 4):
         super().__init__()
