@@ -16,6 +16,10 @@ Runs are interleaved (cache, recompute, cache, ...) after a warm-up of each; med
 ratio are reported, and the two paths' tokens must be identical.
 
     OMP_NUM_THREADS=2 python benchmarks/caption_decode.py [--batch 32] [--tokens 40] [--repeats 7]
+
+On a machine whose cores are busy with other jobs, use ``OMP_NUM_THREADS=1``: more threads than
+free cores make every small operation of a cached step wait for a descheduled thread, and the
+run measures that contention instead of the decoder.
 """
 
 from __future__ import annotations
