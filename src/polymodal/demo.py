@@ -32,7 +32,7 @@ from polymodal.progress import console, progress_bar
 
 # Optimizer steps of each model the demo trains, and the minutes each stage took on the reference
 # machine (2 quiet CPU cores) with those budgets, training and evaluation together.
-BUDGETS = {"clip": 430, "captions": 600, "judge": 300, "autoencoder": 578, "drawing": 503}
+BUDGETS = {"clip": 430, "captions": 1000, "judge": 300, "autoencoder": 578, "drawing": 503}
 REFERENCE_MINUTES = {"world": 0.8, "inspect": 0.3, "clip": 8.5, "eval": 0.3, "search": 0.1, "understand": 6.0,
                      "judge": 1.5, "draw": 7.5}
 REFERENCE_GFLOPS = 160.0  # fp32 matrix-multiply speed of the reference machine when quiet
