@@ -158,6 +158,10 @@ def test_demo_runs_every_step_and_reuses_its_models(tmp_path):
     chosen = [s for s in STEPS if s.name in ("world", "clip", "understand")]
     again = run_demo(tmp_path, n=60, train_scale=0.004, judged_prompts=1, steps=chosen)
     assert again["trained"] == set()
+    # a saved model that no longer loads (here: weights that do not fit) is trained again, not reused
+    (tmp_path / "captions" / "model" / "model.safetensors").write_bytes(b"not weights")
+    third = run_demo(tmp_path, n=60, train_scale=0.004, judged_prompts=1, steps=chosen)
+    assert third["trained"] == {"captions"}
 
 
 def test_demo_runs_chosen_steps_only(tmp_path):

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from polymodal.errors import InputError
@@ -64,4 +65,8 @@ def read_model_folder(directory: str | os.PathLike, model_type: str) -> tuple[di
         raise InputError(directory / CONFIG_FILE, f"a {found!r} model, not a {model_type!r} model")
     if not (directory / WEIGHTS_FILE).is_file():
         raise InputError(directory, f"{WEIGHTS_FILE} is missing")
-    return raw, load_file(str(directory / WEIGHTS_FILE))
+    try:
+        weights = load_file(str(directory / WEIGHTS_FILE))
+    except (SafetensorError, OSError) as e:
+        raise InputError(directory / WEIGHTS_FILE, f"unreadable weights: {e}") from e
+    return raw, weights
