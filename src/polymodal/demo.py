@@ -80,10 +80,12 @@ def trained(state: dict, name: str, recipe_name: str, overrides: list[str], afte
     saved = run / "recipe.yaml"
     same = saved.is_file() and yaml.safe_load(saved.read_text()) == yaml.safe_load(yaml.safe_dump(recipe.to_dict()))
     fresh = state["retrain"] or not same or any(a in state["trained"] for a in after)
-    if not fresh and (run / "model" / "config.json").is_file():
+    model_config = run / "model" / "config.json"
+    # the model must have been saved by a run of this recipe: after the recipe was written
+    if not fresh and model_config.is_file() and model_config.stat().st_mtime >= saved.stat().st_mtime:
         try:
             load_model(run / "model")  # e.g. saved by an older polymodal whose weights no longer fit
-        except (InputError, ValueError) as e:
+        except (InputError, ValueError, RuntimeError) as e:
             console.print(f"[yellow]cannot reuse {run / 'model'}[/yellow] ({e}); training it again")
             fresh = True
         else:
