@@ -20,7 +20,6 @@ sequence of a batch grows at the same place, and the pads stay masked in the cac
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 from dataclasses import asdict, dataclass, field, replace
@@ -48,8 +47,6 @@ from polymodal.nn.tower import Tower, copy_matching_encoders
 
 TASKS = ("caption", "vqa")
 DECODING = ("greedy", "beam", "nucleus")
-
-log = logging.getLogger("polymodal.models")
 
 
 @dataclass
@@ -270,16 +267,14 @@ class Captioner(nn.Module):
         """A tokenizer trained on the training split's captions (and questions and answers, for
         VQA); the recipe's fields remembered for evaluation; with ``init_from`` (a saved
         contrastive model), encoders with the same spec as one of its towers start from it."""
-        from polymodal.models.clip import ContrastiveModel
+        from polymodal.models.clip import start_encoders_from
 
         spec = dict(spec)
         init_from = spec.pop("init_from", None)
         config = CaptionerConfig(**{**spec, "fields": spec.get("fields") or build.field_map()})
         tokenizer = build.tokenizer(questions=config.qa_column if "vqa" in config.tasks else None)
         model = cls(replace(config, vocab_size=tokenizer.vocab_size), tokenizer)
-        if init_from:
-            copied = model.init_encoders_from(ContrastiveModel.from_pretrained(init_from))
-            log.info("encoders %s start from %s", copied, init_from)
+        start_encoders_from(model, init_from)
         return model
 
     def fields(self) -> dict[str, str]:

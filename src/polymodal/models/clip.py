@@ -254,3 +254,11 @@ class ContrastiveModel(nn.Module):
             raise InputError(directory / "model.safetensors", f"weights do not fit the config: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
         return model.eval()
+
+
+def start_encoders_from(model: nn.Module, init_from: str | os.PathLike | None) -> None:
+    """With ``init_from`` (a saved contrastive model), start each encoder of ``model`` (a captioner
+    or fusion classifier: ``init_encoders_from``) that has the same spec as one of its towers."""
+    if init_from:
+        copied = model.init_encoders_from(ContrastiveModel.from_pretrained(init_from))
+        log.info("encoders %s start from %s", copied, init_from)

@@ -23,7 +23,6 @@ batch may simply lack a tower's field.
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,8 +48,6 @@ from polymodal.nn.tower import Tower, copy_matching_encoders
 
 STRATEGIES = ("early", "late", "hybrid", "single")
 LATE_MERGES = ("mean", "learned", "embedding", *FUSIONS)
-
-log = logging.getLogger("polymodal.models")
 
 
 @dataclass
@@ -285,14 +282,12 @@ class FusionClassifier(nn.Module):
     def from_recipe(cls, spec: dict, build: BuildContext) -> FusionClassifier:
         """The recipe's fields are remembered for evaluation; with ``init_from`` (a saved
         contrastive model), encoders with the same spec as one of its towers start from it."""
-        from polymodal.models.clip import ContrastiveModel
+        from polymodal.models.clip import start_encoders_from
 
         spec = dict(spec)
         init_from = spec.pop("init_from", None)
         model = cls(FusionConfig(**{**spec, "fields": spec.get("fields") or build.field_map()}))
-        if init_from:
-            copied = model.init_encoders_from(ContrastiveModel.from_pretrained(init_from))
-            log.info("encoders %s start from %s", copied, init_from)
+        start_encoders_from(model, init_from)
         return model
 
     def fields(self) -> dict[str, str]:
