@@ -119,3 +119,15 @@ def test_questions_per_sample_caps_the_questions_of_each_image(tokenizer):
     many = [dict(r, qa=r["qa"] * 3) for r in rows(2)]
     pairs, owner = m.every_example(many, random.Random(0))
     assert owner == [0, 0, 1, 1] and pairs[0] == (None, CAPTIONS[0]) and pairs[1][0] is not None
+
+
+def test_frozen_encoders_encode_each_image_once_and_give_the_same_memory(tokenizer):
+    m = make(tokenizer, freeze_encoders=True)
+    b = batch()
+    for i, r in enumerate(b["rows"]):
+        r["file_name"] = f"images/{i}.png"
+    first, _ = m.memory(b)
+    assert len(m.towers["image"].cache) > 0  # the features were kept, keyed by file
+    cached, _ = m.memory({**b, "image": torch.zeros_like(b["image"])})  # same files: read from the cache
+    assert torch.allclose(first, cached)
+    assert all(not p.requires_grad for p in m.towers["image"].encoder.parameters())

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from polymodal.data.dataset import DEFAULT_COLUMNS
 from polymodal.modalities.text import TextTokenizer
 from polymodal.models.family import (
     DEFAULT_SPLITS,
@@ -115,12 +116,21 @@ class Captioner(nn.Module):
 
     # ---- memory: the encoders' token states ----
 
+    def _keys(self, name: str, batch: dict) -> list | None:
+        """The file each row's input to tower ``name`` came from: the key of its cached features
+        while the encoders are frozen (``freeze_encoders``), so each image is encoded once and
+        training then runs at the speed of the decoder."""
+        rows = batch.get("rows")
+        if rows is None or not self.towers[name].frozen:
+            return None
+        return [r.get(DEFAULT_COLUMNS[INPUT_KIND[self.config.encoders[name]["type"]]]) for r in rows]
+
     def memory(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, M, width)`` token states of every input the batch has, and their mask ``(B, M)``."""
         states, masks = [], []
         for n in self.names:
             if n in batch:
-                x, mask = self.towers[n].tokens(batch)  # (B, T_n, width), (B, T_n)
+                x, mask = self.towers[n].tokens(batch, self._keys(n, batch))  # (B, T_n, width), (B, T_n)
                 states.append(x)
                 masks.append(mask)
         if not states:
