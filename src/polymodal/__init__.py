@@ -1,3 +1,8 @@
 """polymodal: build, train, evaluate and serve multimodal models."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:  # one source of truth: the version pyproject.toml gives the installed package
+    __version__ = version("polymodal")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"

@@ -23,8 +23,19 @@ data_app = typer.Typer(help="Make, pack and look at data sets.", no_args_is_help
 app.add_typer(data_app, name="data")
 
 
+def show_version(value: bool) -> None:
+    """``--version``: print the installed package's version and stop (before any command runs)."""
+    if value:
+        from polymodal import __version__
+
+        console.print(f"polymodal {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False):
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False,
+         version: Annotated[bool, typer.Option("--version", callback=show_version, is_eager=True,
+                                               help="Print the version and exit.")] = False):
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)])
     for name in ("lightning.pytorch", "lightning.fabric"):  # these print through their own handler
@@ -83,6 +94,9 @@ def data_inspect(
     sheet: Annotated[Path | None, typer.Option(help="Contact-sheet PNG (default: LOCATION/contact_sheet.png).")] = None,
     decode: Annotated[bool, typer.Option(help="Decode every file to find bad ones.")] = True,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON.")] = None,
+    allow_outside_paths: Annotated[bool, typer.Option(
+        help="Read files that rows name outside the data set folder (absolute paths, '..', links elsewhere); "
+             "without it they are listed as bad samples.")] = False,
 ):
     """Counts per split and modality, bad samples, and a contact sheet of images and captions."""
     from polymodal.data.inspect import inspect_dataset
@@ -90,7 +104,8 @@ def data_inspect(
     sheet = sheet or (location / "contact_sheet.png" if location.is_dir() else location.with_suffix(".png"))
     try:
         with progress_bar("inspecting", None) as update:
-            report = inspect_dataset(location, decode=decode, sheet=sheet, progress=update)
+            report = inspect_dataset(location, decode=decode, sheet=sheet, progress=update,
+                                     allow_outside_paths=allow_outside_paths)
     except InputError as e:
         raise fail(e) from None
     print_inspection(report)
@@ -113,7 +128,8 @@ def data_shard(
     out: Annotated[Path, typer.Argument(help="Folder for the .tar shards.")],
     samples_per_shard: Annotated[int, typer.Option(help="Samples in each shard.")] = 1000,
 ):
-    """Pack a data set folder into WebDataset tar shards that the same loader streams."""
+    """Pack a data set folder into WebDataset tar shards that the same loader streams. Only files
+    inside the folder are packed: a row naming one elsewhere is skipped and listed."""
     from polymodal.data.source import SkipLog, write_shards
 
     skips = SkipLog()
@@ -132,6 +148,7 @@ def train_command(
     out: Annotated[Path, typer.Option(help="Output folder: model/, checkpoints/, logs/, curves.png.")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value settings, e.g. trainer.max_steps=500")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.ckpt.")] = False,
+    force: Annotated[bool, typer.Option(help="Take OUT over even if another run holds it (OUT/run.lock).")] = False,
 ):
     """Train a model from a recipe; writes a from_pretrained-ready folder, logs and curves."""
     from polymodal.train.recipe import load_recipe
@@ -139,11 +156,12 @@ def train_command(
 
     try:
         loaded = load_recipe(recipe, overrides or [])
-        model_dir = train(loaded, data, out, resume=resume)
+        model_dir = train(loaded, data, out, resume=resume, force=force)
     except (InputError, ValueError) as e:
         raise fail(e) from None
     if model_dir is not None:  # the first process reports
-        console.print(f"model saved to {model_dir}; curves: {out / 'curves.png'}")
+        curves = out / "curves.png"  # named only when drawn (a run too short to log draws none)
+        console.print(f"model saved to {model_dir}" + (f"; curves: {curves}" if curves.is_file() else ""))
 
 
 @app.command("recipes")
@@ -167,7 +185,9 @@ def eval_command(
     split: Annotated[list[str] | None, typer.Option(help="Split(s) to score (default: val, test, test_novel).")] = None,
     limit: Annotated[int | None, typer.Option(
         help="At most this many samples per split (default: 1000 for retrieval, all otherwise).")] = None,
-    classes: Annotated[Path | None, typer.Option(help="File of class names, one a line (label column data).")] = None,
+    classes: Annotated[str | None, typer.Option(
+        help="Names of integer labels, by index: 'zero,one,two' or a file with one a line (default: classes.txt "
+             "or labels.txt in the data folder).")] = None,
     decoding: Annotated[str, typer.Option(help="Captioners: greedy, beam or nucleus.")] = "greedy",
     examples: Annotated[int, typer.Option(help="Captioners: keep this many generated examples in the JSON.")] = 0,
     judge: Annotated[Path | None, typer.Option(help="Text-to-image and autoencoders: the detector that judges the images.")] = None,
@@ -181,14 +201,16 @@ def eval_command(
 ):
     """Score a model on each split. Contrastive: retrieval Recall@1/5/10 both ways and
     zero-shot accuracy. Captioning models: BLEU-4, CIDEr, scene-graph judge, VQA accuracy per question
-    type. Fusion classifier: accuracy with every modality and with each one alone. Detector:
+    type, and word error rate when they hear speech (recognisers). Fusion classifier: accuracy
+    with every modality and with each one alone. Detector:
     accuracy per attribute. Text-to-image: GenEval-style scores by category (test and test_novel
     prompts), the judge's accuracy on real images, Frechet distance and CLIP score. Autoencoders:
     reconstruction error, and with --judge the judge's accuracy on the reconstructions."""
-    from polymodal.models import EvalOptions, evaluate
+    from polymodal.models import EvalOptions, default_splits, evaluate
 
     try:
-        names = [line.strip() for line in classes.read_text().splitlines() if line.strip()] if classes else None
+        check_splits(data, split or default_splits(model), named=bool(split))
+        names = class_names(classes, data)
         options = EvalOptions(limit=limit, class_names=names, decoding=decoding, examples=examples, judge=judge,
                               clip=clip, guidance=cfg, sample_steps=steps, per_category=per_category,
                               compose=compose)
@@ -200,6 +222,40 @@ def eval_command(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(results, indent=2) + "\n")
         console.print(f"metrics written to {json_out}")
+
+
+def class_names(given: str | None, data: Path) -> list[str] | None:
+    """``--classes``: a file of names (one a line) or names joined by commas; else the names file
+    the data folder keeps (classes.txt or labels.txt), if any."""
+    from polymodal.eval.zeroshot import find_class_names, read_class_names
+
+    if given is None:
+        found = find_class_names(data)
+        if found is None:
+            return None
+        console.print(f"class names from {found[1]}")
+        return found[0]
+    if Path(given).is_file() or given.endswith(".txt") or "/" in given:  # a file, even a missing one
+        return read_class_names(given)
+    names = [n.strip() for n in given.split(",")]
+    if not all(names):
+        raise ValueError(f"--classes {given!r}: give names joined by commas (a,b,c) or a file of names")
+    return names
+
+
+def check_splits(data: Path, splits, *, named: bool) -> None:
+    """Refuse splits the data set does not have, listing those it has, so that a typo
+    (``--split tset``) is an error instead of an empty table. Splits a person ``named`` must
+    all be present; of a model's default splits, at least one."""
+    from polymodal.train.report import split_counts, splits_text
+
+    present = split_counts(data)
+    missing = [s for s in splits if s not in present]
+    if not missing or (not named and len(missing) < len(splits)):
+        return
+    which = (f"no split {', '.join(map(repr, missing))}" if named
+             else f"none of the default splits {', '.join(splits)} (choose with --split)")
+    raise InputError(data, f"{which}; its splits: {splits_text(present)}")
 
 
 index_app = typer.Typer(help="Vector indexes of embeddings for search.", no_args_is_help=True)
@@ -219,6 +275,8 @@ def index_build(
     from polymodal.index.build import build_index
 
     try:
+        if split is not None:
+            check_splits(data, [split], named=True)
         with progress_bar("indexing", None) as update:
             index = build_index(model, data, out, modality=modality, split=split, kind=kind, progress=update)
     except (InputError, ValueError) as e:
@@ -240,6 +298,8 @@ def search_command(
     from polymodal.index.vectors import VectorIndex
     from polymodal.models import load_model
 
+    if k < 1:
+        raise fail(ValueError(f"-k must be at least 1, got {k}"))
     try:
         vectors = VectorIndex.open(index)
         model = load_model(vectors.info["model"], task="embed")
@@ -249,7 +309,7 @@ def search_command(
     except (InputError, ValueError) as e:
         raise fail(e) from None
     table = Table(title=f"top {k} for {query or image or audio}")
-    for column in ("rank", "score", "id", "text"):
+    for column in ("rank", "score", "item", "text"):
         table.add_column(column)
     hits = []
     for rank, (score, pos) in enumerate(zip(scores[0], positions[0], strict=True), 1):
@@ -257,11 +317,28 @@ def search_command(
             continue
         item = vectors.items[pos]
         hits.append((score, item))
-        table.add_row(str(rank), f"{score:.3f}", str(item.get("id")), str(item.get("text") or item.get("file")))
+        table.add_row(str(rank), f"{score:.3f}", escape(hit_name(item, vectors.info.get("data"))),
+                      escape(str(item.get("text") or "")))
     console.print(table)
     drawn = draw_hits(hits, sheet or Path("search.png"), title=f"query: {query or image or audio}")
     if drawn:
         console.print(f"hits drawn in {drawn}")
+
+
+def hit_name(item: dict, root: str | None) -> str:
+    """What a search hit is, for a person: its row's id when the data set gives one, else its
+    file (relative to the indexed data set's folder when inside it)."""
+    if item.get("id") not in (None, ""):
+        return str(item["id"])
+    file = item.get("file")
+    if not file:
+        return "?"
+    if root:
+        try:
+            return str(Path(file).relative_to(root))
+        except ValueError:
+            pass
+    return str(file)
 
 
 generate_app = typer.Typer(help="Generate with a trained model.", no_args_is_help=True)
@@ -306,6 +383,63 @@ def generate_image(
     image_grid(images, columns=columns, scale=scale, title=f"{prompt}  (cfg {cfg:g}{', composed' if compose else ''}, {steps} {sampler} steps, seed {seed})"
                ).save(out)
     console.print(f"{n} images in {time.perf_counter() - start:.1f} s -> {out}")
+
+
+@generate_app.command("text")
+def generate_text(
+    model: Annotated[Path, typer.Argument(help="A saved model that writes text (a captioner).")],
+    image: Annotated[Path | None, typer.Option(help="An image file to caption or ask about.")] = None,
+    audio: Annotated[Path | None, typer.Option(help="An audio file to caption or transcribe.")] = None,
+    question: Annotated[str | None, typer.Option(help="Ask this about the file instead of captioning it.")] = None,
+    decoding: Annotated[str, typer.Option(help="greedy, beam or nucleus.")] = "greedy",
+    max_tokens: Annotated[int, typer.Option(help="Most tokens to write.")] = 40,
+):
+    """Caption an image or a sound, transcribe speech, or answer a question about a file of your
+    own: the text the model writes is printed."""
+    import torch
+
+    from polymodal.models import load_model
+
+    given = [(kind, path) for kind, path in (("image", image), ("audio", audio)) if path is not None]
+    if len(given) != 1:
+        raise fail(ValueError("give one file: --image FILE or --audio FILE"))
+    kind, path = given[0]
+    if question is not None and not question.strip():
+        raise fail(ValueError("--question is empty"))
+    if max_tokens < 1:
+        raise fail(ValueError(f"--max-tokens must be at least 1, got {max_tokens}"))
+    try:
+        writer = load_model(model, task="answer" if question else "caption")
+        batch = file_batch(writer, model, kind, path)
+        with torch.no_grad():
+            text = writer.generate(batch, [question.strip()] if question else None, method=decoding,
+                                   max_new_tokens=max_tokens)[0]
+    except (InputError, ValueError) as e:
+        raise fail(e) from None
+    console.print(escape(text), soft_wrap=True)
+
+
+def file_batch(model, folder: Path, kind: str, path: Path) -> dict:
+    """A batch of one file of a person's own, decoded as the model's data set would be (the model's
+    image size and preprocessing; log-mel spectrograms for sound), into the field that reads ``kind``."""
+    from polymodal.data.dataset import Collator
+    from polymodal.modalities.audio import load_audio, log_mel_spectrogram
+    from polymodal.modalities.image import ImageTransform, load_image
+
+    fields = model.fields()
+    reads = {name: spec.partition(":")[0] for name, spec in fields.items()}
+    name = next((n for n, k in reads.items() if k == kind), None)
+    if name is None:
+        readable = sorted({k for k in reads.values() if k in ("image", "audio")}) or sorted(set(reads.values()))
+        raise InputError(folder, f"this model reads {' and '.join(readable)}, not {kind}: give --{readable[0]}")
+    if kind == "image":
+        transform = getattr(model, "image_transform", None) or ImageTransform(model.input_size())
+        value = transform(load_image(path, target_size=transform.size))
+    else:
+        value = log_mel_spectrogram(load_audio(path))
+    batch = Collator({name: kind})([{name: value, "row": {}}])
+    del batch["rows"]  # a file of one's own has no metadata row
+    return batch
 
 
 bench_app = typer.Typer(help="Train and compare model variants side by side.", no_args_is_help=True)
@@ -368,6 +502,42 @@ def bench_fusion_command(
         raise fail(e) from None
     console.print(format_results(results))
     console.print(f"results: {out / 'results.json'}; chart: {out / 'accuracy.png'}")
+
+
+@app.command("serve")
+def serve_command(
+    models: Annotated[Path, typer.Option(help="Folder of saved models: each run folder's model/ (as outputs/demo "
+                                              "after make demo), or model folders, served by folder name.")],
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback only unless told otherwise).")]
+        = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key: Annotated[str | None, typer.Option(envvar="POLYMODAL_API_KEY", show_envvar=True,
+                                                help="Require 'Authorization: Bearer KEY' on every /v1 route.")] = None,
+    allow_remote_urls: Annotated[bool, typer.Option(help="Fetch http(s) image URLs in chat requests.")] = False,
+    store: Annotated[Path | None, typer.Option(
+        help="SQLite file of conversations and stored completions (default: MODELS/serve.sqlite).")] = None,
+    limit: Annotated[list[str] | None, typer.Option(
+        help="A limit as NAME=VALUE, e.g. max_audio_seconds=60 (repeatable; see polymodal.serve.settings).")] = None,
+    lazy: Annotated[bool, typer.Option(help="Load each model at its first request instead of at start.")] = False,
+):
+    """Serve the saved models in MODELS behind OpenAI's API (chat, embeddings, images, speech)."""
+    import uvicorn
+
+    from polymodal.serve import Limits, Settings, create_app
+
+    try:
+        settings = Settings(api_key=api_key or None, allow_remote_urls=allow_remote_urls, store=store,
+                            limits=Limits().with_overrides(limit or []), preload=not lazy)
+        server = create_app(models, settings)
+    except (InputError, ValueError, OSError) as e:
+        raise fail(e) from None
+    served = server.state.registry.models
+    console.print(f"serving {len(served)} model(s) from {models}: {', '.join(sorted(served)) or 'none'}")
+    for folder, why in server.state.registry.skipped.items():
+        console.print(f"[yellow]not serving[/yellow] {folder}: {escape(why)}")
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        console.print(f"[yellow]listening on {host} without an API key:[/yellow] anyone who can reach it can use it")
+    uvicorn.run(server, host=host, port=port, log_level="warning")
 
 
 @app.command("demo")

@@ -56,6 +56,12 @@ class Step:
     name: str
     title: str
     run: Callable[[dict], dict]
+    needs: tuple[str, ...] = ()  # earlier steps whose output (state[name]) it reads
+    uses: tuple[str, ...] = ()  # earlier steps whose output it uses when there is one
+
+
+# Where a step leaves what later steps read (state[step name]), inside the demo's folder
+OUTPUTS = {"world": "shapes", "clip": "clip/model", "judge": "judge/model"}
 
 
 # ---- shared by the steps ----
@@ -288,14 +294,54 @@ def draw(state: dict) -> dict:
 
 STEPS: list[Step] = [
     Step("world", "Generate the shapes world (images, captions, speech, QA, videos)", make_world),
-    Step("inspect", "Inspect it and draw a contact sheet", inspect_world),
-    Step("clip", "Train a CLIP (image and text in one embedding space)", train_clip),
-    Step("eval", "Evaluate it: retrieval and zero-shot classification", evaluate_clip),
-    Step("search", "Index the test images and search them by text", search_world),
-    Step("understand", "Train a captioner that also answers questions; caption and ask", understand),
-    Step("judge", "Train the judge that reads generated images back into scenes", train_judge),
-    Step("draw", "Train a text-to-image diffusion model, draw a few prompts and judge its drawings", draw),
+    Step("inspect", "Inspect it and draw a contact sheet", inspect_world, needs=("world",)),
+    Step("clip", "Train a CLIP (image and text in one embedding space)", train_clip, needs=("world",)),
+    Step("eval", "Evaluate it: retrieval and zero-shot classification", evaluate_clip, needs=("world", "clip")),
+    Step("search", "Index the test images and search them by text", search_world, needs=("world", "clip")),
+    Step("understand", "Train a captioner that also answers questions; caption and ask", understand,
+         needs=("world", "clip")),
+    Step("judge", "Train the judge that reads generated images back into scenes", train_judge, needs=("world",)),
+    Step("draw", "Train a text-to-image diffusion model, draw a few prompts and judge its drawings", draw,
+         needs=("world",), uses=("judge",)),
 ]
+
+
+def earlier_output(state: dict, name: str) -> bool:
+    """Put what step ``name`` made in an earlier run into the same folder into ``state[name]``:
+    its data set, or its model if that still loads. False when there is none to reuse."""
+    from polymodal.errors import InputError
+    from polymodal.models import load_model
+
+    path = state["out"] / OUTPUTS.get(name, name)
+    if not (path / "metadata.jsonl").is_file():  # not a data set: a model folder, if it loads
+        try:
+            load_model(path)
+        except (InputError, ValueError, RuntimeError, OSError):
+            return False
+    state[name] = path
+    console.print(f"step {name!r} is not run: reusing {path} from an earlier run into this folder")
+    return True
+
+
+def gather_needs(state: dict, steps: list[Step]) -> None:
+    """Before anything runs: what the chosen ``steps`` need from steps that are not chosen is taken
+    from an earlier run into the same folder, or the error says which steps to add."""
+    chosen = {s.name for s in steps}
+    by_name = {s.name: s for s in STEPS}
+    missing: list[str] = []
+    pending = list(steps)
+    while pending:
+        step = pending.pop(0)
+        for need in (*step.needs, *step.uses):
+            if need in chosen or need in missing or need in state or need not in by_name:
+                continue
+            if not earlier_output(state, need) and need in step.needs:
+                missing.append(need)
+                pending.append(by_name[need])  # which may need more in turn
+    if missing:
+        add = [s.name for s in STEPS if s.name in chosen or s.name in missing]
+        raise ValueError(f"the steps chosen need what step(s) {', '.join(missing)} make, and {state['out']} "
+                         f"holds none from an earlier run: add them, e.g. --steps {','.join(add)}")
 
 
 def run_demo(out: Path, n: int = 4000, *, train_scale: float = 1.0, retrain: bool = False,
@@ -306,6 +352,7 @@ def run_demo(out: Path, n: int = 4000, *, train_scale: float = 1.0, retrain: boo
     out.mkdir(parents=True, exist_ok=True)
     state: dict = {"out": out, "n": n, "train_scale": train_scale, "retrain": retrain, "trained": set(),
                    "checks": [], "judged_prompts": judged_prompts}
+    gather_needs(state, steps)
     speed = machine_speed()
     minutes = sum(REFERENCE_MINUTES.get(s.name, 0.0) for s in steps) * max(1.0, REFERENCE_GFLOPS / speed)
     console.print(f"this machine multiplies matrices at {speed:.0f} GFLOP/s now (the reference 2-core machine: "

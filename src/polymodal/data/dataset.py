@@ -4,10 +4,18 @@ A *field* is one input the model wants: a name in the batch, a modality and the 
 comes from. ``["image", "text"]`` asks for the default columns; ``{"question":
 "audio:fusion_audio_file"}`` names a column. A row that lacks a field's column is skipped and
 counted ("missing"); a row whose file fails to decode is skipped, counted and logged ("bad").
+
+A row without a ``split`` (and outside a ``train/``, ``val/``, ... folder, which names it) gets one
+by a fixed rule, :func:`row_split`: a hash of its ``id`` (else of its first file path, else of the
+row itself) puts 90% of such rows in ``train``, 5% in ``val`` and 5% in ``test``, the same on every
+machine and in every run, and the same for a folder and the shards packed from it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -15,15 +23,43 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from polymodal.data.source import RawSample, SkipLog, iter_source
+from polymodal.data.source import DEFAULT_MAX_FILE_BYTES, RawSample, SkipLog, iter_source
 from polymodal.errors import InputError
 from polymodal.modalities.audio import DEFAULT_MAX_SECONDS, load_audio, log_mel_spectrogram
 from polymodal.modalities.image import DEFAULT_MAX_PIXELS, ImageTransform, load_image
 from polymodal.modalities.text import TextTokenizer, pad_sequences, validate_text
+from polymodal.modalities.video import DEFAULT_MAX_PIXELS as DEFAULT_MAX_VIDEO_PIXELS
 from polymodal.modalities.video import load_video
 
 MODALITIES = ("image", "text", "audio", "video")
 DEFAULT_COLUMNS = {"image": "file_name", "text": "text", "audio": "audio_file", "video": "video_file"}
+UNSPLIT_SHARES = (("train", 0.90), ("val", 0.05), ("test", 0.05))  # rows without a split (row_split)
+UNSPLIT_RULE = ("rows without a 'split' get one from a hash of their id (or file): "
+                "90% train, 5% val, 5% test")
+
+log = logging.getLogger("polymodal.data")
+_told_unsplit: set[str] = set()  # data sets whose unsplit rows were logged (once a process)
+
+
+def row_split(row: Mapping) -> str:
+    """The split of a metadata row: its ``split``, or for a row without one a split drawn by a
+    hash of the row's ``id`` (else of its first file path, else of the row), in the shares of
+    :data:`UNSPLIT_SHARES`. A hash, not a shuffle: a row keeps its split when rows are added,
+    removed or reordered, and a folder and its shards agree."""
+    split = row.get("split")
+    if isinstance(split, str) and split:
+        return split
+    key = row.get("id")
+    if key in (None, ""):
+        key = next((row[c] for c in ("file_name", "audio_file", "video_file") if row.get(c) not in (None, "")), None)
+    if key in (None, ""):
+        key = json.dumps(row, sort_keys=True, default=str)
+    draw = int.from_bytes(hashlib.sha256(str(key).encode()).digest()[:8], "big") / 2**64  # uniform in [0, 1)
+    for name, share in UNSPLIT_SHARES:
+        if draw < share:
+            return name
+        draw -= share
+    return UNSPLIT_SHARES[-1][0]
 
 
 @dataclass(frozen=True)
@@ -49,10 +85,20 @@ def parse_fields(spec: Sequence[str] | Mapping[str, str]) -> list[Field]:
 
 @dataclass(frozen=True)
 class DecodeOptions:
+    """How samples are read and decoded, and the limits that keep a stranger's file cheap."""
+
     image_transform: ImageTransform = ImageTransform(64)
     video_frames: int = 8
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_pixels: int = DEFAULT_MAX_PIXELS  # an image of more pixels is skipped
+    max_video_pixels: int = DEFAULT_MAX_VIDEO_PIXELS  # a video whose frames have more pixels is skipped
     max_audio_seconds: float = DEFAULT_MAX_SECONDS
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES  # a larger file is skipped before it is read
+    allow_outside_paths: bool = False  # read files that lead outside the data set folder
+
+    @property
+    def source_limits(self) -> dict:
+        """The keyword arguments of :func:`iter_source` these options set."""
+        return {"allow_outside_paths": self.allow_outside_paths, "max_file_bytes": self.max_file_bytes}
 
 
 def decode_field(raw: RawSample, f: Field, options: DecodeOptions):
@@ -61,10 +107,11 @@ def decode_field(raw: RawSample, f: Field, options: DecodeOptions):
         return validate_text(raw.row.get(f.column), source=f"{raw.origin}: field {f.column!r}")
     data, name = raw.read(f.column), raw.file_name(f.column)
     if f.modality == "image":
-        return options.image_transform(load_image(data, name=name, max_pixels=options.max_pixels))
+        size = options.image_transform.size
+        return options.image_transform(load_image(data, name=name, max_pixels=options.max_pixels, target_size=size))
     if f.modality == "audio":
         return log_mel_spectrogram(load_audio(data, name=name, max_seconds=options.max_audio_seconds))
-    clip = load_video(data, name=name, num_frames=options.video_frames, max_pixels=options.max_pixels)
+    clip = load_video(data, name=name, num_frames=options.video_frames, max_pixels=options.max_video_pixels)
     frames = torch.stack([options.image_transform.normalize(x) for x in _resize_frames(clip.frames, options)])
     sound = log_mel_spectrogram(clip.audio) if clip.has_audio else torch.zeros(80, 0)
     return {"frames": frames, "audio": sound}
@@ -108,25 +155,44 @@ class MultimodalDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         part, parts = self._shard_of_stream()
         kept = 0
-        for raw in iter_source(self.location, self.skips):
-            if self.splits is not None and raw.row.get("split") not in self.splits:
-                continue
-            if self.where is not None and not self.where(raw.row):
+        for raw in iter_source(self.location, self.skips, **self.options.source_limits):
+            if self.splits is not None:
+                if raw.row.get("split") in (None, "") and str(self.location) not in _told_unsplit:
+                    _told_unsplit.add(str(self.location))
+                    log.info("%s: %s", self.location, UNSPLIT_RULE)
+                if row_split(raw.row) not in self.splits:
+                    continue
+            if self.where is not None and not self._where(raw):
                 continue
             kept += 1
             if (kept - 1) % parts != part:
                 continue
-            missing = [f.column for f in self.fields if raw.row.get(f.column) in (None, "")]
+            missing = [f.column for f in self.fields if raw.row.get(f.column) is None or raw.row.get(f.column) == ""]
             if missing:
                 self.skips.add(raw.origin, f"no {', '.join(missing)}", kind="missing")
                 continue
-            try:
-                item = {f.name: decode_field(raw, f, self.options) for f in self.fields}
-            except InputError as e:
-                self.skips.add(e.source, e.problem)
-                continue
-            item["row"] = raw.row
-            yield item
+            item = self._decode(raw)
+            if item is not None:
+                item["row"] = raw.row
+                yield item
+
+    def _where(self, raw: RawSample) -> bool:
+        try:
+            return bool(self.where(raw.row))
+        except Exception as e:  # a row of unexpected types: its problem, not the run's
+            self.skips.add(raw.origin, f"row not understood: {type(e).__name__}: {e}")
+            return False
+
+    def _decode(self, raw: RawSample) -> dict | None:
+        """Every field of a sample, or None (the sample skipped, with the reason logged): a
+        failure to read one sample never ends the run."""
+        try:
+            return {f.name: decode_field(raw, f, self.options) for f in self.fields}
+        except InputError as e:
+            self.skips.add(e.source, e.problem)
+        except Exception as e:  # a decoder's own error on a file no check foresaw
+            self.skips.add(raw.origin, f"cannot decode: {type(e).__name__}: {e}")
+        return None
 
 
 class Collator:

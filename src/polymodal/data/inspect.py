@@ -9,10 +9,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from polymodal.data.source import BadSample, SkipLog, is_file_column, iter_source
+from polymodal.data.source import (
+    DEFAULT_MAX_FILE_BYTES,
+    BadSample,
+    RawSample,
+    SkipLog,
+    is_file_column,
+    iter_source,
+)
 from polymodal.errors import InputError
 from polymodal.modalities.audio import load_audio
-from polymodal.modalities.image import load_image
+from polymodal.modalities.image import load_image, thumbnail
 from polymodal.modalities.text import validate_text
 from polymodal.modalities.video import load_video
 
@@ -47,45 +54,26 @@ class Inspection:
     sheet_items: list[tuple[object, str]] = field(default_factory=list)  # (PIL image, label)
 
 
+THUMBNAIL = 128  # contact-sheet images are kept at most this size a side
+
+
 def inspect_dataset(
     location: str | os.PathLike, *, decode: bool = True, sheet: str | os.PathLike | None = None,
-    sheet_size: int = 24, progress: Callable[[int], None] | None = None,
+    sheet_size: int = 24, progress: Callable[[int], None] | None = None, allow_outside_paths: bool = False,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> Inspection:
     """Read every sample (decoding every file when ``decode``), count it, and find the bad ones.
 
     With ``sheet``, writes a contact-sheet PNG of the first ``sheet_size`` good images with
-    their captions.
+    their captions (as thumbnails: a sheet holds small copies, not the decoded originals). Files
+    are read under the same rules as training: inside the data set folder unless
+    ``allow_outside_paths``, regular, at most ``max_file_bytes``.
     """
     result = Inspection()
-    for raw in iter_source(location, result.skips):
+    for raw in iter_source(location, result.skips, allow_outside_paths=allow_outside_paths,
+                           max_file_bytes=max_file_bytes):
         split = str(raw.row.get("split", "(none)"))
-        problems: list[tuple[str, str]] = []
-        found: list[str] = []
-        image = None
-        for column, value in raw.row.items():
-            if not (is_file_column(column) and value):
-                continue
-            modality = modality_of(column, str(value))
-            try:
-                if decode:
-                    data, name = raw.read(column), raw.file_name(column)
-                    if modality == "image":
-                        decoded = load_image(data, name=name)
-                        if column == "file_name":
-                            image = decoded
-                    elif modality == "audio":
-                        load_audio(data, name=name)
-                    else:
-                        load_video(data, name=name, num_frames=1)
-                found.append(modality)
-            except InputError as e:
-                problems.append((e.source, e.problem))
-        if "text" in raw.row:
-            try:
-                validate_text(raw.row["text"], source=f"{raw.origin}: field 'text'")
-                found.append("text")
-            except InputError as e:
-                problems.append((e.source, e.problem))
+        problems, found, image = _check_sample(raw, decode)
         for source, problem in problems:
             result.skips.add(source, problem)
         result.samples += 1
@@ -94,13 +82,53 @@ def inspect_dataset(
             for modality in set(found):
                 result.per_modality[split][modality] += 1
             if image is not None and len(result.sheet_items) < sheet_size:
-                result.sheet_items.append((image, f"{split} · {raw.row.get('id', '')}\n{raw.row.get('text', '')}"))
+                caption = raw.row.get("text", "")
+                caption = caption[:200] if isinstance(caption, str) else ""
+                result.sheet_items.append((image, f"{split} · {raw.row.get('id', '')}\n{caption}"))
         if progress:
             progress(result.samples)
     result.bad = list(result.skips.bad)
     if sheet is not None and result.sheet_items:
         result.sheet = contact_sheet(result.sheet_items, sheet)
     return result
+
+
+def _check_sample(raw: RawSample, decode: bool) -> tuple[list[tuple[str, str]], list[str], object]:
+    """The problems of one sample (source, reason), the modalities it holds, and a thumbnail of
+    its image; any failure to read or decode a file is one of its problems, never the end of the
+    inspection."""
+    problems: list[tuple[str, str]] = []
+    found: list[str] = []
+    image = None
+    for column, value in raw.row.items():
+        if not (is_file_column(column) and value):
+            continue
+        modality = modality_of(column, str(value))
+        try:
+            if decode:
+                data, name = raw.read(column), raw.file_name(column)
+                if modality == "image":
+                    decoded = load_image(data, name=name, target_size=THUMBNAIL)
+                    if column == "file_name":
+                        image = thumbnail(decoded, THUMBNAIL)
+                elif modality == "audio":
+                    load_audio(data, name=name)
+                else:
+                    load_video(data, name=name, num_frames=1)
+            else:
+                raw.check(column)  # inside the folder, a regular file, not too large
+            found.append(modality)
+        except InputError as e:
+            problems.append((e.source, e.problem))
+        except Exception as e:  # a decoder's own error on a file no check foresaw
+            problems.append((f"{raw.origin}: field {column!r}", f"cannot decode: {type(e).__name__}: {e}"))
+    if "text" in raw.row:
+        try:
+            validate_text(raw.row["text"], source=f"{raw.origin}: field 'text'")
+            found.append("text")
+        except InputError as e:
+            problems.append((e.source, e.problem))
+    return problems, found, image
 
 
 def contact_sheet(items: list[tuple[object, str]], out: str | os.PathLike, columns: int = 6,

@@ -18,6 +18,7 @@ from polymodal.data.dataset import Collator
 from polymodal.eval.retrieval import recall_at_k, retrieval_metrics
 from polymodal.eval.zeroshot import (
     class_embeddings,
+    label_classes,
     shapes_attribute_prompts,
     shapes_count_prompts,
     template_prompts,
@@ -78,6 +79,11 @@ def contrastive_metrics(model, items: list[dict], fields, class_names: list[str]
         for key, value in recall_at_k(paraphrased, emb["image"], (1, 5, 10)).items():
             metrics[f"paraphrase text->image {key}"] = value
     embed_text = lambda texts: model.embed_text(texts, modality=text).cpu()  # noqa: E731
+    # any other data set: zero-shot over its label column, integer labels named by index
+    labelled = [] if shapes_world else [i for i, r in enumerate(rows) if r.get("label") is not None]
+    if labelled:
+        row_labels, label_names = label_classes([rows[i]["label"] for i in labelled], class_names)
+        label_names, label_embeddings = class_embeddings(embed_text, template_prompts(label_names))
     for query in (m for m in modalities if m != text):
         prefix = "" if query == "image" else f"{query} "
         if shapes_world:
@@ -90,8 +96,7 @@ def contrastive_metrics(model, items: list[dict], fields, class_names: list[str]
             names, classes = class_embeddings(embed_text, shapes_count_prompts())
             metrics[f"{prefix}zero-shot count"] = zero_shot_accuracy(
                 emb[query], [str(len(r["objects"])) for r in rows], names, classes)
-        elif "label" in rows[0]:
-            names = class_names or sorted({str(r["label"]) for r in rows})
-            names_, classes = class_embeddings(embed_text, template_prompts(names))
-            metrics[f"{prefix}zero-shot label"] = zero_shot_accuracy(emb[query], [str(r["label"]) for r in rows], names_, classes)
+        elif labelled:
+            metrics[f"{prefix}zero-shot label"] = zero_shot_accuracy(emb[query][labelled], row_labels, label_names,
+                                                                     label_embeddings)
     return metrics

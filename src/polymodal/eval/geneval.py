@@ -340,6 +340,9 @@ def clip_score(contrastive_model, images: torch.Tensor, prompts: Sequence[str], 
         x = images[start : start + batch_size].float()
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
+        transform = getattr(contrastive_model, "image_transform", None)
+        if transform is not None:  # [-1, 1] -> the model's own normalisation (a Hugging Face CLIP's)
+            x = transform.normalize((x + 1) / 2)
         image_emb = contrastive_model.embed_image(x)
         text_emb = contrastive_model.embed_text(list(prompts[start : start + batch_size]))
         cos = (F.normalize(image_emb, dim=-1) * F.normalize(text_emb, dim=-1)).sum(-1)

@@ -1,6 +1,9 @@
 """Metrics of understanding models: captioners (captions, spoken-caption transcripts, VQA) and
 fusion classifiers (accuracy with every modality and with each one missing).
 
+A captioner that hears audio writes what was said, so beside the caption metrics it gets the
+word error rate of its text against the caption it heard (:mod:`polymodal.eval.transcription`).
+
 Captions are scored with BLEU-4 and CIDEr-D against reference captions and, on the shapes
 world, by the scene-graph judge. On the shapes world the references are the stored caption
 plus ``references - 1`` more drawn from the world's own caption generator for the same scene
@@ -48,6 +51,13 @@ def generate_all(model, items: list[dict], fields, prompts: Sequence[str | None]
     return out
 
 
+def hears_speech(model) -> bool:
+    """Whether a captioner reads audio: its captions are then transcripts of what was said."""
+    from polymodal.nn.encoders import INPUT_KIND
+
+    return any(INPUT_KIND.get(spec.get("type")) == "audio" for spec in model.config.encoders.values())
+
+
 def captioner_metrics(model, items: list[dict], fields, *, references: int = 5, decoding: str = "greedy",
                       examples: int = 0) -> dict:
     """Caption metrics (when the model captions) and VQA accuracy (when it answers questions)."""
@@ -64,6 +74,10 @@ def captioner_metrics(model, items: list[dict], fields, *, references: int = 5, 
         metrics.update(bleu_cider([reference_captions(r, references) for r in rows], captions))
         if "objects" in rows[0]:
             metrics.update(scene_graph_scores(captions, [[SceneObject.from_dict(o) for o in r["objects"]] for r in rows]))
+        if hears_speech(model):  # what it writes is a transcript of the spoken caption: word error rate
+            from polymodal.eval.transcription import word_error_rate
+
+            metrics.update(word_error_rate([r[model.config.caption_column] for r in rows], captions))
         if examples:
             metrics["examples"] = [{"id": r.get("id"), "reference": r["text"], "generated": c}
                                    for r, c in zip(rows[:examples], captions, strict=False)]

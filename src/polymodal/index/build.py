@@ -13,7 +13,7 @@ from polymodal.data.source import SkipLog
 from polymodal.errors import InputError
 from polymodal.index.vectors import EXACT_LIMIT, VectorIndex, make_index
 from polymodal.modalities.audio import load_audio, log_mel_spectrogram
-from polymodal.modalities.image import ImageTransform, load_image
+from polymodal.modalities.image import load_image
 
 BATCH = 256
 
@@ -29,7 +29,7 @@ def build_index(model_dir: str | os.PathLike, data: str | os.PathLike, out: str 
     if modality not in model.config.towers:
         raise InputError(model_dir, f"model has no {modality!r} tower (has {sorted(model.config.towers)})")
     fields = {modality: model.input_kind(modality)}
-    options = DecodeOptions(image_transform=ImageTransform(model.image_size))
+    options = DecodeOptions(image_transform=model.image_transform)  # the model's own preprocessing
     skips = SkipLog()
     dataset = MultimodalDataset(data, fields, split=split, options=options, skips=skips)
     collate = Collator(fields)
@@ -74,7 +74,8 @@ def embed_query(model, *, text: str | None = None, image: str | None = None, aud
     if text is not None:
         return model.embed_text([text], modality=name).numpy()
     if image is not None:
-        pixels = ImageTransform(model.image_size)(load_image(image))
+        transform = model.image_transform  # the model's own preprocessing (a Hugging Face CLIP's mean and std)
+        pixels = transform(load_image(image, target_size=transform.size))
         return model.embed_image(pixels[None], modality=name).numpy()
     mel = log_mel_spectrogram(load_audio(audio))[None]
     return model.embed_audio(mel, modality=name).numpy()

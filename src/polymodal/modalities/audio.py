@@ -15,8 +15,8 @@ Log-mel features (``log_mel_spectrogram``), exactly:
 from __future__ import annotations
 
 import io
-import math
 import os
+from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
 
@@ -35,6 +35,9 @@ N_FFT = 400
 LOG_FLOOR = 1e-10
 DEFAULT_MAX_SECONDS = 600.0
 DEFAULT_MAX_CHANNELS = 8
+MIN_SAMPLE_RATE = 8_000  # telephone speech; a header outside these rates is refused before reading
+MAX_SAMPLE_RATE = 192_000  # studio recordings
+MAX_RESAMPLE_TERM = 1_000  # largest up / down factor of the polyphase resampler (see resample)
 
 Source = str | os.PathLike | bytes
 
@@ -65,12 +68,20 @@ def load_audio(
     sample_rate: int = SAMPLE_RATE,
     max_seconds: float = DEFAULT_MAX_SECONDS,
     max_channels: int = DEFAULT_MAX_CHANNELS,
+    min_rate: int = MIN_SAMPLE_RATE,
+    max_rate: int = MAX_SAMPLE_RATE,
 ) -> torch.Tensor:
     """Decode an audio file (path or bytes) to a mono float32 tensor ``(samples,)`` at ``sample_rate``.
 
+    The cost is bounded from the header before any sample is read: the sample rate must lie in
+    ``min_rate``..``max_rate`` (a 32 KB WAV may declare 2,147,483,647 Hz), the channels and the
+    length must be within their limits; then the file is read in blocks, mixed to mono as it goes,
+    and reading stops at the length limit whatever the header said.
+
     Raises :class:`InputError` naming the file for: a missing or zero-length file, a format
-    soundfile cannot decode, a truncated WAV, more than ``max_channels`` channels, a clip
-    longer than ``max_seconds``, or no samples at all.
+    soundfile cannot decode, a truncated WAV, a sample rate out of range, more than
+    ``max_channels`` channels, a clip longer than ``max_seconds``, no samples at all, or samples
+    that are not finite numbers.
     """
     data, name = _read_bytes(source, name)
     if not data:
@@ -78,32 +89,52 @@ def load_audio(
     _check_riff(data, name)
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
-            if f.channels > max_channels:
-                raise InputError(name, f"{f.channels} channels; at most {max_channels} are accepted")
-            if f.samplerate <= 0:
-                raise InputError(name, f"invalid sample rate {f.samplerate}")
-            if f.frames > max_seconds * f.samplerate:
+            rate, channels = f.samplerate, f.channels
+            if not min_rate <= rate <= max_rate:
+                raise InputError(name, f"sample rate {rate:,} Hz is outside {min_rate:,}..{max_rate:,} Hz")
+            if not 0 < channels <= max_channels:
+                raise InputError(name, f"{channels} channels; 1 to {max_channels} are accepted")
+            most = int(max_seconds * rate)
+            if f.frames > most:
                 raise InputError(
                     name,
-                    f"{f.frames / f.samplerate:.1f} s long; the limit is {max_seconds:g} s "
+                    f"{f.frames / rate:.1f} s long; the limit is {max_seconds:g} s "
                     "(raise max_seconds to accept it)",
                 )
-            samples = f.read(dtype="float32", always_2d=True)
-            rate = f.samplerate
-    except sf.LibsndfileError as e:
+            blocks, frames = [], 0
+            for block in f.blocks(blocksize=1 << 16, dtype="float32", always_2d=True):
+                frames += block.shape[0]
+                if frames > most:
+                    raise InputError(name, f"longer than the limit of {max_seconds:g} s")
+                blocks.append(block.mean(axis=1))
+    except InputError:
+        raise
+    except (RuntimeError, ValueError, TypeError, OSError, EOFError, MemoryError) as e:  # LibsndfileError is a RuntimeError
         raise InputError(name, f"cannot decode audio (unsupported format or corrupt file): {e}") from e
-    if samples.shape[0] == 0:
+    if frames == 0:
         raise InputError(name, "no audio samples")
-    mono = samples.mean(axis=1)
+    mono = np.concatenate(blocks)
+    if not np.isfinite(mono).all():
+        raise InputError(name, "samples that are not finite numbers (NaN or infinity)")
     return torch.from_numpy(np.ascontiguousarray(resample(mono, rate, sample_rate)))
 
 
 def resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
-    """Polyphase resampling (anti-aliased) of a 1-D float array."""
+    """Polyphase resampling (anti-aliased) of a 1-D float array.
+
+    The polyphase filter grows with the reduced ratio's terms (999,983 Hz to 16 kHz is
+    16,000 / 999,983: a filter of 20 million taps); a ratio whose terms exceed
+    :data:`MAX_RESAMPLE_TERM` is replaced by the nearest one within it, which changes the
+    pitch by less than one part in a million (e.g. 44,056 Hz).
+    """
     if from_rate == to_rate:
         return samples.astype(np.float32, copy=False)
-    g = math.gcd(int(from_rate), int(to_rate))
-    return resample_poly(samples, to_rate // g, from_rate // g).astype(np.float32)
+    ratio = Fraction(int(to_rate), int(from_rate))
+    if max(ratio.numerator, ratio.denominator) > MAX_RESAMPLE_TERM:
+        ratio = ratio.limit_denominator(MAX_RESAMPLE_TERM)
+        if ratio.numerator > MAX_RESAMPLE_TERM:  # upsampling by more than the bound: bound the numerator
+            ratio = 1 / (1 / Fraction(int(to_rate), int(from_rate))).limit_denominator(MAX_RESAMPLE_TERM)
+    return resample_poly(samples, ratio.numerator, ratio.denominator).astype(np.float32)
 
 
 def save_wav(path: str | os.PathLike, samples: np.ndarray | torch.Tensor, sample_rate: int = SAMPLE_RATE) -> None:

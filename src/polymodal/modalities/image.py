@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,17 +15,28 @@ from PIL import Image, UnidentifiedImageError
 
 from polymodal.errors import InputError
 
-DEFAULT_MAX_PIXELS = 64_000_000  # about 8000 x 8000; raise it for larger images
+DEFAULT_MAX_PIXELS = 40_000_000  # pixels decoded at most (a 40-megapixel photo); raise it for larger images
+# Formats read from data sets: what cameras, scanners and the web write. PIL's other plugins
+# (EPS, which runs Ghostscript; PSD, ICNS, ...) are never tried on a stranger's file.
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")  # JPEG opens multi-picture (MPO) files too
 Source = str | os.PathLike | bytes
 
 
 def load_image(
-    source: Source, *, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+    source: Source, *, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+    target_size: int | None = None,
 ) -> Image.Image:
     """Decode an image file (path or bytes) into an RGB PIL image.
 
+    The cost of decoding is bounded before decoding, from the header: an image of more than
+    ``max_pixels`` pixels is refused. With ``target_size`` (the shorter side the caller will
+    resize to), a large image is decoded at reduced size where the format allows it (JPEG decodes
+    at 1/2, 1/4 or 1/8 scale) and shrunk by a box filter to no less than twice ``target_size``
+    before any colour conversion, so a 40-megapixel photo costs one decode and not five copies;
+    a JPEG is then judged by the pixels it decodes, not by its header.
+
     Raises :class:`InputError` naming the file for: a missing or zero-length file, a format
-    PIL does not know, a corrupt or truncated file, and an image of more than ``max_pixels``.
+    outside :data:`IMAGE_FORMATS`, a corrupt or truncated file, and too many pixels.
     """
     if isinstance(source, bytes | bytearray):
         data, name = bytes(source), name or "<image bytes>"
@@ -39,31 +51,57 @@ def load_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             width, height = image.size
             if width <= 0 or height <= 0:
                 raise InputError(name, f"invalid image size {width}x{height}")
-            if width * height > max_pixels:
+            if target_size and image.format in ("JPEG", "MPO"):
+                image.draft("RGB", (target_size, target_size))  # both sides stay >= target_size
+            decoded = image.size[0] * image.size[1]
+            if decoded > max_pixels:
                 raise InputError(
                     name, f"{width}x{height} pixels exceeds the limit of {max_pixels:,} (max_pixels)"
                 )
             image.load()  # decode now, so truncated data fails here and not later
+            sixteen_bit = image.mode.startswith("I;16")
+            if target_size:
+                image = _shrink(image, 2 * target_size)
     except UnidentifiedImageError as e:
         raise InputError(name, "unsupported or unrecognised image format") from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise InputError(name, f"image too large: {e}") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        if isinstance(e, InputError):
-            raise
+    except InputError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError, KeyError,
+            ZeroDivisionError, MemoryError) as e:  # what PIL's decoders raise on a corrupt file
         raise InputError(name, f"corrupt or truncated image: {e}") from e
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16/32-bit grey: scale to 8 bits
-        array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16/32-bit grey: scale to 8 bits
+        array = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        top = 65535.0 if sixteen_bit else max(float(array.max()), 1.0)
         image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).round().astype(np.uint8), "L")
     if image.mode != "RGB":  # grey, palette, alpha, CMYK...: composite onto white, then RGB
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
     return image
+
+
+def _shrink(image: Image.Image, shorter_side: int) -> Image.Image:
+    """Shrink ``image`` by a whole factor (box filter) while its shorter side stays >= ``shorter_side``."""
+    factor = min(image.size) // shorter_side
+    if factor < 2:
+        return image
+    if image.mode in ("1", "P", "PA"):  # averaging palette indices would mix unrelated colours
+        image = image.convert("RGBA")
+    elif image.mode.startswith("I;16"):
+        image = image.convert("I")
+    return image.reduce(factor)
+
+
+def thumbnail(image: Image.Image, size: int = 128) -> Image.Image:
+    """A copy of ``image`` at most ``size`` pixels a side (for contact sheets)."""
+    small = image.copy()
+    small.thumbnail((size, size))
+    return small
 
 
 def to_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:

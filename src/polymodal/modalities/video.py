@@ -17,10 +17,13 @@ import numpy as np
 import torch
 
 from polymodal.errors import InputError
-from polymodal.modalities.audio import SAMPLE_RATE
+from polymodal.modalities.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, SAMPLE_RATE
 
 DEFAULT_MAX_SECONDS = 600.0
 DEFAULT_MAX_PIXELS = 4096 * 4096
+MAX_FPS = 240.0  # frames a second counted against max_seconds when a header claims more
+FRAME_PIXELS = 640 * 480  # frames kept are scaled down to about this many pixels (they are resized
+# for the model later): eight 4096 x 4096 frames would hold 400 MB
 Source = str | os.PathLike | bytes
 
 
@@ -64,7 +67,7 @@ def load_video(
         raise InputError(name, "zero-length file")
     try:
         container = av.open(io.BytesIO(data))
-    except av.FFmpegError as e:
+    except (av.FFmpegError, ValueError, UnicodeDecodeError, OSError) as e:
         raise InputError(name, f"cannot open video (unsupported format or corrupt file): {e}") from e
     with container:
         if not container.streams.video:
@@ -78,29 +81,40 @@ def load_video(
         if declared and declared / fps > max_seconds:
             raise InputError(name, f"{declared / fps:.1f} s long; the limit is {max_seconds:g} s")
         astream = container.streams.audio[0] if container.streams.audio else None
+        if astream is not None and not MIN_SAMPLE_RATE <= (astream.rate or 0) <= MAX_SAMPLE_RATE:
+            raise InputError(name, f"sound track at {astream.rate or 0:,} Hz is outside "
+                                   f"{MIN_SAMPLE_RATE:,}..{MAX_SAMPLE_RATE:,} Hz")
         resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE) if astream else None
         wanted = _even_indices(declared, num_frames) if declared else None
         kept: dict[int, np.ndarray] = {}
-        all_frames: list[np.ndarray] = []
+        sampled: list[np.ndarray] = []  # without a declared count: every stride-th frame, thinned as it fills
+        stride = 1
         sound: list[np.ndarray] = []
         decoded = 0
+        size = _frame_size(width, height)
+        most = max_seconds * min(fps, MAX_FPS)  # frames decoded at most, whatever the header says
         streams = [vstream] + ([astream] if astream else [])
         try:
             for packet in container.demux(*streams):
                 for frame in packet.decode():
                     if isinstance(frame, av.VideoFrame):
-                        if decoded / fps > max_seconds:
+                        if decoded > most:
                             raise InputError(name, f"longer than the limit of {max_seconds:g} s")
                         if wanted is None:
-                            all_frames.append(frame.to_ndarray(format="rgb24"))
+                            if decoded % stride == 0:
+                                sampled.append(_rgb(frame, size))
+                                if len(sampled) > 2 * num_frames:  # keep memory to a few frames
+                                    sampled, stride = sampled[::2], stride * 2
                         elif decoded in wanted:
-                            kept[decoded] = frame.to_ndarray(format="rgb24")
+                            kept[decoded] = _rgb(frame, size)
                         decoded += 1
                     elif resampler is not None:
                         for out in resampler.resample(frame):
                             sound.append(out.to_ndarray().reshape(-1))
         except av.FFmpegError as e:
             raise InputError(name, f"corrupt video data after {decoded} frames: {e}") from e
+        except (ValueError, RuntimeError, MemoryError, OSError) as e:
+            raise InputError(name, f"cannot decode video after {decoded} frames: {e}") from e
         if resampler is not None:
             for out in resampler.resample(None):
                 sound.append(out.to_ndarray().reshape(-1))
@@ -109,7 +123,7 @@ def load_video(
     if declared and decoded < declared:
         raise InputError(name, f"truncated video: {decoded} of {declared} declared frames decode")
     if wanted is None:
-        frames = [all_frames[i] for i in _even_indices(decoded, num_frames)]
+        frames = [sampled[i] for i in _even_indices(len(sampled), num_frames)]
     else:
         frames = [kept[i] for i in sorted(wanted)]
     while len(frames) < num_frames:  # a clip shorter than num_frames repeats its last frame
@@ -117,6 +131,23 @@ def load_video(
     stacked = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255.0
     audio = torch.from_numpy(np.concatenate(sound)) if sound else torch.zeros(0)
     return VideoClip(frames=stacked, audio=audio.float(), fps=fps, duration=decoded / fps)
+
+
+def _frame_size(width: int, height: int) -> tuple[int, int]:
+    """The size frames are kept at: the stream's, scaled down (aspect kept) to at most
+    :data:`FRAME_PIXELS`."""
+    if width * height <= FRAME_PIXELS:
+        return max(1, width), max(1, height)
+    scale = (FRAME_PIXELS / (width * height)) ** 0.5
+    return max(1, int(width * scale)), max(1, int(height * scale))
+
+
+def _rgb(frame, size: tuple[int, int]) -> np.ndarray:
+    """One frame as (H, W, 3) uint8 at ``size``: every kept frame has the same size, even when a
+    stream changes size midway (or its header lied)."""
+    if (frame.width, frame.height) == size:
+        return frame.to_ndarray(format="rgb24")
+    return frame.reformat(width=size[0], height=size[1], format="rgb24").to_ndarray()
 
 
 def _even_indices(total: int, n: int) -> list[int]:

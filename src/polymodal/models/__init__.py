@@ -22,7 +22,7 @@ from polymodal.models.autoencoder import Autoencoder
 from polymodal.models.captioner import Captioner
 from polymodal.models.clip import ContrastiveModel
 from polymodal.models.detector import GridDetector
-from polymodal.models.family import BuildContext, EvalOptions, Metrics
+from polymodal.models.family import BuildContext, EvalOptions, Metrics, limit_params
 from polymodal.models.folder import read_config
 from polymodal.models.fusion import FusionClassifier
 from polymodal.models.text_to_image import TextToImage
@@ -57,13 +57,19 @@ def model_type(path: str | os.PathLike) -> str:
     return kind
 
 
-def load_model(path: str | os.PathLike, task: str | None = None) -> nn.Module:
+def load_model(path: str | os.PathLike, task: str | None = None, *, max_params: float | None = None) -> nn.Module:
     """The model saved in the folder ``path`` (in eval mode). With ``task`` (``embed``,
-    ``caption``, ``generate image``, ...), an error names the folder when its family cannot do it."""
+    ``caption``, ``generate image``, ...), an error names the folder when its family cannot do it.
+
+    A model folder may come from anyone: its config is checked (types, ranges, unknown keys) and
+    the model it describes is counted on the meta device before anything is allocated, with at
+    most ``max_params`` parameters (default: ``POLYMODAL_MAX_PARAMS`` or 10^9); its weight
+    files must fit it exactly. Every failure is one :class:`InputError` naming the file."""
     cls = FAMILIES[model_type(path)]
     if task is not None and task not in cls.tasks:
         raise InputError(path, f"a {model_type(path)!r} model cannot {task}; it can: {', '.join(cls.tasks)}")
-    return cls.from_pretrained(path).eval()
+    with limit_params(max_params):
+        return cls.from_pretrained(path).eval()
 
 
 def build_model(spec: dict, build: BuildContext) -> nn.Module:

@@ -31,8 +31,10 @@ from polymodal.models.family import (
     EvalOptions,
     Validator,
     evaluate_splits,
+    load_saved,
+    saved_config,
 )
-from polymodal.models.folder import read_model_folder, write_model_folder
+from polymodal.models.folder import write_model_folder
 
 KINDS = ("kl", "vq")
 
@@ -218,7 +220,7 @@ class Autoencoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> Autoencoder:
-        raw, state = read_model_folder(directory, "autoencoder")
-        model = cls(AutoencoderConfig(**raw))
-        model.load_state_dict(state)
-        return model.eval()
+        """The config checked and the model sized and matched with its weights before anything is
+        allocated (see :func:`~polymodal.models.family.load_saved`)."""
+        config = saved_config(directory, "autoencoder", AutoencoderConfig)
+        return load_saved(directory, lambda: cls(config))

@@ -36,11 +36,14 @@ from polymodal.models.family import (
     BuildContext,
     EvalOptions,
     Validator,
+    check_encoder_specs,
     encoder_fields,
     encoder_image_size,
     evaluate_splits,
+    load_saved,
+    saved_config,
 )
-from polymodal.models.folder import read_model_folder, write_model_folder
+from polymodal.models.folder import read_tokenizer, write_model_folder
 from polymodal.nn import decoding
 from polymodal.nn.encoders import INPUT_KIND, build_encoder
 from polymodal.nn.layers import KVCache, Transformer
@@ -52,7 +55,8 @@ DECODING = ("greedy", "beam", "nucleus")
 
 @dataclass
 class CaptionerConfig:
-    encoders: dict[str, dict] = field(default_factory=lambda: {"image": {"type": "cnn", "preset": "small"}})
+    encoders: dict[str, dict] = field(default_factory=lambda: {"image": {"type": "cnn", "preset": "small"}},
+                                      metadata={"check": check_encoder_specs})
     # batch field -> encoder spec; the decoder attends to the tokens of all of them
     tasks: dict[str, float] = field(default_factory=lambda: {"caption": 1.0})
     # caption | vqa -> share of training samples
@@ -300,7 +304,8 @@ class Captioner(nn.Module):
         return lambda model: captioner_metrics(model, items[:250], fields, references=1)
 
     def evaluate(self, data, splits, options: EvalOptions) -> dict[str, dict[str, float]]:
-        """BLEU-4, CIDEr-D, the scene-graph judge of captions, VQA accuracy per question type."""
+        """BLEU-4, CIDEr-D, the scene-graph judge of captions, VQA accuracy per question type; the word
+        error rate of its transcripts when it hears speech."""
         from polymodal.eval.understanding import captioner_metrics
 
         fields = self.fields()
@@ -317,7 +322,8 @@ class Captioner(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> Captioner:
-        raw, state = read_model_folder(directory, "captioner")
-        model = cls(CaptionerConfig(**raw), TextTokenizer.from_pretrained(directory))
-        model.load_state_dict(state)
-        return model.eval()
+        """The config checked and the model sized and matched with its weights before anything is
+        allocated (see :func:`~polymodal.models.family.load_saved`)."""
+        config = saved_config(directory, "captioner", CaptionerConfig)
+        tokenizer = read_tokenizer(directory)
+        return load_saved(directory, lambda: cls(config, tokenizer))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -25,16 +25,20 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from polymodal.errors import InputError
+from polymodal.modalities.image import ImageTransform
 from polymodal.modalities.text import TextTokenizer
 from polymodal.models.family import (
     DEFAULT_SPLITS,
     BuildContext,
     EvalOptions,
     Validator,
+    check_encoder_specs,
     evaluate_splits,
+    load_saved,
+    pretrained_standin,
+    saved_config,
 )
-from polymodal.models.folder import read_model_folder, write_model_folder
+from polymodal.models.folder import read_tokenizer, write_model_folder
 from polymodal.nn.encoders import INPUT_KIND
 from polymodal.nn.tower import Tower
 
@@ -44,7 +48,8 @@ log = logging.getLogger("polymodal.models")
 @dataclass
 class ContrastiveConfig:
     towers: dict[str, dict] = field(default_factory=lambda: {
-        "image": {"type": "cnn", "preset": "small"}, "text": {"type": "text", "preset": "small"}})
+        "image": {"type": "cnn", "preset": "small"}, "text": {"type": "text", "preset": "small"}},
+        metadata={"check": check_encoder_specs})
     # modality -> encoder spec (see polymodal.nn.encoders); "minilm" is the locked MiniLM text tower
     pairs: list[tuple[str, str]] = field(default_factory=lambda: [("image", "text")])  # trained pairs
     embed_dim: int = 256  # width of the shared space
@@ -90,10 +95,13 @@ def contrastive_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor
 
 
 class ContrastiveModel(nn.Module):
-    def __init__(self, config: ContrastiveConfig, tokenizer: TextTokenizer | None = None):
+    def __init__(self, config: ContrastiveConfig, tokenizer: TextTokenizer | None = None,
+                 image_transform: ImageTransform | None = None):
         super().__init__()
         self.config = config
         self.tokenizer = tokenizer
+        # how an image file becomes the image tower's input; a Hugging Face folder brings its own
+        self.image_transform = image_transform or ImageTransform(self.image_size)
         # A fixed encoder gives the same features for the same text: its tower caches them.
         self.towers = nn.ModuleDict({
             modality: Tower(modality, spec, tokenizer=tokenizer, out_dim=config.embed_dim, project="pooled",
@@ -212,7 +220,8 @@ class ContrastiveModel(nn.Module):
         from polymodal.eval.contrastive import contrastive_metrics
 
         fields = self.fields()
-        return evaluate_splits(data, splits, fields, options.image_size or self.input_size(),
+        transform = ImageTransform(options.image_size) if options.image_size else self.image_transform
+        return evaluate_splits(data, splits, fields, transform,
                                lambda items: contrastive_metrics(self, items, fields, options.class_names),
                                limit=1000 if options.limit is None else options.limit, progress=options.progress)
 
@@ -231,29 +240,36 @@ class ContrastiveModel(nn.Module):
                                   extra=tokenizer.save_pretrained if tokenizer is not None else None)
 
     def _locked_prefixes(self) -> tuple[str, ...]:
-        # the locked MiniLM weights ship with their package; they are not copied into every model
-        return tuple(f"towers.{m}.encoder." for m, s in self.config.towers.items() if s.get("type") == "minilm")
+        return model_locked_prefixes(self.config)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> ContrastiveModel:
         directory = Path(directory)
-        from polymodal.models.hf_clip import is_hf_clip, read_hf_clip
+        from polymodal.models.hf_clip import hf_image_transform, is_hf_clip, read_hf_clip
 
         if is_hf_clip(directory):  # a transformers CLIPModel folder, converted tensor by tensor
             settings, tokenizer, state = read_hf_clip(directory)
-            model = cls(ContrastiveConfig(**settings), tokenizer)
+            image_size = settings["towers"]["image"]["image_size"]
+            model = cls(ContrastiveConfig(**settings), tokenizer, hf_image_transform(directory, image_size))
             model.load_state_dict(state, strict=True)
             return model.eval()
-        raw, state = read_model_folder(directory, "contrastive")
-        config = ContrastiveConfig(**raw)
-        tokenizer = TextTokenizer.from_pretrained(directory) if (directory / "tokenizer.json").exists() else None
-        model = cls(config, tokenizer)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith(model._locked_prefixes())]
-        if missing or unexpected:
-            raise InputError(directory / "model.safetensors", f"weights do not fit the config: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
-        return model.eval()
+        # the config checked and the model sized and matched with its weights before anything is
+        # allocated (see polymodal.models.family.load_saved)
+        config = saved_config(directory, "contrastive", ContrastiveConfig)
+        tokenizer = read_tokenizer(directory) if (directory / "tokenizer.json").exists() else None
+        # a locked MiniLM loads from disk: on the meta device a stand-in of its width is counted
+        standins = {m: pretrained_standin(spec) for m, spec in config.towers.items()}
+        counted = replace(config, towers={m: spec for m, (spec, _) in standins.items()})
+        locked = model_locked_prefixes(config)
+        return load_saved(directory, lambda: cls(config, tokenizer), estimate=lambda: cls(counted, tokenizer),
+                          extra_params=sum(n for _, n in standins.values()),
+                          saved=lambda m: {k: v for k, v in m.state_dict().items() if not k.startswith(locked)})
+
+
+def model_locked_prefixes(config: ContrastiveConfig) -> tuple[str, ...]:
+    """State-dict prefixes a saved model leaves out: the locked MiniLM weights ship with their
+    package; they are not copied into every model."""
+    return tuple(f"towers.{m}.encoder." for m, s in config.towers.items() if s.get("type") == "minilm")
 
 
 def start_encoders_from(model: nn.Module, init_from: str | os.PathLike | None) -> None:

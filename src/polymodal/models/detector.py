@@ -49,8 +49,10 @@ from polymodal.models.family import (
     EvalOptions,
     Validator,
     evaluate_splits,
+    load_saved,
+    saved_config,
 )
-from polymodal.models.folder import read_config, read_model_folder, write_model_folder
+from polymodal.models.folder import read_config, write_model_folder
 from polymodal.nn.encoders import ResidualBlock
 
 log = logging.getLogger("polymodal.models")
@@ -324,10 +326,10 @@ class GridDetector(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> GridDetector:
-        raw, state = read_model_folder(directory, "detector")
-        model = cls(DetectorConfig(**raw))
-        model.load_state_dict(state)
-        return model.eval()
+        """The config checked and the model sized and matched with its weights before anything is
+        allocated (see :func:`~polymodal.models.family.load_saved`)."""
+        config = saved_config(directory, "detector", DetectorConfig)
+        return load_saved(directory, lambda: cls(config))
 
 
 def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

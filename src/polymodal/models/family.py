@@ -22,17 +22,34 @@ A family is a plain ``nn.Module`` class listed in :data:`polymodal.models.FAMILI
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
+import re
+import types
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import torch
 
 from polymodal.data.dataset import Collator, DecodeOptions, MultimodalDataset
 from polymodal.data.memory import MemoryDataset
+from polymodal.errors import InputError
 from polymodal.modalities.image import ImageTransform
 from polymodal.modalities.text import TextTokenizer
+from polymodal.models.folder import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    check_weights,
+    one_line,
+    read_json,
+    read_model_config,
+    read_weights,
+)
 
 DEFAULT_SPLITS = ("val", "test", "test_novel")
 
@@ -95,14 +112,16 @@ class EvalOptions:
     progress: Callable[[int], None] | None = field(default=None, repr=False)
 
 
-def split_items(data: str | os.PathLike, fields, split: str, image_size: int, *, limit: int | None = None,
-                progress=None) -> list[dict]:
-    """The decoded items of one split (at most ``limit``), images at ``image_size``."""
-    options = DecodeOptions(image_transform=ImageTransform(image_size))
+def split_items(data: str | os.PathLike, fields, split: str, image_size: int | ImageTransform, *,
+                limit: int | None = None, progress=None) -> list[dict]:
+    """The decoded items of one split (at most ``limit``), images at ``image_size`` (or through a
+    model's own transform: a Hugging Face CLIP's mean and std)."""
+    transform = image_size if isinstance(image_size, ImageTransform) else ImageTransform(image_size)
+    options = DecodeOptions(image_transform=transform)
     return MemoryDataset(data, fields, split=split, options=options, limit=limit, progress=progress).items
 
 
-def evaluate_splits(data, splits: Sequence[str], fields, image_size: int, score: Callable[[list[dict]], Metrics], *,
+def evaluate_splits(data, splits: Sequence[str], fields, image_size: int | ImageTransform, score: Callable[[list[dict]], Metrics], *,
                     limit: int | None = None, progress=None) -> dict[str, Metrics]:
     """``score(items)`` for each split that has samples."""
     results: dict[str, Metrics] = {}
@@ -127,3 +146,420 @@ def encoder_image_size(encoders: Mapping[str, dict], default: int = 64) -> int:
 
     sizes = [spec.get("image_size", default) for spec in encoders.values() if INPUT_KIND[spec["type"]] == "image"]
     return sizes[0] if sizes else default
+
+
+# ---- a saved model's config: checked before anything is built ----------------------------------
+#
+# A config.json may come from a stranger. Before a family builds anything from it, every setting
+# is checked against the annotation of its config dataclass (nested encoder, denoiser and
+# diffusion specs against theirs), unknown keys are refused, numbers must lie in a range (by the
+# setting's name, the same in every config: a ``depth`` is a depth wherever it is), and the model
+# is built on the meta device (shapes, no memory) to count its parameters against a limit. The
+# ranges are far beyond any model polymodal trains; their job is to keep a meta build itself
+# cheap (a depth of a million is a million Python objects even without storage) and arithmetic
+# finite, while the parameter limit bounds memory.
+
+MAX_PARAMS_ENV = "POLYMODAL_MAX_PARAMS"
+DEFAULT_MAX_PARAMS = 1_000_000_000  # 4 GB of float32 weights (8 GB at the peak of a load, the
+# model and its weights file read): 40x the largest shipped recipe (lit-shapes, 24M with MiniLM)
+MAX_ITEMS = 10_000  # entries of one list or dict setting
+MAX_CHARS = 4096  # characters of one string setting
+MAX_ENCODERS = 16  # towers (or encoders) of one model
+
+# (lowest, highest) of each numeric setting by name; other integers: INT_RANGE, other floats: FLOAT_RANGE
+RANGES: dict[str, tuple[float, float]] = {
+    # widths and channels
+    **dict.fromkeys(("width", "embed_dim", "head_width", "colour_width", "context_dim", "flatten_channels",
+                     "latent_channels", "in_channels", "channels", "widths", "groups"), (1, 65_536)),
+    "n_mels": (1, 4096),
+    "heads": (1, 1024),
+    # how many of a thing: each one is a module built in Python, even on the meta device
+    "depth": (1, 256),
+    "blocks": (1, 64),
+    # sizes of inputs and tables
+    # (an image side also sizes every decoded input and generated image: 4096 px is 200 MB a float image)
+    "image_size": (1, 4096), "max_side": (1, 4096), "patch_size": (1, 4096), "patch": (1, 1024),
+    "stem_stride": (1, 1024),
+    "context_length": (1, 1 << 20), "max_length": (1, 1 << 20), "max_memory_tokens": (0, 1 << 20),
+    "vocab_size": (1, 1 << 24), "codebook_size": (1, 1 << 24), "questions_per_sample": (1, 1 << 20),
+    "train_steps": (1, 100_000),  # the diffusion schedule's tables are allocated outside the model
+    # floats
+    "mlp_ratio": (1e-3, 64.0), "eps": (1e-12, 1.0), "init_temperature": (1e-4, 100.0),
+    "max_logit_scale": (1e-3, 1e4), "latent_scale": (1e-6, 1e6), "mel_std": (1e-6, 1e6),
+    "min_snr_gamma": (1e-6, 1e6), "tasks": (0.0, 1e6),
+    **dict.fromkeys(("condition_dropout", "modality_dropout", "recolour_fraction", "occupied_threshold",
+                     "codebook_decay"), (0.0, 1.0)),
+    **dict.fromkeys(("commitment", "kl_weight", "noise_std", "blur_sigma", "brightness"), (0.0, 1e6)),
+}
+INT_RANGE = (0, 65_536)
+FLOAT_RANGE = (-1e6, 1e6)
+# most items of a list setting, by name, where each item is a level of modules; others: MAX_ITEMS
+LENGTHS = dict.fromkeys(("channels", "widths", "blocks", "attention"), 16)
+
+
+class _Bad(Exception):
+    """A setting that fails its check: where it is (``towers.image.depth``) and what is wrong."""
+
+    def __init__(self, where: str, problem: str):
+        super().__init__(where, problem)
+        self.where, self.problem = where, problem
+
+
+def _kind(value: object) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _number(value: object, integer: bool, name: str, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        shown = "" if value is None or isinstance(value, dict | list) else f" {value!r:.40}"
+        raise _Bad(where, f"expected {'an integer' if integer else 'a number'}, got {_kind(value)}{shown}")
+    if not math.isfinite(value):
+        raise _Bad(where, f"{value} is not a finite number")
+    low, high = RANGES.get(name, INT_RANGE if integer else FLOAT_RANGE)
+    if not low <= value <= high:
+        raise _Bad(where, f"{_shown(value)} is out of range (from {_shown(low)} to {_shown(high)})")
+
+
+def _shown(number: float) -> str:
+    return f"{number:,}" if isinstance(number, int) else f"{number:g}"
+
+
+def check_number(value: object, kind: type, name: str, where: str, source: str | os.PathLike) -> None:
+    """``value`` is an ``int`` (or, ``kind`` float, any number) in the range of the setting
+    ``name``; otherwise an InputError naming ``source`` and ``where`` (for files in other
+    libraries' formats, whose keys are not polymodal's)."""
+    try:
+        _number(value, kind is int, name, where)
+    except _Bad as e:
+        raise InputError(source, f"{e.where}: {e.problem}") from None
+
+
+def _check_value(value: object, hint: object, name: str, where: str) -> None:
+    """``value`` (read from JSON) against the type ``hint``; ``name`` picks the numeric range."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return
+        options = [a for a in args if a is not type(None)]
+        problems = []
+        for option in options:
+            try:
+                return _check_value(value, option, name, where)
+            except _Bad as e:
+                problems.append(e)
+        if len(problems) == 1:
+            raise problems[0]
+        raise _Bad(where, f"expected {' or '.join(getattr(o, '__name__', str(o)) for o in options)}, "
+                          f"got {_kind(value)}")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise _Bad(where, f"expected true or false, got {_kind(value)}")
+    elif hint is int or hint is float:
+        _number(value, hint is int, name, where)
+    elif hint is str:
+        if not isinstance(value, str):
+            raise _Bad(where, f"expected a string, got {_kind(value)}")
+        if len(value) > MAX_CHARS:
+            raise _Bad(where, f"a string of {len(value):,} characters; the limit is {MAX_CHARS:,}")
+    elif hint in (list, tuple) or origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise _Bad(where, f"expected a list, got {_kind(value)}")
+        most = LENGTHS.get(name, MAX_ITEMS)
+        if len(value) > most:
+            raise _Bad(where, f"a list of {len(value):,} items; the limit is {most:,}")
+        if origin is tuple and args and args[-1] is not Ellipsis and len(value) != len(args):
+            raise _Bad(where, f"expected a list of {len(args)} items, got {len(value)}")
+        for i, item in enumerate(value):
+            item_hint = (args[0] if origin is list or args[-1] is Ellipsis else args[i]) if args else object
+            _check_value(item, item_hint, name, f"{where}[{i}]")
+    elif hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise _Bad(where, f"expected an object, got {_kind(value)}")
+        if len(value) > MAX_ITEMS:
+            raise _Bad(where, f"an object of {len(value):,} entries; the limit is {MAX_ITEMS:,}")
+        for key, item in value.items():
+            _check_value(key, str, name, where)
+            if args:
+                _check_value(item, args[1], name, _join(where, key))
+            else:
+                _check_json(item, _join(where, key))
+    elif hint is object or hint is Any:
+        _check_json(value, where)
+    else:  # an annotation this checker does not know: a programming error, not a bad file
+        raise TypeError(f"{where}: cannot check values of type {hint!r}")
+
+
+def _check_json(value: object, where: str, depth: int = 0) -> None:
+    """Any JSON value with no more than ``MAX_ITEMS`` entries a container, finite numbers and
+    bounded strings (a free-form setting, such as a plain ``dict``)."""
+    if depth > 32:
+        raise _Bad(where, "nested too deep")
+    if isinstance(value, dict | list):
+        if len(value) > MAX_ITEMS:
+            raise _Bad(where, f"{len(value):,} entries; the limit is {MAX_ITEMS:,}")
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            _check_json(item, _join(where, key) if isinstance(value, dict) else f"{where}[{key}]", depth + 1)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise _Bad(where, f"{value} is not a finite number")
+    elif isinstance(value, str) and len(value) > MAX_CHARS:
+        raise _Bad(where, f"a string of {len(value):,} characters; the limit is {MAX_CHARS:,}")
+
+
+def _join(where: str, name: str) -> str:
+    """The path of the setting ``name`` inside ``where``; a key that is not a plain name (it may
+    hold anything, line breaks included) is shown quoted and cut short."""
+    if not re.fullmatch(r"[\w\-]{1,64}", name):
+        return f"{where}[{name!r:.40}]"
+    return f"{where}.{name}" if where else name
+
+
+def check_settings(settings: object, cls: type, where: str = "") -> None:
+    """``settings`` (a dict read from JSON) fit the config dataclass ``cls``: no unknown keys,
+    each value of its field's type and range, nested specs checked by the checker a field names
+    in its metadata (``field(metadata={"check": ...})``). A ``preset`` is allowed where ``cls``
+    has ``PRESETS``. Raises :class:`_Bad` naming the setting."""
+    if not isinstance(settings, dict):
+        raise _Bad(where or "config", f"expected an object, got {_kind(settings)}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    presets = getattr(cls, "PRESETS", None)
+    unknown = [k for k in settings if k not in known and not (k == "preset" and presets)]
+    if unknown:
+        raise _Bad(_join(where, unknown[0]), f"unknown setting; known: {', '.join(sorted(known))}")
+    hints = get_type_hints(cls)
+    for key, value in settings.items():
+        path = _join(where, key)
+        if key == "preset":
+            if not isinstance(value, str) or value not in presets:
+                raise _Bad(path, f"unknown preset {value!r:.40}; choose from {sorted(presets)}")
+        elif "check" in known[key].metadata:
+            known[key].metadata["check"](value, path)
+        else:
+            _check_value(value, hints[key], key, path)
+    effective = {**{k: getattr(cls, k) for k in ("width", "heads") if hasattr(cls, k)},
+                 **(presets or {}).get(settings.get("preset"), {}), **settings}
+    width, heads = effective.get("width"), effective.get("heads")
+    divides = "heads" in known and getattr(cls, "HEADS_DIVIDE_WIDTH", True)
+    if divides and isinstance(width, int) and isinstance(heads, int) and width % heads:
+        raise _Bad(_join(where, "heads"), f"{heads} heads do not divide the width {width}")
+
+
+def check_encoder_spec(spec: object, where: str) -> None:
+    """An encoder spec (``{"type": "vit", "preset": "small", "depth": 6}``) against the config
+    of its type; a video encoder's frame and sound encoders too."""
+    from polymodal.nn.encoders import ENCODERS
+
+    if not isinstance(spec, dict):
+        raise _Bad(where, f"an encoder spec is an object with a type, not {_kind(spec)}")
+    kind = spec.get("type")
+    if not isinstance(kind, str) or kind not in ENCODERS:
+        raise _Bad(_join(where, "type"), f"unknown encoder type {kind!r:.40}; choose from {sorted(ENCODERS)}")
+    check_settings(spec, ENCODERS[kind][0], where)
+    if kind == "video":  # its frames are read by an image encoder, its sound by an audio encoder
+        for part, kinds in (("frames", ("cnn", "vit")), ("audio", ("audio",))):
+            if part in spec:
+                sub = spec[part]
+                if isinstance(sub, dict) and sub.get("type") not in kinds:
+                    raise _Bad(_join(_join(where, part), "type"), f"expected {' or '.join(kinds)}, "
+                                                             f"got {sub.get('type')!r:.40}")
+                check_encoder_spec(sub, _join(where, part))
+    if kind == "minilm" and spec.get("path") is not None:
+        folder = Path(spec["path"])
+        if not ((folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
+            raise _Bad(_join(where, "path"), "not a folder with config.json and model.safetensors "
+                                             "(pretrained weights load from safetensors only)")
+
+
+def check_encoder_specs(specs: object, where: str) -> None:
+    """A model's towers or encoders: field name -> encoder spec."""
+    if not isinstance(specs, dict):
+        raise _Bad(where, f"expected an object of encoder specs, got {_kind(specs)}")
+    if len(specs) > MAX_ENCODERS:
+        raise _Bad(where, f"{len(specs)} encoders; the limit is {MAX_ENCODERS}")
+    for name, spec in specs.items():
+        check_encoder_spec(spec, _join(where, name))
+
+
+def check_denoiser_spec(spec: object, where: str) -> None:
+    """A text-to-image denoiser: a UNet or DiT spec."""
+    from polymodal.nn.dit import DiTConfig
+    from polymodal.nn.unet import UNetConfig
+
+    kinds = {"unet": UNetConfig, "dit": DiTConfig}
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    if kind not in kinds:
+        raise _Bad(_join(where, "type"), f"unknown denoiser type {kind!r:.40}; choose from {sorted(kinds)}")
+    check_settings(spec, kinds[kind], where)
+
+
+def check_diffusion_settings(settings: object, where: str) -> None:
+    from polymodal.nn.diffusion import DiffusionConfig
+
+    check_settings(settings, DiffusionConfig, where)
+
+
+def check_text_encoder_spec(spec: object, where: str) -> None:
+    """A text-to-image text encoder: a trained ``text`` encoder, ``minilm``, or ``clip`` (the
+    text tower of a contrastive model, saved in the model's own ``text_encoder/`` folder; its
+    ``path`` only records where it came from)."""
+    if isinstance(spec, dict) and spec.get("type") == "clip":
+        unknown = [k for k in spec if k not in ("type", "path")]
+        if unknown:
+            raise _Bad(_join(where, unknown[0]), "unknown setting; known: path, type")
+        _check_value(spec.get("path"), str | None, "path", _join(where, "path"))
+    else:
+        check_encoder_spec(spec, where)
+
+
+def saved_config(directory: str | os.PathLike, model_type: str, cls: type):
+    """The config dataclass ``cls`` of the model of ``model_type`` saved in ``directory``, every
+    setting checked first (see :func:`check_settings`); one InputError naming ``config.json``
+    and the setting otherwise."""
+    directory = Path(directory)
+    raw = read_model_config(directory, model_type)
+    source = directory / CONFIG_FILE
+    try:
+        check_settings(raw, cls)
+    except _Bad as e:
+        raise InputError(source, f"{e.where}: {e.problem}") from None
+    try:
+        return cls(**raw)
+    except (ValueError, TypeError, KeyError) as e:  # the dataclass's own checks across settings
+        raise InputError(source, one_line(e)) from None
+
+
+def saved_encoder_spec(directory: str | os.PathLike, model_type: str) -> dict:
+    """The encoder spec saved as the config of a model part (a text tower's folder), checked."""
+    directory = Path(directory)
+    raw = read_model_config(directory, model_type)
+    try:
+        check_encoder_spec(raw, "")
+    except _Bad as e:
+        raise InputError(directory / CONFIG_FILE, f"{e.where}: {e.problem}") from None
+    return raw
+
+
+# ---- the parameter limit, and building a saved model within it ---------------------------------
+
+_max_params: ContextVar[int | None] = ContextVar("max_params", default=None)
+
+
+def max_params() -> int:
+    """The most parameters (and buffer elements) a loaded model may have: the value given to
+    :func:`limit_params` (``load_model(max_params=...)``), else the environment variable
+    ``POLYMODAL_MAX_PARAMS``, else :data:`DEFAULT_MAX_PARAMS`."""
+    given = _max_params.get()
+    if given is not None:
+        return given
+    text = os.environ.get(MAX_PARAMS_ENV)
+    if not text:
+        return DEFAULT_MAX_PARAMS
+    try:
+        value = int(float(text))
+    except (ValueError, OverflowError):
+        raise InputError(MAX_PARAMS_ENV, f"expected a number of parameters, got {text!r:.40}") from None
+    if value < 1:
+        raise InputError(MAX_PARAMS_ENV, f"must be at least 1, got {text!r:.40}")
+    return value
+
+
+@contextmanager
+def limit_params(limit: float | None):
+    """Within this block, models load with at most ``limit`` parameters (None: the default;
+    ``2e9`` reads as 2,000,000,000)."""
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int | float) or not 1 <= limit < float("inf"):
+            raise ValueError(f"max_params must be a positive number of parameters, got {limit!r}")
+        limit = int(limit)
+    token = _max_params.set(limit)
+    try:
+        yield
+    finally:
+        _max_params.reset(token)
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Elements of ``model``'s parameters and buffers (shared ones once)."""
+    return sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+
+
+def within_limit(source: str | os.PathLike, build: Callable[[], torch.nn.Module], *,
+                 extra_params: int = 0) -> torch.nn.Module:
+    """``build()`` run on the meta device, where tensors have shapes and no storage: the model a
+    config describes, its parameters counted (plus ``extra_params`` of parts counted apart)
+    against :func:`max_params`, with nothing allocated. Any failure to build is the config's:
+    an InputError naming ``source``."""
+    try:
+        with torch.device("meta"):
+            model = build()
+    except InputError:
+        raise
+    except Exception as e:  # the constructors of checked settings: any failure is the config's
+        raise InputError(source, f"the configuration does not build: {one_line(e)}") from None
+    count, limit = parameter_count(model) + extra_params, max_params()
+    if count > limit:
+        raise InputError(source, f"the model would have {count:,} parameters, more than the limit of {limit:,} "
+                                 f"(allow more with {MAX_PARAMS_ENV} or load_model(max_params=...))")
+    return model
+
+
+def pretrained_standin(spec: dict) -> tuple[dict, int]:
+    """For counting on the meta device: a spec that stands in for a pretrained encoder spec
+    (``minilm``: built by loading its weights from disk, which cannot happen on the meta device),
+    and that encoder's parameters. The stand-in has the encoder's width and almost no
+    parameters; the encoder's own are counted from its folder's ``config.json`` (a BERT).
+    Other specs come back as they are, with 0."""
+    from polymodal.nn.pretrained import minilm_path
+
+    if spec.get("type") != "minilm":
+        return spec, 0
+    folder = Path(spec["path"]) if spec.get("path") else minilm_path()
+    bert = read_json(folder / "config.json", 1 << 20, "a config")
+    if not isinstance(bert, dict):
+        raise InputError(folder / "config.json", f"a model config is a JSON object, not {_kind(bert)}")
+    sizes = {}
+    for key, name in (("hidden_size", "width"), ("num_hidden_layers", "depth"), ("intermediate_size", "width"),
+                      ("vocab_size", "vocab_size"), ("max_position_embeddings", "context_length"),
+                      ("type_vocab_size", "vocab_size")):
+        sizes[key] = bert.get(key, 2 if key == "type_vocab_size" else None)
+        check_number(sizes[key], int, name, key, folder / "config.json")
+    h, i = sizes["hidden_size"], sizes["intermediate_size"]
+    embeddings = (sizes["vocab_size"] + sizes["max_position_embeddings"] + sizes["type_vocab_size"] + 2) * h
+    layer = 4 * (h * h + h) + 2 * h * i + i + h + 4 * h  # attention, MLP, two LayerNorms
+    params = embeddings + sizes["num_hidden_layers"] * layer + h * h + h  # + the pooler
+    return {"type": "vit", "image_size": 1, "patch_size": 1, "width": h, "depth": 0, "heads": 1}, params
+
+
+def load_saved(directory: str | os.PathLike, build: Callable[[], torch.nn.Module], *,
+               saved: Callable[[torch.nn.Module], Mapping[str, torch.Tensor]] | None = None,
+               parts: Mapping[str, Callable[[torch.nn.Module], torch.nn.Module]] | None = None,
+               estimate: Callable[[], torch.nn.Module] | None = None, extra_params: int = 0) -> torch.nn.Module:
+    """The model ``build()`` makes, holding the weights saved in ``directory``; nothing is
+    allocated before every check has passed.
+
+    First the model is built on the meta device (by ``estimate`` where ``build`` would load a
+    pretrained encoder from disk; see :func:`pretrained_standin`) and sized against the limit;
+    then the weight files' headers are compared with the tensors it needs: ``saved(model)`` (its
+    whole state dict by default) in ``model.safetensors``, and each part ``parts[folder](model)``
+    (a separately trained module) in ``folder/model.safetensors``. Only then is it built for
+    real and only those tensors are read."""
+    directory = Path(directory)
+    saved = saved or (lambda m: m.state_dict())
+    parts = parts or {}
+    meta = within_limit(directory / CONFIG_FILE, estimate or build, extra_params=extra_params)
+    check_weights(directory / WEIGHTS_FILE, saved(meta))
+    for folder, part in parts.items():
+        check_weights(directory / folder / WEIGHTS_FILE, part(meta).state_dict())
+    names = list(saved(meta))
+    del meta
+    try:
+        model = build()
+    except InputError:
+        raise
+    except Exception as e:  # it built on the meta device: what differs is the config's too
+        raise InputError(directory / CONFIG_FILE, f"the configuration does not build: {one_line(e)}") from None
+    model.load_state_dict(read_weights(directory / WEIGHTS_FILE, names), strict=False)
+    for folder, part in parts.items():
+        part(model).load_state_dict(read_weights(directory / folder / WEIGHTS_FILE))
+    return model.eval()

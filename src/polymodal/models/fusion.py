@@ -24,7 +24,7 @@ batch may simply lack a tower's field.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -36,11 +36,15 @@ from polymodal.models.family import (
     BuildContext,
     EvalOptions,
     Validator,
+    check_encoder_specs,
     encoder_fields,
     encoder_image_size,
     evaluate_splits,
+    load_saved,
+    pretrained_standin,
+    saved_config,
 )
-from polymodal.models.folder import read_model_folder, write_model_folder
+from polymodal.models.folder import write_model_folder
 from polymodal.nn.encoders import INPUT_KIND, build_encoder
 from polymodal.nn.fusion import FUSIONS, build_fusion, masked_mean
 from polymodal.nn.layers import Block, Transformer, attention_mask
@@ -53,7 +57,8 @@ LATE_MERGES = ("mean", "learned", "embedding", *FUSIONS)
 @dataclass
 class FusionConfig:
     towers: dict[str, dict] = field(default_factory=lambda: {
-        "image": {"type": "cnn", "preset": "small"}, "question": {"type": "audio", "preset": "small"}})
+        "image": {"type": "cnn", "preset": "small"}, "question": {"type": "audio", "preset": "small"}},
+        metadata={"check": check_encoder_specs})
     # batch field -> encoder spec; for hybrid the last tower is the stream that attends to the others
     strategy: str = "early"  # early | late | hybrid | single
     width: int = 192  # width of the fusion layers
@@ -72,6 +77,8 @@ class FusionConfig:
     # embedding: each tower's pooled embedding, L2-normalised, then one head on [e_1, e_2, e_1 * e_2] |
     # an operator of polymodal.nn.fusion on the encoders' features, then one head: concat | sum | gated (pooled
     # features) | attention | cross_attention (the last tower's tokens attend to the first's) | cross_transformer
+
+    HEADS_DIVIDE_WIDTH = False  # heads split the width only in some strategies (the build checks)
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -325,10 +332,13 @@ class FusionClassifier(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> FusionClassifier:
-        raw, state = read_model_folder(directory, "fusion")
-        model = cls(FusionConfig(**raw))
-        model.load_state_dict(state)
-        return model.eval()
+        """The config checked and the model sized and matched with its weights before anything is
+        allocated (see :func:`~polymodal.models.family.load_saved`)."""
+        config = saved_config(directory, "fusion", FusionConfig)
+        standins = {n: pretrained_standin(spec) for n, spec in config.towers.items()}  # a MiniLM loads from disk
+        counted = replace(config, towers={n: spec for n, (spec, _) in standins.items()})
+        return load_saved(directory, lambda: cls(config), estimate=lambda: cls(counted),
+                          extra_params=sum(n for _, n in standins.values()))
 
     def loss(self, batch: dict) -> dict[str, torch.Tensor]:
         logits = self(batch)

@@ -36,9 +36,20 @@ from torch import nn
 
 from polymodal.errors import InputError
 from polymodal.modalities.text import TextTokenizer
-from polymodal.models.autoencoder import Autoencoder
-from polymodal.models.family import BuildContext, EvalOptions, Validator
-from polymodal.models.folder import read_model_folder, write_model_folder
+from polymodal.models.autoencoder import Autoencoder, AutoencoderConfig
+from polymodal.models.family import (
+    BuildContext,
+    EvalOptions,
+    Validator,
+    check_denoiser_spec,
+    check_diffusion_settings,
+    check_text_encoder_spec,
+    load_saved,
+    pretrained_standin,
+    saved_config,
+    saved_encoder_spec,
+)
+from polymodal.models.folder import read_tokenizer, write_model_folder
 from polymodal.nn.diffusion import Diffusion, DiffusionConfig
 from polymodal.nn.encoders import build_encoder, config_from_spec
 from polymodal.nn.tower import Tower
@@ -52,11 +63,14 @@ log = logging.getLogger("polymodal.models")
 
 @dataclass
 class TextToImageConfig:
-    denoiser: dict = field(default_factory=lambda: {"type": "unet", "preset": "small"})  # unet | dit spec
-    text: dict = field(default_factory=lambda: {"type": "text", "width": 128, "depth": 2, "heads": 4})
+    denoiser: dict = field(default_factory=lambda: {"type": "unet", "preset": "small"},
+                           metadata={"check": check_denoiser_spec})  # unet | dit spec
+    text: dict = field(default_factory=lambda: {"type": "text", "width": 128, "depth": 2, "heads": 4},
+                       metadata={"check": check_text_encoder_spec})
     # text encoder: {"type": "text", ...} trained with the denoiser; {"type": "clip", "path": MODEL}
     # the text tower of a saved contrastive model, frozen; {"type": "minilm"} the locked MiniLM
-    diffusion: dict = field(default_factory=dict)  # DiffusionConfig settings
+    diffusion: dict = field(default_factory=dict, metadata={"check": check_diffusion_settings})
+    # DiffusionConfig settings
     image_size: int = 32  # side of the generated images, in pixels
     image_field: str = "image"  # batch field of the training images
     caption_column: str = "text"  # metadata column with the caption
@@ -379,23 +393,35 @@ class TextToImage(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> TextToImage:
+        """The model and its parts (``autoencoder/``, ``text_encoder/``), every config checked
+        and the whole sized and matched with its weight files before anything is allocated (see
+        :func:`~polymodal.models.family.load_saved`)."""
         directory = Path(directory)
-        raw, state = read_model_folder(directory, "text_to_image")
-        config = TextToImageConfig(**raw)
-        tokenizer = TextTokenizer.from_pretrained(directory) if config.text["type"] == "text" else None
-        autoencoder = None
+        config = saved_config(directory, "text_to_image", TextToImageConfig)
+        kind = config.text["type"]
+        tokenizer = read_tokenizer(directory) if kind == "text" else None
+        autoencoder_config, parts = None, {}
         if config.autoencoder is not None:
             if not (directory / AUTOENCODER_FOLDER).is_dir():
                 raise InputError(directory, f"the model diffuses latents but its {AUTOENCODER_FOLDER}/ folder is missing")
-            autoencoder = Autoencoder.from_pretrained(directory / AUTOENCODER_FOLDER)
-        text_encoder = load_text_tower(directory / TEXT_ENCODER_FOLDER) if config.text["type"] == "clip" else None
-        model = cls(config, tokenizer, autoencoder, text_encoder)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k in model.state_to_save()]
-        if missing or unexpected:
-            raise InputError(directory / "model.safetensors", f"weights do not fit the config: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
-        return model.eval()
+            autoencoder_config = saved_config(directory / AUTOENCODER_FOLDER, "autoencoder", AutoencoderConfig)
+            parts[AUTOENCODER_FOLDER] = lambda m: m.autoencoder
+        text_spec = text_tokenizer = None
+        if kind == "clip":
+            text_spec, text_tokenizer = read_text_tower(directory / TEXT_ENCODER_FOLDER)
+            parts[TEXT_ENCODER_FOLDER] = lambda m: m.text.encoder
+
+        def build(text_config: TextToImageConfig = config, text_encoder_spec: dict | None = text_spec):
+            autoencoder = Autoencoder(autoencoder_config) if autoencoder_config is not None else None
+            options = {"tokenizer": text_tokenizer} if text_tokenizer is not None else {}
+            text_encoder = build_encoder(text_encoder_spec, **options) if text_encoder_spec else None
+            return cls(text_config, tokenizer, autoencoder, text_encoder)
+
+        # a locked MiniLM loads from disk: on the meta device a stand-in of its width is counted
+        standin, extra = pretrained_standin(config.text)
+        estimate = (lambda: build(replace(config, text={"type": "clip"}), standin)) if kind == "minilm" else build
+        return load_saved(directory, build, estimate=estimate, extra_params=extra, parts=parts,
+                          saved=lambda m: m.state_to_save())
 
 
 @torch.no_grad()
@@ -424,12 +450,16 @@ def save_text_tower(encoder: nn.Module, folder: Path) -> None:
                        extra=encoder.tokenizer.save_pretrained)
 
 
-def load_text_tower(folder: Path) -> nn.Module:
-    """The text encoder :func:`save_text_tower` wrote to ``folder``."""
+def read_text_tower(folder: Path) -> tuple[dict, TextTokenizer]:
+    """The checked encoder spec and the tokenizer of the text encoder :func:`save_text_tower`
+    wrote to ``folder`` (its weights are read with the model's, see ``from_pretrained``)."""
     if not folder.is_dir():
         raise InputError(folder.parent, f"the model conditions on a contrastive model's text tower but its "
                                         f"{folder.name}/ folder is missing")
-    raw, state = read_model_folder(folder, "text_encoder")
-    encoder = build_encoder(raw, tokenizer=TextTokenizer.from_pretrained(folder))
-    encoder.load_state_dict(state)
-    return encoder
+    spec, tokenizer = saved_encoder_spec(folder, "text_encoder"), read_tokenizer(folder)
+    if spec["type"] != "text":
+        raise InputError(folder / "config.json", f"type: a text tower is of type 'text', not {spec['type']!r}")
+    if spec.get("vocab_size") != tokenizer.vocab_size:
+        raise InputError(folder / "config.json", f"vocab_size: {spec.get('vocab_size')} differs from the "
+                                                 f"{tokenizer.vocab_size} tokens of its tokenizer")
+    return spec, tokenizer

@@ -1,11 +1,12 @@
 """The one Lightning module: it trains any model that has ``loss(batch) -> dict``.
 
 It knows nothing about model families. The optimiser is AdamW with weight decay on matrices
-only; the learning rate warms up linearly, then follows a cosine to zero over the budget, which
-is a step count (``max_steps``: the same model on a quiet or a busy machine, only the time
+only; the learning rate warms up linearly to its peak, then follows a cosine to zero over the rest
+of the budget, which is a step count (``max_steps``: the same model on a quiet or a busy machine, only the time
 varies), with an optional wall-clock cap (``max_minutes``: the schedule then follows whichever
 budget is further spent, so a capped run still ends with a cooled-down model). The warm-up is a
-share of the budget, so it scales with it.
+share of the budget, so it scales with it: a 10-step run of a recipe written for 1,000 steps still
+reaches the peak learning rate, at its first or second step.
 Steps are optimizer steps: with ``trainer.accumulate`` batches a step, the micro-batches of one
 step share its learning rate.
 
@@ -47,6 +48,10 @@ class TrainModule(L.LightningModule):
         self.fraction = 0.0  # of the budget spent, as of the current batch (same in every process)
         self.minutes = 0.0  # of training, as of the current batch (same in every process)
         self.step_before = 0  # the optimizer step count when the current batch began
+        self.last_loss: torch.Tensor | None = None  # of the last batch trained (for the run's summary)
+        self.samples_seen = 0  # samples this process trained on in this run (resumes start again at 0)
+        self.step_at_start = 0  # the optimizer step this run started from (not 0 after a resume)
+        self.epoch_batches = 0  # batches of the current pass over the data
 
     def budget_fraction(self) -> float:
         """How much of the budget is spent: of the steps, or of the minutes when a clock cap is
@@ -58,15 +63,20 @@ class TrainModule(L.LightningModule):
         return min(1.0, fraction)
 
     def learning_rate(self) -> float:
-        """Linear warm-up over the first ``warmup`` share of the budget, then a cosine to zero.
-        With a step budget the warm-up counts steps: step ``g`` gets ``(g + 1) / (warmup * max_steps)``
-        of the peak, so a short budget warms up as fast as it must and still reaches the peak."""
+        """Linear warm-up over the first ``warmup`` share of the budget, then a cosine from the
+        peak to zero over the rest. With a step budget the warm-up counts steps: step ``g`` gets
+        ``(g + 1) / (warmup * max_steps)`` of the peak, so a short budget warms up as fast as it
+        must; the cosine starts where the warm-up ends, so the peak itself is always reached (a
+        cosine over the whole budget would already have fallen to 91% of it by the end of a 19%
+        warm-up)."""
         progress = (self.global_step + 1) / self.max_steps if self.max_steps else self.fraction
         warm = min(1.0, max(progress, self.fraction) / self.warmup) if self.warmup > 0 else 1.0
-        return self.lr * warm * 0.5 * (1 + math.cos(math.pi * self.fraction))
+        decay = min(1.0, max(0.0, (self.fraction - self.warmup) / (1.0 - self.warmup)))
+        return self.lr * warm * 0.5 * (1 + math.cos(math.pi * decay))
 
     def on_train_start(self) -> None:
         self.started = time.perf_counter()
+        self.step_at_start = self.global_step
 
     def synced_clock(self) -> tuple[float, float]:
         """The budget fraction and the training minutes, the same in every process (the
@@ -78,7 +88,18 @@ class TrainModule(L.LightningModule):
             clock = self.trainer.strategy.reduce(clock, reduce_op="max")
         return float(clock[0]), float(clock[1])
 
+    def on_train_epoch_start(self) -> None:
+        self.epoch_batches = 0
+
+    def on_train_epoch_end(self) -> None:
+        # a pass over the data that gave no batch (an empty stream) gives none the next time either:
+        # stop instead of starting pass after empty pass until the budget's minutes run out (never,
+        # for a step budget); ``polymodal.train.run`` then says why no step was taken
+        if self.epoch_batches == 0:
+            self.trainer.should_stop = True
+
     def on_train_batch_start(self, batch, batch_idx):
+        self.epoch_batches += 1
         self.fraction, self.minutes = self.synced_clock()
         self.step_before = self.global_step
         if self.fraction >= 1.0:
@@ -90,6 +111,8 @@ class TrainModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         out = self.model.loss(batch)
         size = len(batch["rows"]) if "rows" in batch else None
+        self.last_loss = out["loss"].detach()
+        self.samples_seen += size if size is not None else batch_size_of(batch)
         self.log_dict({f"train/{k}": v.float() for k, v in out.items()}, prog_bar=False, batch_size=size)
         self.log("loss", out["loss"].detach(), prog_bar=True, logger=False, batch_size=size)
         self.log("train/lr", self.learning_rate(), batch_size=size)
@@ -119,6 +142,12 @@ class TrainModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.elapsed_before = float(checkpoint.get("training_seconds", 0.0))
+
+
+def batch_size_of(batch) -> int:
+    """The number of samples in a batch without ``rows``: the first dimension of its first tensor."""
+    tensors = [v for v in (batch.values() if isinstance(batch, dict) else batch) if isinstance(v, torch.Tensor)]
+    return int(tensors[0].shape[0]) if tensors and tensors[0].ndim else 0
 
 
 class PeriodicValidation(L.Callback):

@@ -2,18 +2,26 @@
 
 ``key=value`` overrides on the command line change any setting by its dotted path, e.g.
 ``trainer.max_minutes=5`` or ``model.towers.image.width=384``; values are read as YAML.
-Unknown sections and settings are errors, not silently ignored.
+Unknown sections and settings are errors, not silently ignored, and suggest the setting that was
+probably meant (``trainer.max_step`` -> ``trainer.max_steps``). The ``data`` and ``trainer``
+settings are checked against the types their dataclasses declare when the recipe is loaded,
+before anything is built or trained: ``trainer.max_minutes=one`` is a one-line error naming the
+setting, the value and the type expected, not a traceback minutes into training. Numbers written
+the way YAML 1.1 reads as text (``1e-4``) are taken as numbers where a number is expected.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
+import functools
 import os
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 
 import yaml
+from pydantic import TypeAdapter, ValidationError
 
 from polymodal.errors import InputError
 
@@ -24,6 +32,11 @@ class DataSettings:
     train_split: str = "train"
     val_split: str | None = "val"
     in_memory: bool = True  # decode the split once into RAM (small data sets)
+    memory_limit_gb: float | None = 4.0  # in memory only if the decoded split is estimated within this;
+    # above it the split is streamed (and the log says so). null: no limit
+    allow_outside_paths: bool = False  # read files that lead outside the data set folder (absolute
+    # paths, '..', links elsewhere); off, such a sample is skipped with that reason
+    max_file_mb: float = 512.0  # a larger file (or shard sample) is skipped before it is read
     batch_size: int = 256  # global batch, split over processes
     image_size: int = 64
     val_limit: int = 1000  # validation samples scored during training
@@ -71,8 +84,11 @@ class Recipe:
         return {"name": self.name, "model": self.model, "data": asdict(self.data), "trainer": asdict(self.trainer)}
 
 
-def _parse_value(text: str):
-    return yaml.safe_load(text) if text != "" else ""
+def _parse_value(item: str, text: str):
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError as e:
+        raise InputError(item, f"the value is not valid YAML: {' '.join(str(e).split())}") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -87,18 +103,60 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise InputError(item, f"{part!r} is not a section")
-        node[parts[-1]] = _parse_value(value)
+        node[parts[-1]] = _parse_value(item, value)
     return raw
 
 
-def _settings(cls, raw: dict | None, section: str, source: str):
-    raw = raw or {}
-    known = {f.name for f in fields(cls)}
-    unknown = set(raw) - known
+def _unknown(names, known, what: str, prefix: str = "") -> str:
+    """``unknown what 'prefix.name'`` for each unknown name, with the known name it most likely
+    meant, and the known names when nothing is close."""
+    parts, lost = [], False
+    for name in sorted(map(str, names)):
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+        parts.append(f"{what} {prefix + name!r}" + (f" (did you mean {prefix + close[0]!r}?)" if close else ""))
+        lost = lost or not close
+    return "unknown " + ", ".join(parts) + (f"; known: {', '.join(sorted(known))}" if lost else "")
+
+
+def _expected(annotation: str) -> str:
+    """A dataclass field's annotation as a person reads it: ``float | None`` -> ``float or null``."""
+    return " or ".join("null" if part == "None" else part for part in annotation.split(" | "))
+
+
+def _settings(cls, raw, section: str, source: str):
+    """``cls`` (a settings dataclass) from the mapping ``raw``: unknown keys and values that are not
+    of the declared type are :class:`InputError`, one line naming ``section.key``, the value and
+    the type expected. The check is pydantic's (lax: ``1e-4`` is a float, ``[0.9, 0.99]`` a tuple;
+    a bool is never taken as a number, nor a number as a bool)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise InputError(source, f"{section}: expected a mapping of settings, got {raw!r}")
+    declared = {f.name: str(f.type) for f in fields(cls)}
+    unknown = set(raw) - set(declared)
     if unknown:
-        raise InputError(source, f"{section}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
-    values = {k: tuple(v) if isinstance(v, list) and k == "betas" else v for k, v in raw.items()}
-    return cls(**values)
+        raise InputError(source, _unknown(unknown, declared, "setting", f"{section}."))
+    for key, value in raw.items():  # pydantic's lax mode would read true as 1, and 1 as true
+        if (declared[key] == "bool") != isinstance(value, bool):
+            raise InputError(f"{section}.{key}", f"expected {_expected(declared[key])}, got {value!r}")
+    try:
+        return _adapter(cls).validate_python(raw)
+    except ValidationError as e:
+        key = str(e.errors()[0]["loc"][0])
+        raise InputError(f"{section}.{key}", f"expected {_expected(declared[key])}, got {raw[key]!r}") from None
+
+
+@functools.cache
+def _adapter(cls) -> TypeAdapter:
+    return TypeAdapter(cls)
+
+
+def check_recipe(recipe: Recipe, source: str = "recipe") -> Recipe:
+    """``recipe`` with its data and trainer settings checked against their declared types (and
+    numbers given as text read as numbers): for recipes built in Python rather than loaded."""
+    return Recipe(model=recipe.model, name=recipe.name,
+                  data=_settings(DataSettings, asdict(recipe.data), "data", source),
+                  trainer=_settings(TrainerSettings, asdict(recipe.trainer), "trainer", source))
 
 
 def shipped_recipes() -> list[str]:
@@ -129,10 +187,12 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise InputError(path, f"invalid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise InputError(path, "a recipe is a mapping with model, data, trainer and name")
     raw = apply_overrides(raw, overrides or [])
     unknown = set(raw) - {"model", "data", "trainer", "name"}
     if unknown:
-        raise InputError(path, f"unknown sections {sorted(unknown)}; a recipe has model, data, trainer, name")
+        raise InputError(path, _unknown(unknown, {"model", "data", "trainer", "name"}, "section"))
     if not isinstance(raw.get("model"), dict) or "type" not in raw["model"]:
         raise InputError(path, "model: a mapping with a 'type' is required")
     return Recipe(

@@ -1,0 +1,1 @@
+"""The assistant: speech in and out, the output-modality router, the pipeline."""
