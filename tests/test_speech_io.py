@@ -30,7 +30,7 @@ from polymodal.speech import (
     speak,
     synthesise,
 )
-from polymodal.speech.recognise import as_samples, split_at_pauses
+from polymodal.speech.base import as_samples, split_at_pauses
 from polymodal.speech.synthesise import SAMPLE_RATE as SPEECH_RATE
 from polymodal.speech.synthesise import change_tempo
 

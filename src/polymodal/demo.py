@@ -72,6 +72,15 @@ def budget(state: dict, model: str) -> int:
     return max(1, round(BUDGETS[model] * state["train_scale"]))
 
 
+def train_split_size(state: dict) -> int:
+    """Rows of the world's training split (counted once, from its metadata)."""
+    if "train rows" not in state:
+        from polymodal.train.report import split_counts
+
+        state["train rows"] = split_counts(state["world"]).get("train", 0)
+    return state["train rows"]
+
+
 def trained(state: dict, name: str, recipe_name: str, overrides: list[str], after: tuple[str, ...] = ()) -> Path:
     """The model of ``recipe_name`` with ``overrides``, trained into ``out/name``: reused when an
     earlier run trained it there with the same recipe (and none of the models named in ``after``,
@@ -82,6 +91,11 @@ def trained(state: dict, name: str, recipe_name: str, overrides: list[str], afte
     from polymodal.train.run import train
 
     recipe = load_recipe(recipe_name, overrides)
+    train_rows = train_split_size(state)
+    if 0 < train_rows < recipe.data.batch_size:  # a small world (--n): one batch is the whole split
+        console.print(f"[yellow]{name}: the world has {train_rows} training rows, fewer than the recipe's batch of "
+                      f"{recipe.data.batch_size}; training with batches of {train_rows}[/yellow]")
+        recipe = load_recipe(recipe_name, [*overrides, f"data.batch_size={train_rows}"])
     run = state["out"] / name
     saved = run / "recipe.yaml"
     same = saved.is_file() and yaml.safe_load(saved.read_text()) == yaml.safe_load(yaml.safe_dump(recipe.to_dict()))

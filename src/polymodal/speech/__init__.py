@@ -8,15 +8,8 @@ voices and formats.
   names, encoded by PyAV as mp3, opus, aac, flac, wav or raw pcm.
 """
 
-from polymodal.speech.recognise import (
-    OwnRecogniser,
-    Recogniser,
-    Segment,
-    Transcript,
-    WhisperRecogniser,
-    Word,
-    load_recogniser,
-)
+from polymodal.speech.base import Recogniser, Segment, Transcript, Word
+from polymodal.speech.recognise import OwnRecogniser, WhisperRecogniser, load_recogniser
 from polymodal.speech.sphinx import SphinxRecogniser
 from polymodal.speech.synthesise import FORMATS, VOICES, encode_audio, media_type, speak, synthesise
 

@@ -25,6 +25,8 @@ QUIET_WARNINGS = [
     # the loggers log every N optimizer steps across epochs, so short epochs lose nothing
     (r"The number of training batches \(\d+\) is smaller than the logging interval", Warning,
      r"lightning\.pytorch"),
+    # a step budget ends mid-epoch, so every --resume does; the data is reshuffled, not replayed
+    (r"You're resuming from a checkpoint that ended before the epoch ended", Warning, r"lightning\.pytorch"),
 ]
 BANNER_LOGGERS = ("lightning.pytorch", "lightning.fabric")  # GPU/TPU available, LOCAL_RANK, ...
 

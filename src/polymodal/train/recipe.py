@@ -108,14 +108,14 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def _unknown(names, known, what: str, prefix: str = "") -> str:
-    """``unknown what 'prefix.name'`` for each unknown name, with the known name it most likely
-    meant, and the known names when nothing is close."""
+    """``unknown whats: 'prefix.name'``, each unknown name with the known name it most likely
+    meant (difflib), and the known names when one has nothing close."""
     parts, lost = [], False
     for name in sorted(map(str, names)):
         close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
-        parts.append(f"{what} {prefix + name!r}" + (f" (did you mean {prefix + close[0]!r}?)" if close else ""))
+        parts.append(repr(prefix + name) + (f" (did you mean {prefix + close[0]!r}?)" if close else ""))
         lost = lost or not close
-    return "unknown " + ", ".join(parts) + (f"; known: {', '.join(sorted(known))}" if lost else "")
+    return f"unknown {what}s: " + ", ".join(parts) + (f"; known: {', '.join(sorted(known))}" if lost else "")
 
 
 def _expected(annotation: str) -> str:
