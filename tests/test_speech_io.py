@@ -389,3 +389,28 @@ def test_sphinx_domain_from_a_data_folder_and_bad_specs(speech_data, tmp_path):
     for spec in (f"pocketsphinx:{tmp_path / 'empty.txt'}", f"pocketsphinx:{tmp_path / 'missing'}"):
         with pytest.raises(InputError):
             load_recogniser(spec)
+
+
+# ---- `polymodal eval` of recognisers that are not polymodal models ------------------------------
+
+
+def test_eval_scores_pocketsphinx_and_a_whisper_folder_by_word_error_rate(speech_data, whisper_folder, tmp_path):
+    from polymodal.cli import app
+
+    runner = CliRunner()
+    out, sentences = tmp_path / "sphinx.json", tmp_path / "domain.txt"
+    sentences.write_text("\n".join(SENTENCES) + "\n")
+    result = runner.invoke(app, ["eval", f"pocketsphinx:{sentences}", "--data", str(speech_data),
+                                 "--examples", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    m = json.loads(out.read_text())["test"]
+    assert m["samples"] == 2 and m["examples"][0]["reference"] == SENTENCES[4]
+    assert m["word error rate"] < 0.2  # sentences of its domain, in a clear voice
+    out = tmp_path / "whisper.json"
+    result = runner.invoke(app, ["eval", str(whisper_folder), "--data", str(speech_data), "--split", "train",
+                                 "--limit", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    m = json.loads(out.read_text())["train"]
+    assert m["samples"] == 1 and m["word error rate"] >= 0.5  # a random model writes nonsense
+    result = runner.invoke(app, ["eval", "pocketsphinx", "--data", str(speech_data), "--split", "tset"])
+    assert result.exit_code == 2 and "tset" in result.output

@@ -391,4 +391,4 @@ def test_eval_names_integer_labels_from_classes_or_the_folders_names_file(tiny_c
                    "label 2 has no name")
     (data / "classes.txt").write_text("\n".join(WORDS) + "\n")
     found, warned = run()
-    assert not warned and "classes.txt" in found.output
+    assert not warned and "classes.txt" in found.output.replace("\n", "")

@@ -264,3 +264,25 @@ def test_quiet_lightning_leaves_other_warnings_alone():
     assert [str(w.message) for w in caught] == ["Found 3 module(s) in eval mode at the start of training.",
                                                 "something else entirely"]
     assert logging.getLogger("lightning.pytorch").level == before  # the banners' level is restored
+
+
+@pytest.mark.parametrize("override, named", [
+    ("model.width=abc", "model.width: expected an integer"),
+    ("model.depth=-1", "model.depth: -1 is out of range"),
+    ("model.widht=3", "model.widht: unknown setting"),
+    ("model.heads=5", "model.heads: 5 heads do not divide the width"),
+    ("model.type=captoiner", "model.type: 'captoiner' is not a model family"),
+])
+def test_model_overrides_are_checked_when_the_recipe_loads(override, named):
+    from polymodal.errors import InputError
+    from polymodal.train.recipe import load_recipe
+
+    with pytest.raises(InputError, match=named.replace("(", r"\(")):
+        load_recipe("caption-shapes", [override])
+
+
+def test_every_shipped_recipe_passes_its_model_check():
+    from polymodal.train.recipe import load_recipe, shipped_recipes
+
+    for name in shipped_recipes():
+        load_recipe(name)

@@ -180,9 +180,11 @@ def recipes_command():
 
 @app.command("eval")
 def eval_command(
-    model: Annotated[Path, typer.Argument(help="A saved model folder.")],
+    model: Annotated[Path, typer.Argument(help="A saved model folder, or a recogniser: pocketsphinx, "
+                                                "pocketsphinx:SENTENCES (a data folder or a text file) or a Whisper folder.")],
     data: Annotated[Path, typer.Option(help="Data set folder or shards.")],
-    split: Annotated[list[str] | None, typer.Option(help="Split(s) to score (default: val, test, test_novel).")] = None,
+    split: Annotated[list[str] | None, typer.Option(help="Split(s) to score (default: val, test, test_novel; "
+                                                         "recognisers: test).")] = None,
     limit: Annotated[int | None, typer.Option(
         help="At most this many samples per split (default: 1000 for retrieval, all otherwise).")] = None,
     classes: Annotated[str | None, typer.Option(
@@ -201,20 +203,29 @@ def eval_command(
 ):
     """Score a model on each split. Contrastive: retrieval Recall@1/5/10 both ways and
     zero-shot accuracy. Captioning models: BLEU-4, CIDEr, scene-graph judge, VQA accuracy per question
-    type, and word error rate when they hear speech (recognisers). Fusion classifier: accuracy
+    type, and word error rate when they hear speech (recognisers; PocketSphinx and Whisper folders
+    too). Fusion classifier: accuracy
     with every modality and with each one alone. Detector:
     accuracy per attribute. Text-to-image: GenEval-style scores by category (test and test_novel
     prompts), the judge's accuracy on real images, Frechet distance and CLIP score. Autoencoders:
     reconstruction error, and with --judge the judge's accuracy on the reconstructions."""
     from polymodal.models import EvalOptions, default_splits, evaluate
+    from polymodal.speech.evaluate import DEFAULT_SPLITS, evaluate_recogniser, is_recogniser_spec
 
     try:
-        check_splits(data, split or default_splits(model), named=bool(split))
-        names = class_names(classes, data)
-        options = EvalOptions(limit=limit, class_names=names, decoding=decoding, examples=examples, judge=judge,
-                              clip=clip, guidance=cfg, sample_steps=steps, per_category=per_category,
-                              compose=compose)
-        results = evaluate(model, data, split, options)
+        if is_recogniser_spec(model):  # pocketsphinx[:SENTENCES] or a Whisper folder: word error rate
+            from polymodal.speech import load_recogniser
+
+            check_splits(data, split or DEFAULT_SPLITS, named=bool(split))
+            results = evaluate_recogniser(load_recogniser(model), data, split or DEFAULT_SPLITS, limit=limit,
+                                          examples=examples)
+        else:
+            check_splits(data, split or default_splits(model), named=bool(split))
+            names = class_names(classes, data)
+            options = EvalOptions(limit=limit, class_names=names, decoding=decoding, examples=examples, judge=judge,
+                                  clip=clip, guidance=cfg, sample_steps=steps, per_category=per_category,
+                                  compose=compose)
+            results = evaluate(model, data, split, options)
     except (InputError, ValueError) as e:
         raise fail(e) from None
     console.print(format_table(results))

@@ -22,7 +22,14 @@ from polymodal.models.autoencoder import Autoencoder
 from polymodal.models.captioner import Captioner
 from polymodal.models.clip import ContrastiveModel
 from polymodal.models.detector import GridDetector
-from polymodal.models.family import BuildContext, EvalOptions, Metrics, limit_params
+from polymodal.models.family import (
+    BuildContext,
+    EvalOptions,
+    Metrics,
+    _Bad,
+    check_settings,
+    limit_params,
+)
 from polymodal.models.folder import read_config
 from polymodal.models.fusion import FusionClassifier
 from polymodal.models.text_to_image import TextToImage
@@ -72,6 +79,28 @@ def load_model(path: str | os.PathLike, task: str | None = None, *, max_params: 
         return cls.from_pretrained(path).eval()
 
 
+# keys of a recipe's model section that say how to build, not what is built (not in the config)
+RECIPE_KEYS = ("type", "init_from")
+
+
+def check_recipe_model(spec: object, source: str | os.PathLike) -> None:
+    """A recipe's ``model`` section (after overrides) fits its family's config: known keys,
+    types and ranges, before any data is read or anything is built. One InputError naming
+    ``source`` and the setting otherwise. A family without a ``config_class`` checks itself."""
+    if not isinstance(spec, dict):
+        raise InputError(source, "model: expected a mapping")
+    kind = spec.get("type")
+    if not isinstance(kind, str) or kind not in FAMILIES:
+        raise InputError(source, f"model.type: {kind!r} is not a model family; known: {', '.join(sorted(FAMILIES))}")
+    config_class = getattr(FAMILIES[kind], "config_class", None)
+    if config_class is None:
+        return
+    try:
+        check_settings({k: v for k, v in spec.items() if k not in RECIPE_KEYS}, config_class, "model")
+    except _Bad as e:
+        raise InputError(source, f"{e.where}: {e.problem}") from None
+
+
 def build_model(spec: dict, build: BuildContext) -> nn.Module:
     """A new model from a recipe's ``model`` section (``type`` names the family)."""
     spec = dict(spec)
@@ -90,5 +119,5 @@ def default_splits(path: str | os.PathLike) -> tuple[str, ...]:
     return FAMILIES[model_type(path)].default_splits
 
 
-__all__ = ["FAMILIES", "BuildContext", "EvalOptions", "build_model", "default_splits", "evaluate", "family",
+__all__ = ["FAMILIES", "BuildContext", "EvalOptions", "build_model", "check_recipe_model", "default_splits", "evaluate", "family",
            "load_model", "model_type"]

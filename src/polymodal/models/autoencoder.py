@@ -172,6 +172,7 @@ class Autoencoder(nn.Module):
     # ---- the family (see polymodal.models.family) ----
 
     tasks = ("reconstruct",)
+    config_class = AutoencoderConfig  # what a recipe's model section and a saved config.json are checked against
     default_splits = DEFAULT_SPLITS
 
     @classmethod

@@ -274,6 +274,7 @@ class Captioner(nn.Module):
     # ---- the family (see polymodal.models.family) ----
 
     tasks = ("caption", "answer")
+    config_class = CaptionerConfig  # what a recipe's model section and a saved config.json are checked against
     default_splits = DEFAULT_SPLITS
 
     @classmethod

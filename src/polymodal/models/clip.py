@@ -183,6 +183,7 @@ class ContrastiveModel(nn.Module):
     # ---- the family (see polymodal.models.family) ----
 
     tasks = ("embed",)
+    config_class = ContrastiveConfig  # what a recipe's model section and a saved config.json are checked against
     default_splits = DEFAULT_SPLITS
 
     @classmethod

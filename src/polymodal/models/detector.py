@@ -266,6 +266,7 @@ class GridDetector(nn.Module):
     # ---- the family (see polymodal.models.family) ----
 
     tasks = ("detect",)
+    config_class = DetectorConfig  # what a recipe's model section and a saved config.json are checked against
     default_splits = DEFAULT_SPLITS
 
     @classmethod

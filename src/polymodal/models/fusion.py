@@ -283,6 +283,7 @@ class FusionClassifier(nn.Module):
     # ---- the family (see polymodal.models.family) ----
 
     tasks = ("classify",)
+    config_class = FusionConfig  # what a recipe's model section and a saved config.json are checked against
     default_splits = DEFAULT_SPLITS
 
     @classmethod

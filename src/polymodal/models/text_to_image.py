@@ -296,6 +296,7 @@ class TextToImage(nn.Module):
     # ---- the family (see polymodal.models.family) ----
 
     tasks = ("generate image",)
+    config_class = TextToImageConfig  # what a recipe's model section and a saved config.json are checked against
     default_splits = ("test", "test_novel")
 
     @classmethod

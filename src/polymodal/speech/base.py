@@ -64,9 +64,10 @@ def as_samples(waveform: np.ndarray | torch.Tensor | list, sample_rate: int, *,
     if isinstance(waveform, torch.Tensor):
         waveform = waveform.detach().cpu().numpy()
     x = np.asarray(waveform)
-    if x.dtype.kind not in "fiu" or x.ndim not in (1, 2):
-        raise InputError("audio", f"expected samples (samples,) or (channels, samples), got {x.dtype} {x.shape}")
-    if x.dtype.kind in "iu":  # integer PCM: scale to [-1, 1]
+    if x.dtype.kind not in "fi" or x.ndim not in (1, 2):
+        raise InputError("audio", f"expected float or signed integer samples (samples,) or (channels, samples), "
+                                  f"got {x.dtype} {x.shape}")
+    if x.dtype.kind == "i":  # integer PCM: scale to [-1, 1]
         x = x.astype(np.float32) / float(np.iinfo(x.dtype).max)
     x = x.astype(np.float32, copy=False)
     if x.ndim == 2:

@@ -195,6 +195,9 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raise InputError(path, _unknown(unknown, {"model", "data", "trainer", "name"}, "section"))
     if not isinstance(raw.get("model"), dict) or "type" not in raw["model"]:
         raise InputError(path, "model: a mapping with a 'type' is required")
+    from polymodal.models import check_recipe_model
+
+    check_recipe_model(raw["model"], path)
     return Recipe(
         model=raw["model"], name=raw.get("name", name),
         data=_settings(DataSettings, raw.get("data"), "data", str(path)),
