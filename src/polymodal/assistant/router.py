@@ -27,10 +27,12 @@ import functools
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from polymodal.errors import InputError
 
@@ -110,7 +112,7 @@ def file_sha256(path: str | Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# sentence embeddings
+# what the classifier reads: MiniLM's token states, every layer
 
 
 @functools.cache
@@ -120,42 +122,106 @@ def _encoder():
     return MiniLMTextEncoder(MiniLMConfig(max_length=MAX_TOKENS)).eval()
 
 
+@dataclass
+class Features:
+    """What the head reads of a batch of requests: ``tokens`` ``(B, T, 384)``, one unit vector
+    per word piece (the mean of MiniLM's six layers, each L2-normalised; [CLS] and [SEP] left
+    out), ``mask`` ``(B, T)`` True on real word pieces, and ``sentence`` ``(B, 384)`` their
+    normalised mean. The middle layers still tell "draw a star" from "draw a conclusion"; the
+    last one, tuned for topic similarity, mostly does not (see :class:`RouterHead`)."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    sentence: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.sentence)
+
+    def __getitem__(self, index) -> Features:
+        return Features(self.tokens[index], self.mask[index], self.sentence[index])
+
+
 @torch.inference_mode()
-def embed(texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-    """Unit-length MiniLM sentence embeddings ``(N, 384)``, as sentence-transformers makes them
-    (mean over real tokens, then L2-normalised)."""
+def features(texts: Sequence[str], batch_size: int = 64) -> Features:
     encoder = _encoder()
-    out = []
+    tokens, masks = [], []
     for start in range(0, len(texts), batch_size):
         batch = encoder.tokenize(list(texts[start:start + batch_size]))
-        out.append(torch.nn.functional.normalize(encoder(batch["ids"], batch["mask"]), dim=-1))
-    return torch.cat(out) if out else torch.zeros(0, 384)
+        ids, mask = batch["ids"], batch["mask"]
+        hidden = encoder.bert(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True).hidden_states
+        per_token = F.normalize(sum(F.normalize(h, dim=-1) for h in hidden[1:]), dim=-1)  # (B, T, 384)
+        mask = mask.clone()
+        mask[:, 0] = False  # [CLS]
+        mask[torch.arange(len(ids)), batch["mask"].sum(1) - 1] = False  # [SEP]
+        tokens.append(per_token)
+        masks.append(mask)
+    width = max((t.shape[1] for t in tokens), default=1)
+    tokens = torch.cat([F.pad(t, (0, 0, 0, width - t.shape[1])) for t in tokens]) if tokens else torch.zeros(0, 1, 384)
+    mask = torch.cat([F.pad(m, (0, width - m.shape[1])) for m in masks]) if masks else torch.zeros(0, 1, dtype=torch.bool)
+    m = mask[..., None].float()
+    sentence = F.normalize((tokens * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
+    return Features(tokens, mask, sentence)
 
 
 # ---------------------------------------------------------------------------------------------
-# the classifier head
+# the head
 
 
 @dataclass
-class RouterHead:
-    """Multinomial logistic regression over sentence embeddings, and the "text when unsure"
-    threshold. ``weight`` is ``(3, D)`` and ``bias`` ``(3,)``, rows in :data:`MODALITIES` order."""
+class RouterConfig:
+    width: int = 384  # MiniLM's
+    hidden: int = 64  # per-word-piece detectors whose strongest match anywhere in the request counts
+    dropout: float = 0.3
+    members: int = 3  # heads trained from different seeds; their probabilities are averaged
+    threshold: float = 0.5  # image / speech below this probability fall back to text (chosen on val)
 
-    weight: torch.Tensor
-    bias: torch.Tensor
-    threshold: float  # image / speech below this probability fall back to text
-    info: dict = field(default_factory=dict)  # how it was made: data hash, C, held-out accuracy
 
-    def probabilities(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(embeddings.float() @ self.weight.T + self.bias, dim=-1)  # (N, 3)
+class Member(nn.Module):
+    """One head: a linear read of the whole request plus ``hidden`` learned detectors run over
+    each word piece, max-pooled, so one telling phrase ("out loud", "with words", "draw a") can
+    decide wherever it stands. Logits ``(B, 3)`` in :data:`MODALITIES` order."""
 
-    def decide(self, probabilities: torch.Tensor) -> list[tuple[str, float]]:
+    def __init__(self, config: RouterConfig):
+        super().__init__()
+        self.sentence = nn.Linear(config.width, len(MODALITIES))
+        self.detectors = nn.Linear(config.width, config.hidden)
+        self.out = nn.Linear(config.hidden, len(MODALITIES))
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Features) -> torch.Tensor:
+        found = F.gelu(self.detectors(self.dropout(x.tokens)))  # (B, T, hidden)
+        found = found.masked_fill(~x.mask[..., None], -1.0).amax(1)  # (B, hidden); gelu > -0.2
+        return self.sentence(self.dropout(x.sentence)) + self.out(self.dropout(found))
+
+
+class RouterHead(nn.Module):
+    """The classifier: ``members`` heads (:class:`Member`) averaged, and the threshold under
+    which an image or speech guess falls back to text.
+
+    Why this and not logistic regression on the sentence embedding: on the shipped requests,
+    measured with 5-fold cross-validation over paraphrase families (train + val), logistic
+    regression on the final sentence embedding reaches 0.92, on the mean of all six layers 0.92,
+    with max-pooled word-piece detectors added 0.95 and with three such heads 0.96: the
+    sentence embedding says what a request is about (painting, voices), the word pieces in
+    context say what it asks for ("paint me a picture with words")."""
+
+    def __init__(self, config: RouterConfig | None = None, info: dict | None = None):
+        super().__init__()
+        self.config = config or RouterConfig()
+        self.members = nn.ModuleList(Member(self.config) for _ in range(self.config.members))
+        self.info = info or {}  # how it was made: the data's hash, held-out accuracy
+
+    def probabilities(self, x: Features) -> torch.Tensor:
+        return torch.stack([m(x).softmax(-1) for m in self.members]).mean(0)  # (B, 3)
+
+    def decide(self, probabilities: torch.Tensor, threshold: float | None = None) -> list[tuple[str, float]]:
         """(modality, confidence) per row: the most probable modality, or text when that is an
         image or speech below the threshold (its confidence then the probability of text)."""
+        threshold = self.config.threshold if threshold is None else threshold
         out = []
         for p in probabilities.tolist():
             best = max(range(len(MODALITIES)), key=p.__getitem__)
-            if MODALITIES[best] != "text" and p[best] < self.threshold:
+            if MODALITIES[best] != "text" and p[best] < threshold:
                 best = MODALITIES.index("text")
             out.append((MODALITIES[best], round(p[best], 4)))
         return out
@@ -163,9 +229,10 @@ class RouterHead:
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
 
-        meta = {"modalities": ",".join(MODALITIES), "threshold": repr(self.threshold),
+        meta = {"modalities": ",".join(MODALITIES), "config": json.dumps(asdict(self.config)),
                 "info": json.dumps(self.info, sort_keys=True)}
-        save_file({"weight": self.weight.contiguous(), "bias": self.bias.contiguous()}, str(path), metadata=meta)
+        state = {k: v.contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(path), metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path = HEAD) -> RouterHead:
@@ -174,12 +241,17 @@ class RouterHead:
         path = Path(path)
         if not path.is_file():
             raise InputError(path, "no router head here (train one: python -m polymodal.assistant.router)")
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iteration)
-        if meta.get("modalities") != ",".join(MODALITIES) or set(tensors) != {"weight", "bias"}:
-            raise InputError(path, f"not a router head for modalities {', '.join(MODALITIES)}")
-        return cls(tensors["weight"], tensors["bias"], float(meta["threshold"]), json.loads(meta.get("info", "{}")))
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iteration)
+            if meta.get("modalities") != ",".join(MODALITIES):
+                raise ValueError(f"its modalities are {meta.get('modalities')!r}")
+            head = cls(RouterConfig(**json.loads(meta["config"])), json.loads(meta.get("info", "{}")))
+            head.load_state_dict(state)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise InputError(path, f"not a router head ({e})") from None
+        return head.eval()
 
 
 @functools.cache
@@ -199,10 +271,15 @@ def route(requests: Sequence[str], modalities: Sequence[str] | None = None, endp
     explicit = explicit_modality(modalities, endpoint)
     if explicit is not None:
         return [(explicit, 1.0)] * len(requests)
-    if not requests:
-        return []
-    head = head or default_head()
-    return head.decide(head.probabilities(embed(requests)))
+    words = [i for i, r in enumerate(requests) if r.strip()]  # a blank request: nothing asked, text
+    routes = [("text", 1.0)] * len(requests)
+    if words:
+        head = head or default_head()
+        with torch.inference_mode():
+            decided = head.decide(head.probabilities(features([requests[i] for i in words])))
+        for i, d in zip(words, decided, strict=True):
+            routes[i] = d
+    return routes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,54 +298,88 @@ def accuracy(truth: Sequence[str], predicted: Sequence[str]) -> float:
     return sum(t == p for t, p in zip(truth, predicted, strict=True)) / max(len(truth), 1)
 
 
-def fit_head(embeddings: torch.Tensor, labels: Sequence[str], c: float, threshold: float = 0.0) -> RouterHead:
-    from sklearn.linear_model import LogisticRegression
+def fit_head(x: Features, labels: Sequence[str], config: RouterConfig | None = None, steps: int = 480,
+             batch_size: int = 64, seed: int = 0, progress=None) -> RouterHead:
+    """Train a head: AdamW, ``steps`` batches of shuffled requests per member, label smoothing
+    (the labels are one person's reading of requests that are sometimes ambiguous)."""
+    config = config or RouterConfig()
+    y = torch.tensor([MODALITIES.index(m) for m in labels])
+    head = RouterHead(config)
+    with torch.random.fork_rng():  # the same seed gives the same head, whatever ran before
+        for k in range(config.members):
+            torch.manual_seed(seed * 1000 + k)  # each member its own start, batches and dropout
+            member = head.members[k] = Member(config)
+            optimizer = torch.optim.AdamW(member.parameters(), lr=3e-3, weight_decay=0.01)
+            order = torch.zeros(0, dtype=torch.long)
+            for step in range(steps):
+                if len(order) < batch_size:
+                    order = torch.cat([order, torch.randperm(len(y))])
+                batch, order = order[:batch_size], order[batch_size:]
+                loss = F.cross_entropy(member(x[batch]), y[batch], label_smoothing=0.1)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                if progress:
+                    progress(k * steps + step + 1)
+    return head.eval()
 
-    y = [MODALITIES.index(m) for m in labels]
-    model = LogisticRegression(C=c, max_iter=5000).fit(embeddings.numpy(), y)
-    assert list(model.classes_) == [0, 1, 2], "every modality needs training requests"
-    return RouterHead(torch.tensor(model.coef_, dtype=torch.float32), torch.tensor(model.intercept_, dtype=torch.float32),
-                      threshold)
 
-
-C_GRID = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 THRESHOLDS = tuple(round(0.34 + 0.02 * i, 2) for i in range(31))  # 0.34 .. 0.94
 
 
-def train_router(data: str | Path = DATA, out: str | Path | None = HEAD) -> dict:
-    """Fit the head on the train split, choose the regularisation C and then the "text when
-    unsure" threshold on val, measure on test; the head saved is refit on train + val with the
-    chosen C and threshold (test stays unseen). Returns the report that is also kept in the head."""
+def family_folds(rows: Sequence[dict], k: int) -> list[int]:
+    """A fold in ``range(k)`` for each row, whole paraphrase families (``family``; a row without
+    one is its own) kept in one fold, so a fold is scored on wording it was not trained on."""
+    names = sorted({r.get("family") or r["request"] for r in rows},
+                   key=lambda f: hashlib.sha256(f.encode()).hexdigest())
+    fold = {name: i % k for i, name in enumerate(names)}
+    return [fold[r.get("family") or r["request"]] for r in rows]
+
+
+def train_router(data: str | Path = DATA, out: str | Path | None = HEAD, config: RouterConfig | None = None,
+                 steps: int = 480, folds: int = 5) -> dict:
+    """Choose the "text when unsure" threshold by cross-validation over train + val (``folds``
+    folds of whole paraphrase families: 1,000 requests judge it better than val's 200 alone),
+    train the head on train + val with it, and measure on test, used for nothing else. Saves the
+    head to ``out`` with the report, which it also returns."""
+    from polymodal.progress import progress_bar
+
+    config = config or RouterConfig()
     rows = load_requests(data)
-    parts = {s: [r for r in rows if r["split"] == s] for s in SPLITS}
-    for s, part in parts.items():
-        if not part:
-            raise InputError(data, f"has no {s} requests")
-    emb = {s: embed([r["request"] for r in part]) for s, part in parts.items()}
-    lab = {s: [r["modality"] for r in part] for s, part in parts.items()}
+    seen = [r for r in rows if r["split"] != "test"]
+    test = [r for r in rows if r["split"] == "test"]
+    if not test or len({r["modality"] for r in seen}) < len(MODALITIES):
+        raise InputError(data, "needs test requests, and train / val requests of every modality")
+    x = features([r["request"] for r in seen + test])
+    x_seen, x_test = x[:len(seen)], x[len(seen):]
+    y_seen, y_test = [r["modality"] for r in seen], [r["modality"] for r in test]
 
-    def val_accuracy(head: RouterHead) -> float:
-        return accuracy(lab["val"], [m for m, _ in head.decide(head.probabilities(emb["val"]))])
-
-    # C by validation accuracy (ties: the smaller C, the smoother model)
-    scores = {c: val_accuracy(fit_head(emb["train"], lab["train"], c)) for c in C_GRID}
-    c = max(C_GRID, key=lambda k: (scores[k], -k))
-    head = fit_head(emb["train"], lab["train"], c)
-    # the threshold: the middle of the thresholds that give the best validation accuracy
-    by_threshold = {t: val_accuracy(RouterHead(head.weight, head.bias, t)) for t in THRESHOLDS}
-    best = max(by_threshold.values())
-    plateau = [t for t in THRESHOLDS if by_threshold[t] == best]
-    threshold = plateau[len(plateau) // 2]
-
-    final = fit_head(torch.cat([emb["train"], emb["val"]]), lab["train"] + lab["val"], c, threshold)
-    predicted = [m for m, _ in final.decide(final.probabilities(emb["test"]))]
+    fold = torch.tensor(family_folds(seen, folds))
+    held_out = torch.zeros(len(seen), len(MODALITIES))  # each request's probabilities from the fold without it
+    with progress_bar("training the router", (folds + 1) * steps * config.members) as progress:
+        for k in range(folds):
+            inside, outside = torch.where(fold != k)[0], torch.where(fold == k)[0]
+            head = fit_head(x_seen[inside], [y_seen[i] for i in inside], config, steps,
+                            progress=lambda done, k=k: progress(k * steps * config.members + done))
+            with torch.inference_mode():
+                held_out[outside] = head.probabilities(x_seen[outside])
+        # the threshold: the largest of those with the best cross-validated accuracy (text when
+        # unsure, as far as it costs nothing measured)
+        by_threshold = {t: accuracy(y_seen, [m for m, _ in head.decide(held_out, t)]) for t in THRESHOLDS}
+        best = max(by_threshold.values())
+        config = replace(config, threshold=max(t for t in THRESHOLDS if by_threshold[t] == best))
+        final = fit_head(x_seen, y_seen, config, steps,
+                         progress=lambda done: progress(folds * steps * config.members + done))
+    with torch.inference_mode():
+        predicted = [m for m, _ in final.decide(final.probabilities(x_test))]
     final.info = {
         "data": Path(data).name, "data_sha256": file_sha256(data), "encoder": ENCODER, "max_tokens": MAX_TOKENS,
-        "C": c, "threshold": threshold, "val_accuracy": best,
-        "counts": {s: len(p) for s, p in parts.items()},
-        "test_accuracy": round(accuracy(lab["test"], predicted), 4),
-        "test_confusion": confusion(lab["test"], predicted),
-        "test_errors": [[r["request"], r["modality"], p] for r, p in zip(parts["test"], predicted, strict=True)
+        "steps": steps, "threshold": config.threshold, "cv_folds": folds,
+        "cv_accuracy": {str(t): round(v, 4) for t, v in by_threshold.items()},
+        "counts": {s: sum(r["split"] == s for r in rows) for s in SPLITS},
+        "test_accuracy": round(accuracy(y_test, predicted), 4),
+        "test_confusion": confusion(y_test, predicted),
+        "test_errors": [[r["request"], r["modality"], p] for r, p in zip(test, predicted, strict=True)
                         if r["modality"] != p],
     }
     if out is not None:

@@ -4,7 +4,7 @@
 shapes of OpenAI's API as its Python client reads them (``openai/types``), plus a few fields of
 polymodal's own: ``GET /v1/models`` says what each model reads, writes and answers; a chat
 completion says which models made it (``polymodal.models``); ``/v1/conversations`` keeps a chat
-for the web page.
+for the web page, which ``/`` serves (``static/``: plain HTML, CSS and JavaScript, no CDN).
 
 Around every route: the API key (when set, every ``/v1`` route answers 401 without it, before
 the body is read) and the body limit (413 before the body is read when its length is declared,
@@ -20,14 +20,15 @@ import io
 import json
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
-from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -68,6 +69,11 @@ from polymodal.serve.store import Store, new_id
 from polymodal.serve.voice import CONTENT_TYPES, Speech, Transcript
 
 STORE_FILE = "serve.sqlite"
+SPOKEN_REPLY = ("alloy", "wav")  # voice and format of a spoken reply the request did not ask for in its 'audio'
+PAGE = Path(__file__).parent / "static"  # the web page: package data, served at /
+# The page loads only its own files; what the server sends (replies, images, audio) is data, never code.
+PAGE_POLICY = ("default-src 'self'; img-src 'self' data: blob:; media-src 'self' data: blob:; "
+               "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 Limit = Annotated[int, Query(ge=1, le=100)]  # items in a page of a listing
 Order = Annotated[Literal["asc", "desc"], Query()]
 log = logging.getLogger("polymodal.serve")
@@ -133,18 +139,20 @@ class Guard:
 # ---- the app ----
 
 
-def create_app(models_dir: str | Path, settings: Settings | None = None, responder: Responder | None = None) -> FastAPI:
+def create_app(models_dir: str | Path, settings: Settings | None = None, responder: Responder | None = None, *,
+               make_responder: Callable[[Registry, Speech, Settings], Responder] | None = None) -> FastAPI:
     """The server over the saved models in ``models_dir`` (see :class:`Registry`), keeping
     conversations and stored completions in ``settings.store`` (default: ``serve.sqlite`` in
-    ``models_dir``). ``responder`` makes chat replies (default :class:`ModelResponder`); the
-    assistant pipeline passes its own."""
+    ``models_dir``). ``responder`` makes chat replies (default :class:`ModelResponder`);
+    ``make_responder`` builds one from the server's models, speech and settings (the assistant
+    pipeline, which ``polymodal serve`` uses, is built so)."""
     from polymodal import __version__
 
     settings = settings or Settings.from_env()
     registry = Registry(models_dir, settings)
     store = Store(settings.store or Path(models_dir) / STORE_FILE)
     speech = Speech(None if settings.recogniser in registry.models else settings.recogniser)
-    responder = responder or ModelResponder(registry, speech, settings)
+    responder = responder or (make_responder or ModelResponder)(registry, speech, settings)
     limits = settings.limits
 
     @asynccontextmanager
@@ -300,9 +308,12 @@ def create_app(models_dir: str | Path, settings: Settings | None = None, respond
         return out
 
     def speak(text: str, body: ChatCompletionRequest) -> dict:
-        assert body.audio is not None
-        voice = body.audio.voice if isinstance(body.audio.voice, str) else body.audio.voice.id
-        fmt = "pcm" if body.audio.format == "pcm16" else body.audio.format
+        """``message.audio`` of ``text``, in the request's voice and format, or (a spoken reply
+        the responder chose) in :data:`SPOKEN_REPLY`'s."""
+        voice, fmt = SPOKEN_REPLY
+        if body.audio is not None:
+            voice = body.audio.voice if isinstance(body.audio.voice, str) else body.audio.voice.id
+            fmt = "pcm" if body.audio.format == "pcm16" else body.audio.format
         if not text.strip():
             text = "I have nothing to say to that."
         audio = speech.synthesise(text, voice, 1.0, fmt)
@@ -311,7 +322,9 @@ def create_app(models_dir: str | Path, settings: Settings | None = None, respond
 
     def completion_of(id: str, created: int, body: ChatCompletionRequest, reply: Reply, text: str,
                       audio: dict | None, prompt_tokens: int) -> dict:
-        message: dict = {"role": "assistant", "content": None if audio else text, "refusal": None, "annotations": []}
+        asked = "audio" in (body.modalities or [])  # a spoken reply nobody asked for keeps its text as content
+        message: dict = {"role": "assistant", "content": None if audio and asked else text, "refusal": None,
+                         "annotations": []}
         if audio:
             message["audio"] = audio
         if reply.images:
@@ -323,7 +336,7 @@ def create_app(models_dir: str | Path, settings: Settings | None = None, respond
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens},
                 "service_tier": "default", "system_fingerprint": None,
-                "polymodal": {"models": reply.models, "heard": reply.heard}}
+                "polymodal": {"models": reply.models, "heard": reply.heard, "route": reply.route}}
 
     def keep(completion: dict, body: ChatCompletionRequest, sent: list[dict]) -> None:
         """Store what must be kept before the client is answered: the completion (``store``), the
@@ -333,6 +346,8 @@ def create_app(models_dir: str | Path, settings: Settings | None = None, respond
         if body.conversation:
             message = {k: v for k, v in completion["choices"][0]["message"].items() if v is not None}
             message["models"] = completion["polymodal"]["models"]
+            if completion["polymodal"]["heard"]:  # what speech in the turn was heard as, for the page
+                message["heard"] = completion["polymodal"]["heard"]
             title = next((m["content"] if isinstance(m["content"], str) else
                           " ".join(p["text"] for p in m["content"] if p["type"] == "text")
                           for m in sent if m["role"] == "user" and m.get("content")), None)
@@ -346,13 +361,14 @@ def create_app(models_dir: str | Path, settings: Settings | None = None, respond
                  + await run_in_threadpool(read_turns, body.messages, settings))
         sent = [m.model_dump(exclude_none=True) for m in body.messages]
         options = ReplyOptions(model=body.model, max_tokens=budget, temperature=body.temperature, top_p=body.top_p,
-                               seed=body.seed)
+                               seed=body.seed, modalities_named=body.modalities is not None)
         reply = await run_in_threadpool(responder, turns, modalities, options)
         prompt_tokens = sum(count_tokens(t.text) for t in turns)
         id, created = new_id("chatcmpl-"), timestamp()
         if not body.stream:
             text = await run_in_threadpool(reply.text)
-            audio = await run_in_threadpool(speak, text, body) if "audio" in modalities else None
+            spoken = "audio" in modalities or reply.speak
+            audio = await run_in_threadpool(speak, text, body) if spoken else None
             completion = completion_of(id, created, body, reply, text, audio, prompt_tokens)
             await run_in_threadpool(keep, completion, body, sent)
             return completion
@@ -379,23 +395,25 @@ def create_app(models_dir: str | Path, settings: Settings | None = None, respond
         try:
             yield delta({"role": "assistant", "content": "", "refusal": None})
             pieces: list[str] = []
-            if "audio" in modalities:
+            if "audio" in modalities:  # asked for audio: the text comes as its transcript
                 text = await run_in_threadpool(reply.text)
-                audio = await run_in_threadpool(speak, text, body)
-                yield delta({"audio": {"id": audio["id"], "transcript": audio["transcript"], "data": audio["data"]}})
-                yield delta({"audio": {"expires_at": audio["expires_at"]}})
             else:
-                audio = None
                 async for piece in iterate_in_threadpool(iter(reply.pieces)):
                     pieces.append(piece)
                     yield delta({"content": piece})
                 text = reply._text if reply._text is not None else "".join(pieces)
+            audio = None
+            if "audio" in modalities or reply.speak:
+                audio = await run_in_threadpool(speak, text, body)
+                yield delta({"audio": {"id": audio["id"], "transcript": audio["transcript"], "data": audio["data"]}})
+                yield delta({"audio": {"expires_at": audio["expires_at"]}})
             if reply.images:
                 yield delta({"images": [{"type": "image_url", "image_url": {"url": data_url(png, "image/png")}}
                                         for png in reply.images]})
             completion = completion_of(id, created, body, reply, text, audio, prompt_tokens)
             await run_in_threadpool(keep, completion, body, sent)
-            yield delta({}, reply.finish_reason)
+            yield event([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reply.finish_reason}],
+                        polymodal=completion["polymodal"])  # which models made it, what was heard
             if usage:
                 yield event([], usage=completion["usage"])
         except APIError as e:
@@ -602,6 +620,13 @@ def create_app(models_dir: str | Path, settings: Settings | None = None, respond
                 "output_format": fmt, "size": f"{side}x{side}", "model": served.id}
 
     # ---- outside /v1 ----
+
+    @app.get("/", include_in_schema=False)
+    async def web_page() -> FileResponse:
+        return FileResponse(PAGE / "index.html", headers={"content-security-policy": PAGE_POLICY,
+                                                           "cache-control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=PAGE), name="static")
 
     @app.get("/health", tags=["server"])
     async def health() -> dict:

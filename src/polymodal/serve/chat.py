@@ -13,8 +13,9 @@ say it. :class:`ModelResponder` is today's responder, built on the served models
 - anything else would need a language model, which this responder does not have: it says so,
   and what the served models can do instead.
 
-The assistant pipeline (a router that infers the wanted modality, a language model that phrases)
-replaces it by passing its own responder to :func:`polymodal.serve.app.create_app`.
+The assistant pipeline (:mod:`polymodal.assistant.pipeline`: a router that infers the wanted
+modality, a language model for open-ended chat) replaces it: ``polymodal serve`` passes it to
+:func:`polymodal.serve.app.create_app` as ``make_responder``.
 """
 
 from __future__ import annotations
@@ -55,18 +56,24 @@ class ReplyOptions:
     top_p: float | None = None
     seed: int | None = None
     image_size: int | None = None  # side of drawn images (None: the model's own)
+    modalities_named: bool = False  # the request named its output modalities (else the responder may choose)
 
 
 @dataclass
 class Reply:
-    """What the responder says: text (in the pieces it streams in; a language model's tokens
-    later), images (PNG files), which models made it, and what was heard in speech input."""
+    """What the responder says: text (in the pieces it streams in, a language model's tokens as
+    they come), images (PNG files), which models made it, and what was heard in speech input.
+    ``speak``: the responder chose a spoken reply (the server speaks it as if the request had
+    asked for audio); ``route``: how the output modality was chosen, reported with the reply.
+    ``finish_reason`` may be set while ``pieces`` is read (a language model knows it at the end)."""
 
     pieces: Iterable[str]
     images: list[bytes] = field(default_factory=list)
     models: list[str] = field(default_factory=list)
     heard: list[str] = field(default_factory=list)
     finish_reason: str = "stop"
+    speak: bool = False
+    route: dict | None = None
     _text: str | None = None
 
     @classmethod
