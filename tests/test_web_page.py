@@ -30,7 +30,10 @@ from test_serve import QUESTION, circle, free_port, save_models
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency: pip install -e '.[dev]'")
 
 KEY = "web-page-test-key"
-SPOKEN = "what colour is the circle"
+# PocketSphinx's general model hears this as "what is the color of the circle" (or "... killer on the
+# circle"): "circle" in 24 of 24 trials with the speech shifted, scaled and sent through Opus, where
+# "what colour is the circle" lost it in 5 of 8
+SPOKEN = "what is the colour of the circle"
 SECONDS = 60_000  # ms: the longest a step may wait on a busy machine (a model call, a recogniser load)
 
 
@@ -44,8 +47,10 @@ def browser_path() -> str:
 def start_server(models: Path, store: Path, port: int) -> subprocess.Popen:
     """``polymodal serve`` on ``port``, with an API key and without a language model (replies to
     open-ended chat then say so at once: the page is under test, not SmolLM2)."""
+    sentences = store.parent / "sentences.txt"  # the domain the recogniser listens for: what the test says
+    sentences.write_text(f"{SPOKEN}\nwhat colour is the square\ndraw a red circle\nsay hello\n")
     command = [sys.executable, "-m", "polymodal.cli", "serve", "--models", str(models), "--port", str(port),
-               "--store", str(store), "--lm", "none"]
+               "--store", str(store), "--lm", "none", "--recogniser", f"pocketsphinx:{sentences}"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                env={**os.environ, "OMP_NUM_THREADS": "1", "POLYMODAL_API_KEY": KEY})
     deadline = time.monotonic() + 120

@@ -539,6 +539,10 @@ def serve_command(
              "instead; its key from POLYMODAL_LM_API_KEY.")] = None,
     lm_model: Annotated[str | None, typer.Option(
         help="The model id to ask at --lm-url (default: the first it lists).")] = None,
+    recogniser: Annotated[str | None, typer.Option(
+        help="Speech recognition: a served model id (a captioner that hears speech), a recogniser folder, "
+             "'pocketsphinx' or 'pocketsphinx:DATA_OR_TEXT' (a domain model from a data set's captions or a "
+             "file of sentences). Default: PocketSphinx's general English model.")] = None,
 ):
     """Serve the saved models in MODELS behind OpenAI's API (chat, embeddings, images, speech),
     with the assistant pipeline answering chat: speech in, the output modality routed, facts
@@ -553,7 +557,7 @@ def serve_command(
 
     try:
         settings = Settings(api_key=api_key or None, allow_remote_urls=allow_remote_urls, store=store,
-                            limits=Limits().with_overrides(limit or []), preload=not lazy)
+                            limits=Limits().with_overrides(limit or []), preload=not lazy, recogniser=recogniser)
         if lm is None and not lm_url:  # the default: SmolLM2 where its package is installed
             try:
                 smollm2_file()
@@ -573,6 +577,32 @@ def serve_command(
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         console.print(f"[yellow]listening on {host} without an API key:[/yellow] anyone who can reach it can use it")
     uvicorn.run(server, host=host, port=port, log_level="warning")
+
+
+@app.command("route")
+def route_command(
+    requests: Annotated[list[str] | None, typer.Argument(help="Requests to route.", show_default=False)] = None,
+    file: Annotated[Path | None, typer.Option(
+        "--file", help="Requests to route, one a line; a .jsonl file: its objects' 'request' fields.")] = None,
+    modalities: Annotated[str | None, typer.Option(
+        help="Output modalities named outright, comma-separated as a chat request's 'modalities' "
+             "(e.g. text,audio): they win over the classifier.")] = None,
+):
+    """Which output each request wants, text, image or speech: one JSON object a line,
+    {"request", "modality", "confidence"}. The classifier reads idioms as people mean them
+    ("draw a conclusion" wants text) and answers text when unsure."""
+    from polymodal.assistant.router import read_requests, route
+
+    try:
+        given = list(requests or []) + (read_requests(file) if file else [])
+        if not given:
+            raise InputError("route", "no requests: give them as arguments or with --file")
+        explicit = [m.strip() for m in modalities.split(",") if m.strip()] if modalities is not None else None
+        routes = route(given, modalities=explicit)
+    except (InputError, ValueError, OSError) as e:
+        raise fail(e) from None
+    for request, (modality, confidence) in zip(given, routes, strict=True):
+        typer.echo(json.dumps({"request": request, "modality": modality, "confidence": confidence}, ensure_ascii=False))
 
 
 @app.command("demo")

@@ -19,6 +19,7 @@ As a user meets it:
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from rich.markup import escape
 from rich.table import Table
 
 from polymodal.progress import console, progress_bar
@@ -400,4 +402,14 @@ def run_demo(out: Path, n: int = 4000, *, train_scale: float = 1.0, retrain: boo
         console.print(f"[red bold]{len(state['failed'])} result(s) came out below what these models reach with "
                       "these budgets[/red bold]: the budgets are steps, so a busy machine is not the cause; "
                       "see the metrics.json beside each model and the training curves.")
+    console.print(serve_hint(out), soft_wrap=True)  # the command stays one line to copy
     return state
+
+
+def serve_hint(out: Path, port: int = 8000) -> str:
+    """How to serve the demo's models (OpenAI's API and the web page): the demo's last words,
+    so that what it trained is one command away from being used."""
+    return (f"\n[bold]Try the models:[/bold] start the server on them with\n\n"
+            f"    polymodal serve --models {escape(shlex.quote(str(out)))}\n\n"
+            f"then open http://127.0.0.1:{port}/ in a browser (chat, image upload, microphone), or point any "
+            f"OpenAI client at http://127.0.0.1:{port}/v1")

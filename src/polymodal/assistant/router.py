@@ -107,6 +107,32 @@ def load_requests(path: str | Path = DATA) -> list[dict]:
     return rows
 
 
+def read_requests(path: str | Path) -> list[str]:
+    """Requests to route from a file: one a line (blank lines skipped), or, for a ``.jsonl``
+    file, the ``request`` field of each line's object (so a labelled set routes as it is)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "no such file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise InputError(path, "not UTF-8 text") from None
+    if path.suffix != ".jsonl":
+        return [line.strip() for line in lines if line.strip()]
+    requests = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path} line {n}", f"not JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("request"), str):
+            raise InputError(f"{path} line {n}", "needs a string field 'request'")
+        requests.append(row["request"])
+    return requests
+
+
 def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -117,9 +143,17 @@ def file_sha256(path: str | Path) -> str:
 
 @functools.cache
 def _encoder():
+    from transformers.utils import logging as hf_logging
+
     from polymodal.nn.pretrained import MiniLMConfig, MiniLMTextEncoder
 
-    return MiniLMTextEncoder(MiniLMConfig(max_length=MAX_TOKENS)).eval()
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar for loading 90 MB from disk is noise in `polymodal route`
+    try:
+        return MiniLMTextEncoder(MiniLMConfig(max_length=MAX_TOKENS)).eval()
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 @dataclass
@@ -236,7 +270,7 @@ class RouterHead(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path = HEAD) -> RouterHead:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         path = Path(path)
         if not path.is_file():
@@ -247,9 +281,13 @@ class RouterHead(nn.Module):
                 state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iteration)
             if meta.get("modalities") != ",".join(MODALITIES):
                 raise ValueError(f"its modalities are {meta.get('modalities')!r}")
-            head = cls(RouterConfig(**json.loads(meta["config"])), json.loads(meta.get("info", "{}")))
+            config = RouterConfig(**json.loads(meta["config"]))
+            sizes = {"width": config.width, "hidden": config.hidden, "members": config.members}
+            if not all(isinstance(v, int) and 0 < v <= 4096 for v in sizes.values()):  # before allocating
+                raise ValueError(f"sizes out of range: {sizes}")
+            head = cls(config, json.loads(meta.get("info", "{}")))
             head.load_state_dict(state)
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
             raise InputError(path, f"not a router head ({e})") from None
         return head.eval()
 
