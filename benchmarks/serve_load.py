@@ -14,12 +14,15 @@ When the window closes the clients finish the request in flight and stop; reques
 the whole time. The server's own log is scanned for tracebacks.
 
 Phase 2 (batching): the same number of clients send only one-text embedding requests for
-``--embed-seconds`` to a server whose embedding batching window is the default (on) and then
-0 (off), in a fresh server each; it reports texts/s, latency and the inputs per forward pass
-the server counted (``/health``). ``polymodal serve`` has no option for the window, so this
+``--embed-seconds`` to a server whose embedding batching window is the default (on) or 0
+(off), a fresh server over the embedding model alone each time, in ``--embed-rounds``
+alternating rounds (on, off; off, on; ...) so that the machine's other load falls on both
+alike. It reports texts/s, latency, the inputs per forward pass the server counted
+(``/health``) and the server's CPU time per text, which on a shared machine measures what
+batching saves more steadily than texts/s does. ``polymodal serve`` has no option for the window, so this
 phase starts the same app (``create_app``) with ``Settings(embedding_batch_window_ms=...)``.
 
-    python benchmarks/serve_load.py --models outputs/demo [--clients 32] [--seconds 60] [--embed-seconds 20]
+    python benchmarks/serve_load.py --models outputs/demo [--clients 32] [--seconds 60] [--embed-seconds 10] [--embed-rounds 3]
         [--threads 1] [--json benchmarks/results/serve_load_cpu2.json]
 
 The shapes world (images, spoken questions, captions) is read from ``--world`` (default
@@ -103,6 +106,14 @@ class Server:
         self.__exit__()
         raise SystemExit(f"the server did not answer /health in 300 s:\n{self.log.read_text()[-3000:]}")
 
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU time the server process has used (Linux; None elsewhere)."""
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def health(self) -> dict:
         return httpx.get(f"{self.url}/health", timeout=30).json()
 
@@ -158,6 +169,7 @@ class Outcome:
     ok: bool  # a 2xx with the body the client expects
     correct: bool | None = None  # a question about an image answered right (None: not a question)
     problem: str | None = None
+    note: str | None = None  # what the server did, counted (e.g. the route of a spoken request)
 
 
 Call = Callable[[httpx.AsyncClient, World, random.Random, dict], Awaitable[Outcome]]
@@ -247,7 +259,11 @@ async def chat_spoken(client, world, rng, info) -> Outcome:
         {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav).decode(), "format": "wav"}},
         {"type": "image_url", "image_url": {"url": image}}]}]}
     r = await client.post("/v1/chat/completions", json=body)
-    return checked(r, lambda r: None if r.json()["polymodal"]["heard"] else "nothing was heard")
+    out = checked(r, lambda r: None if r.json()["polymodal"]["heard"] else "nothing was heard")
+    if out.ok:
+        made = r.json()["polymodal"]
+        out.note = f"route {made['route']['modality']} by {'+'.join(made['models'])}"
+    return out
 
 
 async def speech(client, world, rng, info) -> Outcome:
@@ -280,6 +296,8 @@ class Endpoint:
     max_in_flight: int | None = None  # None: any number
     in_flight: int = 0
     latencies: list[float] = field(default_factory=list)  # seconds, of every finished request
+    starts: list[float] = field(default_factory=list)  # time.perf_counter() at each one's start
+    notes: Counter = field(default_factory=Counter)
     statuses: Counter = field(default_factory=Counter)
     errors: int = 0
     answered: int = 0
@@ -310,6 +328,9 @@ async def send(endpoint: Endpoint, client: httpx.AsyncClient, world: World, rng:
     finally:
         endpoint.in_flight -= 1
     endpoint.latencies.append(time.perf_counter() - start)
+    endpoint.starts.append(start)
+    if outcome.note:
+        endpoint.notes[outcome.note] += 1
     endpoint.statuses[str(outcome.status)] += 1
     if not outcome.ok:
         endpoint.errors += 1
@@ -340,12 +361,13 @@ async def run_mix(url: str, world: World, info: dict, clients: int, seconds: flo
                 await send(endpoint, client, world, rng, info)
 
         await asyncio.gather(*(user(i) for i in range(clients)))
-        return mix, time.perf_counter() - start
+        return mix, start, time.perf_counter() - start
 
 
-async def run_embeddings(url: str, world: World, info: dict, clients: int, seconds: float, seed: int) -> dict:
-    """Only one-text embedding requests from every client; texts/s and latency."""
-    endpoint = Endpoint("embeddings text", embed_text, 1)
+async def run_embeddings(url: str, world: World, info: dict, clients: int, seconds: float, seed: int,
+                         endpoint: Endpoint) -> float:
+    """Only one-text embedding requests from every client for ``seconds``, recorded in
+    ``endpoint``; returns the time they took."""
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
         for _ in range(3):
@@ -359,14 +381,61 @@ async def run_embeddings(url: str, world: World, info: dict, clients: int, secon
                 await send(endpoint, client, world, rng, info)
 
         await asyncio.gather(*(user(i) for i in range(clients)))
-        elapsed = time.perf_counter() - start
-    return {**summary(endpoint, elapsed), "texts_per_s": round(len(endpoint.latencies) / elapsed, 1)}
+        return time.perf_counter() - start
+
+
+def batching_phase(args: argparse.Namespace, world: World, info: dict, tmp: Path) -> dict:
+    """Embedding throughput with the batching window on (the default) and off (0), in
+    alternating rounds (on, off; off, on; ...) so that a change in the machine's other load
+    falls on both alike. Each round starts a fresh server over the embedding model alone."""
+    from polymodal.serve.registry import find_models
+    from polymodal.serve.settings import Settings
+
+    folder = tmp / "embedding_model"
+    folder.mkdir()
+    path = dict(find_models(args.models))[info["embed_model"]]
+    (folder / info["embed_model"]).symlink_to(path.resolve(), target_is_directory=True)
+    windows = {"on": Settings().embedding_batch_window_ms, "off": 0.0}
+    recorded = {label: Endpoint(label, embed_text, 1) for label in windows}
+    totals = {label: Counter() for label in windows}
+    problems: list[str] = []
+    for round_ in range(args.embed_rounds):
+        for label in (("on", "off") if round_ % 2 == 0 else ("off", "on")):
+            command = [sys.executable, "-c", LAUNCH, str(folder), "{port}", str(tmp / f"{label}{round_}.sqlite"),
+                       str(windows[label])]
+            with Server(command, tmp / f"embed_{label}{round_}.log", args.threads) as server:
+                done = len(recorded[label].latencies)
+                cpu = (time.process_time(), server.cpu_seconds())
+                elapsed = asyncio.run(run_embeddings(server.url, world, info, args.clients, args.embed_seconds,
+                                                     args.seed + round_, recorded[label]))
+                used = cpu_used(cpu, server)
+                counted = server.health()["embedding"]
+            problems += server.problems()
+            texts = len(recorded[label].latencies) - done
+            totals[label].update(elapsed_s=elapsed, texts=texts, inputs=counted["inputs"],
+                                 forwards=counted["forwards"], client_cpu_s=used["client_cpu_s"],
+                                 server_cpu_s=used["server_cpu_s"] or 0.0)
+            print(f"  round {round_ + 1}, batching {label}: {texts / elapsed:.1f} texts/s, "
+                  f"{counted['inputs'] / max(1, counted['forwards']):.2f} inputs per forward, server CPU "
+                  f"{1000 * (used['server_cpu_s'] or 0.0) / max(1, texts):.2f} ms per text", flush=True)
+    out: dict = {"rounds": args.embed_rounds, "seconds_per_round": args.embed_seconds}
+    for label, window in windows.items():
+        t = totals[label]
+        out[label] = {**summary(recorded[label], t["elapsed_s"]), "window_ms": window,
+                      "texts_per_s": round(t["texts"] / t["elapsed_s"], 1),
+                      "inputs_per_forward": round(t["inputs"] / max(1, t["forwards"]), 2),
+                      "server_cpu_ms_per_text": round(1000 * t["server_cpu_s"] / max(1, t["texts"]), 2),
+                      "client_cpu_s": round(t["client_cpu_s"], 1), "server_cpu_s": round(t["server_cpu_s"], 1)}
+    out["throughput_ratio"] = round(out["on"]["texts_per_s"] / out["off"]["texts_per_s"], 2)
+    out["server_cpu_per_text_ratio"] = round(out["off"]["server_cpu_ms_per_text"] / out["on"]["server_cpu_ms_per_text"], 2)
+    out["server_log_problems"] = problems[:20]
+    return out
 
 
 # ---- results ----
 
 
-def summary(endpoint: Endpoint, elapsed: float) -> dict:
+def summary(endpoint: Endpoint, elapsed: float, origin: float | None = None) -> dict:
     ms = np.asarray(endpoint.latencies) * 1000
     out = {"requests": len(ms), "per_s": round(len(ms) / elapsed, 2), "errors": endpoint.errors,
            "status_5xx": sum(n for s, n in endpoint.statuses.items() if s.isdigit() and int(s) >= 500),
@@ -378,15 +447,29 @@ def summary(endpoint: Endpoint, elapsed: float) -> dict:
         out["answered_right"] = round(endpoint.correct / endpoint.answered, 3)
     if endpoint.problems:
         out["problems"] = dict(endpoint.problems.most_common(5))
+    if endpoint.notes:
+        out["notes"] = dict(endpoint.notes.most_common())
+    if origin is not None and len(ms):  # when the slowest started (s into the window): together or not
+        slowest = np.argsort(ms)[::-1][:3]
+        out["slowest"] = [{"start_s": round(endpoint.starts[i] - origin, 1), "ms": round(float(ms[i]))}
+                          for i in slowest]
     return out
 
 
 def table(rows: dict[str, dict]) -> str:
     lines = ["| endpoint | requests | req/s | p50 | p99 | errors | 5xx |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['requests']} | {r['per_s']} | {r['p50_ms']:.0f} ms | {r['p99_ms']:.0f} ms | "
-                     f"{r['errors']} | {r['status_5xx']} |")
+        p50, p99 = (f"{r[k]:.0f} ms" if r[k] is not None else "-" for k in ("p50_ms", "p99_ms"))
+        lines.append(f"| {name} | {r['requests']} | {r['per_s']} | {p50} | {p99} | {r['errors']} | {r['status_5xx']} |")
     return "\n".join(lines)
+
+
+def cpu_used(before: tuple[float, float | None], server: Server) -> dict:
+    """CPU seconds the clients (this process) and the server used since ``before`` (includes
+    the warm-up): on a shared 2-core machine, who had the CPU explains the throughput."""
+    now = server.cpu_seconds()
+    return {"client_cpu_s": round(time.process_time() - before[0], 1),
+            "server_cpu_s": round(now - before[1], 1) if now is not None and before[1] is not None else None}
 
 
 def load_average() -> list[float] | None:
@@ -399,7 +482,9 @@ def main() -> None:
     parser.add_argument("--world", type=Path, help="the shapes world (default: MODELS/shapes)")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=60.0, help="of the mixed load")
-    parser.add_argument("--embed-seconds", type=float, default=20.0, help="of each batching phase (0: skip)")
+    parser.add_argument("--embed-seconds", type=float, default=10.0,
+                        help="of each embedding round, batching on or off (0: skip)")
+    parser.add_argument("--embed-rounds", type=int, default=3, help="rounds of embedding throughput (on, off)")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the server")
     parser.add_argument("--steps", type=int, default=10, help="denoising steps of a generated image")
     parser.add_argument("--slow-in-flight", type=int, default=1,
@@ -423,41 +508,35 @@ def main() -> None:
             draw = next(m for m in listed if "images.generations" in m.get("capabilities", []))
             info = {"embed_model": embed["id"], "dimensions": embed["dimensions"], "draw_model": draw["id"],
                     "steps": args.steps}
+            cpu = (time.process_time(), server.cpu_seconds())
             print(f"phase 1: {args.clients} clients for {args.seconds:g} s against {server.url} "
                   f"(embeddings: {info['embed_model']}, drawing: {info['draw_model']})", flush=True)
-            mix, elapsed = asyncio.run(run_mix(server.url, world, info, args.clients, args.seconds, args.seed,
+            mix, origin, elapsed = asyncio.run(run_mix(server.url, world, info, args.clients, args.seconds, args.seed,
                                                args.slow_in_flight))
             health = server.health()
-        rows = {e.name: summary(e, elapsed) for e in mix}
+            cpu = cpu_used(cpu, server)
+        rows = {e.name: summary(e, elapsed, origin) for e in mix}
         total = {"requests": sum(r["requests"] for r in rows.values()),
                  "per_s": round(sum(r["requests"] for r in rows.values()) / elapsed, 1),
                  "errors": sum(r["errors"] for r in rows.values()),
                  "status_5xx": sum(r["status_5xx"] for r in rows.values()), "elapsed_s": round(elapsed, 1)}
-        results["mix"] = {"endpoints": rows, "total": total, "server_health": health,
+        results["mix"] = {"endpoints": rows, "total": total, "server_health": health, **cpu,
                           "server_log_problems": server.problems()[:20]}
         print(table(rows))
         print(f"total: {total['requests']} requests in {total['elapsed_s']} s ({total['per_s']}/s), "
               f"{total['errors']} errors, {total['status_5xx']} 5xx; server log problems: "
               f"{len(server.problems())}", flush=True)
-        if args.embed_seconds > 0:
-            batching = {}
-            for label, window in (("on", 5.0), ("off", 0.0)):
-                command = [sys.executable, "-c", LAUNCH, str(args.models), "{port}", str(tmp / f"{label}.sqlite"),
-                           str(window)]
-                with Server(command, tmp / f"embed_{label}.log", args.threads) as server:
-                    result = asyncio.run(run_embeddings(server.url, world, info, args.clients, args.embed_seconds,
-                                                        args.seed))
-                    counted = server.health()["embedding"]
-                result.update(window_ms=window, server_counts=counted,
-                              inputs_per_forward=round(counted["inputs"] / max(1, counted["forwards"]), 2),
-                              server_log_problems=server.problems()[:20])
-                batching[label] = result
-                print(f"embeddings, batching {label} (window {window:g} ms): {result['texts_per_s']} texts/s, "
-                      f"p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, {result['inputs_per_forward']} "
-                      f"inputs per forward, {result['errors']} errors", flush=True)
-            batching["speedup"] = round(batching["on"]["texts_per_s"] / batching["off"]["texts_per_s"], 2)
-            results["batching"] = batching
-            print(f"batching on / off: {batching['speedup']}x texts/s")
+        if args.embed_seconds > 0 and args.embed_rounds > 0:
+            print(f"phase 2: {args.clients} clients sending one-text embedding requests, batching on and off, "
+                  f"{args.embed_rounds} rounds of {args.embed_seconds:g} s each", flush=True)
+            batching = results["batching"] = batching_phase(args, world, info, tmp)
+            for label in ("on", "off"):
+                b = batching[label]
+                print(f"embeddings, batching {label} (window {b['window_ms']:g} ms): {b['texts_per_s']} texts/s, "
+                      f"p50 {b['p50_ms']} ms, p99 {b['p99_ms']} ms, {b['inputs_per_forward']} inputs per forward, "
+                      f"server CPU {b['server_cpu_ms_per_text']} ms per text, {b['errors']} errors")
+            print(f"batching on / off: {batching['throughput_ratio']}x texts/s, "
+                  f"{batching['server_cpu_per_text_ratio']}x less server CPU per text", flush=True)
     results["machine"]["load_average_after"] = load_average()
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")

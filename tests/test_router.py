@@ -25,6 +25,7 @@ from polymodal.assistant.router import (
     file_sha256,
     fit_head,
     load_requests,
+    named_modality,
     read_requests,
     route,
 )
@@ -163,6 +164,25 @@ def test_text_when_unsure():
     head = RouterHead(RouterConfig(threshold=0.6))
     p = torch.tensor([[0.3, 0.55, 0.15], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7], [0.5, 0.1, 0.4]])
     assert head.decide(p) == [("text", 0.3), ("image", 0.7), ("speech", 0.7), ("text", 0.5)]
+
+
+@pytest.mark.parametrize(("request_text", "named"), [
+    ("Give me the answer as speech.", "speech"),
+    ("tell me a joke out loud", "speech"),
+    ("narrate this story in a spooky voice", "speech"),
+    ("send me a voice note saying I'll be late", "speech"),
+    ("No picture needed, just tell me in text what a zebra looks like", "text"),
+    ("paint me a picture with words", "text"),
+    ("write a story my kids can read aloud together", None),  # words for the user to say
+    ("rewrite this in your voice, less stiff", None),
+    ("How does text to speech technology work?", None),
+    ("draw a red star", None),
+])
+def test_requests_that_name_their_output_in_words(request_text, named, monkeypatch):
+    assert named_modality(request_text) == named
+    if named:  # decided without the classifier
+        monkeypatch.setattr(router, "features", lambda *_: pytest.fail("the classifier ran"))
+        assert route([request_text]) == [(named, 1.0)]
 
 
 def test_family_folds_keep_families_together():
