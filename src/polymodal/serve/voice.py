@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import threading
 import types
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,24 +18,13 @@ import torch
 from polymodal.errors import InputError
 from polymodal.modalities.audio import SAMPLE_RATE
 from polymodal.serve.errors import APIError
+from polymodal.speech.base import Segment, Transcript
 
 SPEECH_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")  # /v1/audio/speech response_format
 CONTENT_TYPES = {"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac", "flac": "audio/flac",
                  "wav": "audio/wav", "pcm": "audio/pcm"}
 
 
-@dataclass
-class Segment:
-    start: float  # seconds
-    end: float
-    text: str
-
-
-@dataclass
-class Transcript:
-    text: str
-    segments: list[Segment] = field(default_factory=list)
-    language: str = "english"
 
 
 def as_transcript(result: Any, duration: float) -> Transcript:
@@ -53,7 +41,7 @@ def as_transcript(result: Any, duration: float) -> Transcript:
     if not segments and text:
         segments = [Segment(0.0, duration, text)]
     language = get(result, "language", None) if not isinstance(result, str) else None
-    return Transcript(text.strip(), segments, language or "english")
+    return Transcript(text.strip(), duration, segments, language=language or "english")
 
 
 class Speech:
