@@ -617,11 +617,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(models: Path, store: Path, port: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "polymodal.cli", "serve", "--models", str(models), "--lm", "none", "--port", str(port),
-               "--store", str(store)]
+def start_server(models: Path, store: Path, port: int, *options: str, env: dict | None = None) -> subprocess.Popen:
+    """``polymodal serve`` on ``port`` without a language model, with ``options`` and ``env``
+    added; returns once it accepts connections."""
+    command = [sys.executable, "-m", "polymodal.cli", "serve", "--models", str(models), "--lm", "none",
+               "--port", str(port), "--store", str(store), *options]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+                               env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:

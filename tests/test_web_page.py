@@ -16,16 +16,14 @@ import io
 import os
 import re
 import shutil
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile
 from test_serve import QUESTION, circle, free_port, save_models
+from test_serve import start_server as serve
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency: pip install -e '.[dev]'")
 
@@ -49,21 +47,7 @@ def start_server(models: Path, store: Path, port: int) -> subprocess.Popen:
     open-ended chat then say so at once: the page is under test, not SmolLM2)."""
     sentences = store.parent / "sentences.txt"  # the domain the recogniser listens for: what the test says
     sentences.write_text(f"{SPOKEN}\nwhat colour is the square\ndraw a red circle\nsay hello\n")
-    command = [sys.executable, "-m", "polymodal.cli", "serve", "--models", str(models), "--port", str(port),
-               "--store", str(store), "--lm", "none", "--recogniser", f"pocketsphinx:{sentences}"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               env={**os.environ, "OMP_NUM_THREADS": "1", "POLYMODAL_API_KEY": KEY})
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"the server exited: {process.stderr.read().decode()[-2000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return process
-        except OSError:
-            time.sleep(0.2)
-    process.kill()
-    raise AssertionError("the server did not start")
+    return serve(models, store, port, "--recogniser", f"pocketsphinx:{sentences}", env={"POLYMODAL_API_KEY": KEY})
 
 
 def spoken_wav(path: Path) -> float:

@@ -408,16 +408,8 @@ class Assistant(ModelResponder):
     def __call__(self, turns: list[Turn], modalities: frozenset[str], options: ReplyOptions) -> Reply:
         if options.model != ASSISTANT:
             return super().__call__(turns, modalities, options)
-        users = [t for t in turns if t.role == "user"]
-        if not users:
-            raise APIError(400, "the messages hold no user message to reply to", param="messages",
-                           code="invalid_value")
+        users, heard, hearers = self.listen(turns)
         last = users[-1]
-        heard, hearers = [], []
-        for clip in last.audio:
-            transcript, by = self.hear(clip)
-            heard.append(transcript.text)
-            hearers.append(by)
         request = "\n".join(t for t in [last.text, *heard] if t.strip()).strip()
         image = self.image_for(users, request)
         if not request and image is None:

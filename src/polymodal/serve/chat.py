@@ -165,17 +165,23 @@ class ModelResponder:
     def __init__(self, registry: Registry, speech: Speech, settings: Settings):
         self.registry, self.speech, self.settings = registry, speech, settings
 
-    def __call__(self, turns: list[Turn], modalities: frozenset[str], options: ReplyOptions) -> Reply:
+    def listen(self, turns: list[Turn]) -> tuple[list[Turn], list[str], list[str]]:
+        """The user turns (an error when there is none), what was heard in the last one's audio
+        clips, and the id of the model that heard each."""
         users = [t for t in turns if t.role == "user"]
         if not users:
             raise APIError(400, "the messages hold no user message to reply to", param="messages",
                            code="invalid_value")
-        last = users[-1]
-        models, heard = [], []
-        for clip in last.audio:
+        heard, hearers = [], []
+        for clip in users[-1].audio:
             transcript, by = self.hear(clip)
             heard.append(transcript.text)
-            models.append(by)
+            hearers.append(by)
+        return users, heard, hearers
+
+    def __call__(self, turns: list[Turn], modalities: frozenset[str], options: ReplyOptions) -> Reply:
+        users, heard, models = self.listen(turns)
+        last = users[-1]
         request = "\n".join(t for t in [last.text, *heard] if t)
         named = None if options.model == ASSISTANT else self.registry.get(options.model)
         if named is not None and not (named.can("generate image") or named.can("caption") or named.can("answer")):
