@@ -152,7 +152,9 @@ def test_demo_runs_every_step_and_reuses_its_models(tmp_path):
     assert "single_object colour+shape+position" in drawing["test"]
     # a few training steps cannot reach the floors: the demo says so instead of looking fine
     assert state["failed"] and {c[0] for c in state["failed"]} >= {"clip: text->image R@5 (test)"}
-    assert state["trained"] == {"clip", "captions", "judge", "autoencoder", "drawing"}
+    heard = json.loads((tmp_path / "listen" / "metrics.json").read_text())
+    assert 0.0 <= heard["test"]["word error rate"]
+    assert state["trained"] == {"clip", "captions", "listen", "judge", "autoencoder", "drawing"}
 
     # run again into the same folder: every model is reused, nothing is trained
     chosen = [s for s in STEPS if s.name in ("world", "clip", "understand")]

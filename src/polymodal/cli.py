@@ -542,7 +542,8 @@ def serve_command(
     recogniser: Annotated[str | None, typer.Option(
         help="Speech recognition: a served model id (a captioner that hears speech), a recogniser folder, "
              "'pocketsphinx' or 'pocketsphinx:DATA_OR_TEXT' (a domain model from a data set's captions or a "
-             "file of sentences). Default: PocketSphinx's general English model.")] = None,
+             "file of sentences). Default: a served captioner that hears speech (the recogniser `make demo` trains "
+             "on its world), else PocketSphinx's general English model.")] = None,
 ):
     """Serve the saved models in MODELS behind OpenAI's API (chat, embeddings, images, speech),
     with the assistant pipeline answering chat: speech in, the output modality routed, facts

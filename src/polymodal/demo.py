@@ -39,17 +39,23 @@ from polymodal.progress import console, progress_bar
 # 503 drawing steps single objects 0.10 (shape 0.15), all below their floors, so those budgets
 # were raised to what the recipes' own curves need (the captioner's scene-graph score passes 0.9
 # at its 725th step, the latent UNet's single-object shape 0.77 at its 1,252nd).
-BUDGETS = {"clip": 430, "captions": 1000, "judge": 300, "autoencoder": 578, "drawing": 1250}
+BUDGETS = {"clip": 430, "captions": 1000, "listen": 800, "judge": 300, "autoencoder": 578, "drawing": 1250}
+# The CLIP and the captioner read the world's images at 32x32 pixels (the recipes' own runs use 64): four
+# times less convolution for the same steps. Measured on the demo's world: CLIP test text->image R@5
+# 0.941 at 32 against 0.929 at 64 after 430 steps.
+DEMO_IMAGE_SIZE = 32
 REFERENCE_MINUTES = {"world": 0.8, "inspect": 0.3, "clip": 8.5, "eval": 0.3, "search": 0.1, "understand": 16.0,
                      "judge": 1.5, "draw": 13.5}
 REFERENCE_GFLOPS = 160.0  # fp32 matrix-multiply speed of the reference machine when quiet
 
-# (stage, metric on the test split, the least it should reach): a model below is reported as failed
+# (stage, metric on the test split, the bound it should clear, whether the bound is a ceiling): a
+# model on the wrong side is reported as failed
 FLOORS = [
-    ("clip", "text->image R@5", 0.90),
-    ("captions", "scene-graph objects right", 0.70),
-    ("captions", "vqa accuracy", 0.80),
-    ("drawing", "single_object colour+shape+position", 0.60),
+    ("clip", "text->image R@5", 0.90, False),
+    ("captions", "scene-graph objects right", 0.70, False),
+    ("captions", "vqa accuracy", 0.80, False),
+    ("listen", "word error rate", 0.10, True),
+    ("drawing", "single_object colour+shape+position", 0.60, False),
 ]
 
 
@@ -125,10 +131,11 @@ def scored(state: dict, name: str, results: dict) -> Path:
     path = state["out"] / name / "metrics.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
     test = results.get("test", {})
-    for stage, metric, floor in FLOORS:
+    for stage, metric, bound, ceiling in FLOORS:
         if stage == name:
             value = test.get(metric, float("nan"))
-            state["checks"].append((f"{name}: {metric} (test)", value, floor, value >= floor))
+            ok = value <= bound if ceiling else value >= bound
+            state["checks"].append((f"{name}: {metric} (test)", value, ("at most " if ceiling else "") + f"{bound:.2f}", ok))
     return path
 
 
@@ -175,7 +182,8 @@ def inspect_world(state: dict) -> dict:
 
 
 def train_clip(state: dict) -> dict:
-    state["clip"] = trained(state, "clip", "clip-shapes", [f"trainer.max_steps={budget(state, 'clip')}"])
+    state["clip"] = trained(state, "clip", "clip-shapes", [f"trainer.max_steps={budget(state, 'clip')}",
+                                                           f"data.image_size={DEMO_IMAGE_SIZE}"])
     return {"CLIP model": state["clip"], "training curves": state["out"] / "clip" / "curves.png"}
 
 
@@ -228,7 +236,8 @@ def understand(state: dict) -> dict:
     from polymodal.models import evaluate, load_model
     from polymodal.report import format_table
 
-    overrides = [f"trainer.max_steps={budget(state, 'captions')}", f"model.init_from={state.get('clip') or 'null'}"]
+    overrides = [f"trainer.max_steps={budget(state, 'captions')}", f"model.init_from={state.get('clip') or 'null'}",
+                 f"data.image_size={DEMO_IMAGE_SIZE}"]
     model_dir = trained(state, "captions", "caption-shapes", overrides, after=("clip",))
     results = evaluate(model_dir, state["world"], ["test", "test_novel"])
     console.print(format_table(results))
@@ -255,6 +264,32 @@ def understand(state: dict) -> dict:
     return {"captioner": model_dir, "captions and answers": sheet, "metrics": path,
             "scene-graph objects right (test)": f"{test.get('scene-graph objects right', float('nan')):.3f}",
             "VQA accuracy (test)": f"{test.get('vqa accuracy', float('nan')):.3f}"}
+
+
+def listen(state: dict) -> dict:
+    """Train the in-domain speech recogniser on the world's spoken captions (an encoder-decoder
+    over log-mel); transcribe a few held-out recordings; score its word error rate."""
+    import torch
+
+    from polymodal.data.dataset import Collator
+    from polymodal.data.memory import MemoryDataset
+    from polymodal.models import evaluate, load_model
+    from polymodal.report import format_table
+
+    fields = {"speech": "audio:audio_file"}
+    model_dir = trained(state, "listen", "asr-shapes", [f"trainer.max_steps={budget(state, 'listen')}"])
+    results = evaluate(model_dir, state["world"], ["test", "test_novel"])
+    console.print(format_table(results))
+    path = scored(state, "listen", results)
+    model = load_model(model_dir, task="caption")
+    items = MemoryDataset(state["world"], fields, split="test", limit=4).items
+    with torch.no_grad():
+        heard = model.generate(Collator(fields)(items))
+    for item, text in zip(items, heard, strict=True):
+        console.print(f"[bold]{item['row']['id']}[/bold] said: {item['row']['text']}\n   heard: {text}")
+    test = results.get("test", {})
+    return {"recogniser": model_dir, "metrics": path,
+            "word error rate (test)": f"{test.get('word error rate', float('nan')):.3f}"}
 
 
 def train_judge(state: dict) -> dict:
@@ -316,6 +351,8 @@ STEPS: list[Step] = [
     Step("search", "Index the test images and search them by text", search_world, needs=("world", "clip")),
     Step("understand", "Train a captioner that also answers questions; caption and ask", understand,
          needs=("world", "clip")),
+    Step("listen", "Train a speech recogniser on the world's spoken captions; transcribe", listen,
+         needs=("world",)),
     Step("judge", "Train the judge that reads generated images back into scenes", train_judge, needs=("world",)),
     Step("draw", "Train a text-to-image diffusion model, draw a few prompts and judge its drawings", draw,
          needs=("world",), uses=("judge",)),
@@ -396,10 +433,10 @@ def run_demo(out: Path, n: int = 4000, *, train_scale: float = 1.0, retrain: boo
         for column in ("model and metric", "got", "floor", "verdict"):
             checks.add_column(column)
         for what, value, floor, ok in state["checks"]:
-            checks.add_row(what, f"{value:.3f}", f"{floor:.2f}", "[green]ok[/green]" if ok else "[red]BELOW[/red]")
+            checks.add_row(what, f"{value:.3f}", floor, "[green]ok[/green]" if ok else "[red]FAILED[/red]")
         console.print(checks)
     if state["failed"]:
-        console.print(f"[red bold]{len(state['failed'])} result(s) came out below what these models reach with "
+        console.print(f"[red bold]{len(state['failed'])} result(s) came out worse than these models reach with "
                       "these budgets[/red bold]: the budgets are steps, so a busy machine is not the cause; "
                       "see the metrics.json beside each model and the training curves.")
     console.print(serve_hint(out), soft_wrap=True)  # the command stays one line to copy

@@ -35,6 +35,7 @@ from polymodal.models.family import (
     saved_config,
 )
 from polymodal.models.folder import write_model_folder
+from polymodal.nn.layers import channels_last
 
 KINDS = ("kl", "vq")
 
@@ -96,11 +97,15 @@ class Autoencoder(nn.Module):
             self.register_buffer("codebook", torch.randn(c.codebook_size, c.latent_channels))
             self.register_buffer("code_counts", torch.ones(c.codebook_size))
             self.register_buffer("code_sums", self.codebook.clone())
+        channels_last(self)
+
+    def _encoder(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(channels_last(images)).contiguous()
 
     # ---- latents ----
 
     def _moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, logvar = self.encoder(images).chunk(2, 1)
+        mean, logvar = self._encoder(images).chunk(2, 1)
         return mean, logvar.clamp(-20, 10)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -110,7 +115,7 @@ class Autoencoder(nn.Module):
         return self.codebook[self.encode_codes(images)].permute(0, 3, 1, 2)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.decoder(latents)
+        return self.decoder(channels_last(latents)).contiguous()
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
@@ -121,7 +126,7 @@ class Autoencoder(nn.Module):
         """vq: the code index of every latent cell ``(B, S/f, S/f)``."""
         if self.config.kind != "vq":
             raise ValueError("encode_codes needs a vq autoencoder")
-        return self._nearest(self.encoder(images))
+        return self._nearest(self._encoder(images))
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         return self.decode(self.codebook[codes].permute(0, 3, 1, 2))
@@ -142,7 +147,7 @@ class Autoencoder(nn.Module):
             kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).flatten(1).sum(1).mean()
             rec = F.l1_loss(recon, images) + F.mse_loss(recon, images)
             return {"loss": rec + self.config.kl_weight * kl, "reconstruction": rec.detach(), "kl": kl.detach()}
-        z = self.encoder(images)
+        z = self._encoder(images)
         codes = self._nearest(z)
         quantized = self.codebook[codes].permute(0, 3, 1, 2)
         commit = F.mse_loss(z, quantized)

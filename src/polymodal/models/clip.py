@@ -192,6 +192,8 @@ class ContrastiveModel(nn.Module):
         named by ``init_from``, whose towers with the same spec then start this one."""
         spec = dict(spec)
         init_from = spec.pop("init_from", None)
+        if "towers" in spec:
+            spec["towers"] = build.sized(spec["towers"], "model.towers")
         config = ContrastiveConfig(**spec)
         base = cls.from_pretrained(init_from) if init_from else None
         tokenizer = base.tokenizer if base is not None else None

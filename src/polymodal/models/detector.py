@@ -54,6 +54,7 @@ from polymodal.models.family import (
 )
 from polymodal.models.folder import read_config, write_model_folder
 from polymodal.nn.encoders import ResidualBlock
+from polymodal.nn.layers import channels_last
 
 log = logging.getLogger("polymodal.models")
 
@@ -119,6 +120,7 @@ class GridDetector(nn.Module):
             self.colour_norm = nn.LayerNorm(c.colour_width)
         self.colour_head = nn.Linear(c.colour_width if c.colour_from == "pixels" else c.head_width, len(COLOURS))
         self.size_head = nn.Linear(c.head_width, len(SIZES))
+        channels_last(self)
 
     # ---- inference ----
 
@@ -130,7 +132,7 @@ class GridDetector(nn.Module):
         images = images.to(self.cell_embedding.device, torch.float32)
         if images.shape[-2:] != (size, size):
             images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        return images
+        return channels_last(images)
 
     def cell_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-cell hidden features of the trunk (B, CELLS, head_width) and of the colour

@@ -86,6 +86,24 @@ class BuildContext:
 
         return TextTokenizer.train(texts(), vocab_size=self.vocab_size)
 
+    def sized(self, encoders: Mapping[str, dict], where: str) -> dict[str, dict]:
+        """``encoders`` (a recipe's image, text, ... encoder specs) with each image encoder reading
+        the recipe's ``data.image_size`` (the size its images are decoded at, so the two cannot
+        disagree): filled in where the spec leaves it out, an error where it says otherwise."""
+        from polymodal.nn.encoders import INPUT_KIND
+
+        out = {}
+        for name, spec in encoders.items():
+            if isinstance(spec, Mapping) and INPUT_KIND.get(spec.get("type")) == "image":
+                size = spec.get("image_size", self.image_size)
+                if size != self.image_size:
+                    raise ValueError(f"{where}.{name}.image_size is {size} but data.image_size is {self.image_size}: "
+                                     f"the encoder would read images of another size than they are decoded at; "
+                                     f"set both (or only data.image_size)")
+                spec = {**spec, "image_size": size}
+            out[name] = spec
+        return out
+
     def images(self, limit: int) -> torch.Tensor:
         """Up to ``limit`` training images ``(N, 3, S, S)`` at the recipe's image size."""
         options = DecodeOptions(image_transform=ImageTransform(self.image_size))

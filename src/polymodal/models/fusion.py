@@ -294,6 +294,8 @@ class FusionClassifier(nn.Module):
 
         spec = dict(spec)
         init_from = spec.pop("init_from", None)
+        if "towers" in spec:
+            spec["towers"] = build.sized(spec["towers"], "model.towers")
         model = cls(FusionConfig(**{**spec, "fields": spec.get("fields") or build.field_map()}))
         start_encoders_from(model, init_from)
         return model

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polymodal.modalities.text import TextTokenizer
-from polymodal.nn.layers import Transformer
+from polymodal.nn.layers import Transformer, channels_last
 from polymodal.nn.pretrained import MiniLMConfig, MiniLMTextEncoder
 
 
@@ -176,9 +176,10 @@ class CNN(nn.Module):
         self.norm = nn.LayerNorm(c.width)
         self.width = c.width
         self.token_width = cin  # the last stage's channels
+        channels_last(self)
 
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:
-        return self.stages(self.stem(images))  # (B, C, g, g)
+        return self.stages(self.stem(channels_last(images)))  # (B, C, g, g)
 
     def tokens(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One token per cell of the last feature map, row by row ``(B, g*g, C)``; ``mask`` is

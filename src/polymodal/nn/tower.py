@@ -265,12 +265,21 @@ def _select(x, index: torch.Tensor):
     return x[index.to(x.device)]
 
 
+def same_encoder(a: Tower, b: Tower) -> bool:
+    """The two towers' encoders are built alike: the same spec, or specs that fill to the same
+    config (one spelling a default that the other leaves out, e.g. an ``image_size``)."""
+    if a.spec == b.spec:
+        return True
+    ca, cb = getattr(a.encoder, "config", None), getattr(b.encoder, "config", None)
+    return ca is not None and type(ca) is type(cb) and ca == cb
+
+
 def copy_matching_encoders(towers: nn.ModuleDict, others: nn.ModuleDict) -> list[tuple[str, str]]:
     """Load each tower's encoder from the first of ``others`` with the identical spec (e.g. a
     saved contrastive model's towers); returns the ``(tower, other tower)`` pairs copied."""
     copied = []
     for name, tower in towers.items():
-        match = next((m for m, other in others.items() if other.spec == tower.spec), None)
+        match = next((m for m, other in others.items() if same_encoder(other, tower)), None)
         if match is not None:
             tower.encoder.load_state_dict(others[match].encoder.state_dict())
             copied.append((name, match))

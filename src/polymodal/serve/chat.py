@@ -205,12 +205,13 @@ class ModelResponder:
 
     def hear(self, waveform: torch.Tensor) -> tuple[Transcript, str]:
         """What was said, and the id of the model that heard it: the recogniser the settings
-        name if it is a served model, else polymodal.speech's, else a served captioner that reads
-        audio."""
+        name (a served model, or one polymodal.speech loads); else a served captioner that reads
+        audio (a recogniser trained on the served models' own domain, as ``make demo`` trains);
+        else polymodal.speech's general-purpose one."""
         wanted = self.settings.recogniser
         if wanted and wanted in self.registry.models:
             return transcribe_with(self.registry.get(wanted), waveform), wanted
-        if self.speech.can_hear or not self.audio_captioners():
+        if wanted or not self.audio_captioners():
             return self.speech.transcribe(waveform), "recogniser"
         served = self.audio_captioners()[0]
         return transcribe_with(served, waveform), served.id
