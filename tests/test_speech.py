@@ -71,3 +71,17 @@ def test_unknown_voice_is_refused():
     with pytest.raises(ValueError, match="no-such-voice"):
         synthesize("hello", voice="no-such-voice")
     assert len(synthesize("hello")) > 0  # the library still works afterwards
+
+
+def test_sphinx_transcript_does_not_depend_on_what_it_heard_before(speech):
+    """PocketSphinx's front end tracks the noise level across utterances; a transcript must
+    depend on its audio only, not on the clip decoded before it."""
+    from polymodal.speech import load_recogniser
+
+    recogniser = load_recogniser("pocketsphinx")
+    other = synthesize("please tell me a story about a dragon")
+    first = recogniser.transcribe(speech, 16_000)
+    recogniser.transcribe(other, 16_000)
+    again = recogniser.transcribe(speech, 16_000)
+    assert first.text and again.text == first.text
+    assert [(w.word, w.start, w.end) for w in again.words] == [(w.word, w.start, w.end) for w in first.words]

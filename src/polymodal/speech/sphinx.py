@@ -137,7 +137,14 @@ class SphinxRecogniser(Recogniser):
 
     @staticmethod
     def _decode(decoder, pcm: bytes) -> tuple[str, list, float]:
-        """Text, word segments and mean word posterior of one decode."""
+        """Text, word segments and mean word posterior of one decode.
+
+        The front end is made afresh first (``reinit_feat``, tens of microseconds): the
+        acoustic model's ``feat.params`` turns on noise removal, whose running estimate of the
+        noise spectrum ``start_utt`` does not reset, so without it a transcript depended on the
+        clips the decoder heard before. Afresh, every decode is the one a new decoder makes.
+        """
+        decoder.reinit_feat()
         decoder.start_utt()
         decoder.process_raw(pcm, full_utt=True)
         decoder.end_utt()
