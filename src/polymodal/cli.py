@@ -130,11 +130,13 @@ def data_shard(
 ):
     """Pack a data set folder into WebDataset tar shards that the same loader streams. Only files
     inside the folder are packed: a row naming one elsewhere is skipped and listed."""
+    from polymodal.data.describe import copy_description
     from polymodal.data.source import SkipLog, write_shards
 
     skips = SkipLog()
     try:
         shards = write_shards(directory, out, samples_per_shard=samples_per_shard, skips=skips)
+        copy_description(directory, out)  # shards of a shapes world are still a shapes world
     except InputError as e:
         raise fail(e) from None
     console.print(f"wrote {len(shards)} shards to {out}; {skips.summary()}")
@@ -258,7 +260,7 @@ def check_splits(data: Path, splits, *, named: bool) -> None:
     """Refuse splits the data set does not have, listing those it has, so that a typo
     (``--split tset``) is an error instead of an empty table. Splits a person ``named`` must
     all be present; of a model's default splits, at least one."""
-    from polymodal.train.report import split_counts, splits_text
+    from polymodal.data.describe import split_counts, splits_text
 
     present = split_counts(data)
     missing = [s for s in splits if s not in present]

@@ -80,7 +80,7 @@ def budget(state: dict, model: str) -> int:
 def train_split_size(state: dict) -> int:
     """Rows of the world's training split (counted once, from its metadata)."""
     if "train rows" not in state:
-        from polymodal.train.report import split_counts
+        from polymodal.data.describe import split_counts
 
         state["train rows"] = split_counts(state["world"]).get("train", 0)
     return state["train rows"]

@@ -4,35 +4,34 @@ fusion classifiers (accuracy with every modality and with each one missing).
 A captioner that hears audio writes what was said, so beside the caption metrics it gets the
 word error rate of its text against the caption it heard (:mod:`polymodal.eval.transcription`).
 
-Captions are scored with BLEU-4 and CIDEr-D against reference captions and, on the shapes
-world, by the scene-graph judge. On the shapes world the references are the stored caption
-plus ``references - 1`` more drawn from the world's own caption generator for the same scene
-(COCO has five references per image; one reference makes CIDEr a lottery over synonyms).
-VQA is exact match of the generated answer, overall and per question type.
+Captions are scored with BLEU-4 and CIDEr-D against reference captions: the stored caption,
+plus ``references - 1`` more where the data set can write them. VQA is exact match of the
+generated answer, overall and per question type. A data set may bring metrics of its own
+(:mod:`polymodal.eval.datasets`): on the shapes world the scene-graph judge of each caption,
+and more references from the world's caption generator.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from polymodal.data.dataset import Collator
 
+if TYPE_CHECKING:
+    from polymodal.eval.datasets import DatasetMetrics
+
 BATCH = 250
 
 
-def reference_captions(row: dict, references: int) -> list[str]:
+def reference_captions(row: dict, references: int, dataset: DatasetMetrics | None = None) -> list[str]:
+    """The stored caption of ``row``, and ``references - 1`` more when its data set (``dataset``)
+    can write them."""
     refs = [row["text"]]
-    if references > 1 and "objects" in row:
-        from polymodal.data.scene import SceneObject
-        from polymodal.data.shapes import caption
-
-        objects = [SceneObject.from_dict(o) for o in row["objects"]]
-        seed = int(row["id"]) if str(row.get("id", "")).isdigit() else abs(hash(row.get("id"))) % 2**31
-        rng = np.random.default_rng([12345, seed])
-        refs += [caption(rng, objects) for _ in range(references - 1)]
+    if references > 1 and dataset is not None:
+        refs += dataset.reference_captions(row, references - 1)
     return refs
 
 
@@ -59,10 +58,11 @@ def hears_speech(model) -> bool:
 
 
 def captioner_metrics(model, items: list[dict], fields, *, references: int = 5, decoding: str = "greedy",
-                      examples: int = 0) -> dict:
-    """Caption metrics (when the model captions) and VQA accuracy (when it answers questions)."""
-    from polymodal.data.scene import QUESTION_TYPES, SceneObject
-    from polymodal.eval.captioning import bleu_cider, scene_graph_scores
+                      examples: int = 0, dataset: DatasetMetrics | None = None) -> dict:
+    """Caption metrics (when the model captions) and VQA accuracy (when it answers questions),
+    with the metrics of its own that the items' data set brings (``dataset``, from
+    :func:`polymodal.eval.datasets.dataset_metrics`; None: the generic ones only)."""
+    from polymodal.eval.captioning import bleu_cider
 
     model.eval()
     metrics: dict = {"samples": float(len(items))}
@@ -71,9 +71,9 @@ def captioner_metrics(model, items: list[dict], fields, *, references: int = 5, 
     rows = [item["row"] for item in items]
     if "caption" in model.config.tasks:
         captions = generate_all(model, items, fields, method=decoding)
-        metrics.update(bleu_cider([reference_captions(r, references) for r in rows], captions))
-        if "objects" in rows[0]:
-            metrics.update(scene_graph_scores(captions, [[SceneObject.from_dict(o) for o in r["objects"]] for r in rows]))
+        metrics.update(bleu_cider([reference_captions(r, references, dataset) for r in rows], captions))
+        if dataset is not None:
+            metrics.update(dataset.caption_metrics(rows, captions))
         if hears_speech(model):  # what it writes is a transcript of the spoken caption: word error rate
             from polymodal.eval.transcription import word_error_rate
 
@@ -94,7 +94,8 @@ def captioner_metrics(model, items: list[dict], fields, *, references: int = 5, 
         right = [g.strip().lower() == a.strip().lower() for g, a in zip(generated, answers, strict=True)]
         metrics["vqa accuracy"] = sum(right) / max(len(right), 1)
         metrics["vqa questions"] = float(len(right))
-        for kind in [k for k in QUESTION_TYPES if k in kinds] + sorted(set(kinds) - set(QUESTION_TYPES)):
+        known = dataset.question_types if dataset is not None else ()
+        for kind in [k for k in known if k in kinds] + sorted(set(kinds) - set(known)):
             picked = [ok for ok, k in zip(right, kinds, strict=True) if k == kind]
             metrics[f"vqa {kind}"] = sum(picked) / len(picked)
         if examples:

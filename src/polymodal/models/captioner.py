@@ -331,20 +331,28 @@ class Captioner(nn.Module):
         return encoder_image_size(self.config.encoders)
 
     def validator(self, items: list[dict], fields) -> Validator:
-        """Decoded captions and answers of (at most 250) validation items, judged."""
+        """Decoded captions and answers of (at most 250) validation items, judged (on the shapes
+        world by its scene-graph judge too: :func:`polymodal.eval.datasets.dataset_metrics_of_rows`)."""
+        from polymodal.eval.datasets import dataset_metrics_of_rows
         from polymodal.eval.understanding import captioner_metrics
 
-        return lambda model: captioner_metrics(model, items[:250], fields, references=1)
+        items = items[:250]
+        dataset = dataset_metrics_of_rows([item["row"] for item in items])
+        return lambda model: captioner_metrics(model, items, fields, references=1, dataset=dataset)
 
     def evaluate(self, data, splits, options: EvalOptions) -> dict[str, dict[str, float]]:
-        """BLEU-4, CIDEr-D, the scene-graph judge of captions, VQA accuracy per question type; the word
-        error rate of its transcripts when it hears speech."""
+        """BLEU-4, CIDEr-D, VQA accuracy per question type; the word error rate of its transcripts
+        when it hears speech; and the metrics the data set brings of its own
+        (:mod:`polymodal.eval.datasets`: on the shapes world the scene-graph judge of captions)."""
+        from polymodal.eval.datasets import dataset_metrics
         from polymodal.eval.understanding import captioner_metrics
 
         fields = self.fields()
+        dataset = dataset_metrics(data)
         return evaluate_splits(
             data, splits, fields, options.image_size or self.input_size(),
-            lambda items: captioner_metrics(self, items, fields, decoding=options.decoding, examples=options.examples),
+            lambda items: captioner_metrics(self, items, fields, decoding=options.decoding, examples=options.examples,
+                                            dataset=dataset),
             limit=options.limit, progress=options.progress)
 
     # ---- saving ----

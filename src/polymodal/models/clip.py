@@ -219,13 +219,17 @@ class ContrastiveModel(nn.Module):
 
     def evaluate(self, data, splits, options: EvalOptions) -> dict[str, dict[str, float]]:
         """Retrieval both ways for every pair of towers and zero-shot classification, on at most
-        ``options.limit`` samples a split (1,000 by default: the retrieval gallery)."""
+        ``options.limit`` samples a split (1,000 by default: the retrieval gallery), with the
+        metrics the data set brings of its own (:mod:`polymodal.eval.datasets`)."""
         from polymodal.eval.contrastive import contrastive_metrics
+        from polymodal.eval.datasets import dataset_metrics
 
         fields = self.fields()
         transform = ImageTransform(options.image_size) if options.image_size else self.image_transform
+        dataset = dataset_metrics(data)
         return evaluate_splits(data, splits, fields, transform,
-                               lambda items: contrastive_metrics(self, items, fields, options.class_names),
+                               lambda items: contrastive_metrics(self, items, fields, options.class_names,
+                                                                 dataset=dataset),
                                limit=1000 if options.limit is None else options.limit, progress=options.progress)
 
     # ---- saving and loading ----

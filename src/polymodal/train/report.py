@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,8 +27,9 @@ import lightning as L
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from rich.console import Console
 
-from polymodal.data.dataset import DecodeOptions, row_split
-from polymodal.data.source import SkipLog, iter_source
+from polymodal.data.dataset import DecodeOptions
+from polymodal.data.describe import split_counts, splits_text
+from polymodal.data.source import SkipLog
 from polymodal.errors import InputError
 from polymodal.progress import budget_bar, budget_description
 from polymodal.train.curves import read_metrics
@@ -176,19 +176,6 @@ def summary(trainer: L.Trainer, module, out: Path, model: Path | None, curves: P
 
 
 # ---- a run that cannot take one step ----------------------------------------------------------
-
-
-def split_counts(location: str | os.PathLike, options: DecodeOptions | None = None) -> dict[str, int]:
-    """Rows of each split of a data set, most first, read from its metadata without decoding a
-    file; rows without a split are counted where :func:`row_split` puts them."""
-    limits = options.source_limits if options is not None else {}
-    counts = Counter(row_split(raw.row) for raw in iter_source(location, SkipLog(quiet=True), **limits))
-    return dict(counts.most_common())
-
-
-def splits_text(counts: dict[str, int]) -> str:
-    """``train 160, val 20, test 20`` (or ``none``)."""
-    return ", ".join(f"{name} {n:,}" for name, n in counts.items()) or "none (no rows)"
 
 
 def check_one_step(location: str | os.PathLike, recipe: Recipe, samples: int | None, skips: SkipLog,

@@ -1,0 +1,922 @@
+"""Native multimodal Transformers on one backbone: Chameleon, Transfusion and Mixture-of-Transformers.
+
+One decoder-only Transformer reads and writes *interleaved* sequences of text tokens and images.
+Two settings choose the design, and nothing else differs between them:
+
+- ``image``: how an image enters the sequence.
+
+  - ``vq`` (Chameleon, arXiv 2405.09818): an image is the grid of its VQ autoencoder codes, read
+    row by row; code ``k`` is token ``text_vocab + k`` of one shared vocabulary. The loss is the
+    next-token loss everywhere (text and codes), plus a z-loss ``z_loss * log^2 Z`` on the
+    logits' normaliser that keeps them from drifting (with QK-norm, what keeps Chameleon stable).
+    Attention is causal everywhere: codes are generated one after the other.
+  - ``latent`` (Transfusion, arXiv 2408.11039): an image is the continuous latent grid of a KL
+    autoencoder, one token per latent cell, projected in with a timestep embedding added and
+    projected out to the noise that was added to it. The loss is the text next-token loss plus
+    ``diffusion_weight`` (lambda, 5 in the paper) times the diffusion loss (epsilon prediction,
+    cosine schedule) on the image tokens. Attention is causal across the sequence and
+    bidirectional inside each image: a causal image block took the paper's FID from 20.3 to 61.3
+    (Table 5).
+
+- ``layout``: how the parameters are shared.
+
+  - ``dense``: every position goes through the same norms, attention projections and MLP.
+  - ``mot`` (Mixture-of-Transformers, arXiv 2411.04996): each block has one set of those
+    parameters per modality (0 text, 1 image) and each position goes through its own modality's;
+    attention stays global over the whole sequence. A token costs the same FLOPs as in ``dense``,
+    and the blocks hold twice the parameters.
+
+The two layouts are one block class, :class:`OmniBlock`, with ``experts = 1`` (dense) or ``2``
+(mot) parameter sets; its attention is the shared Transformer's (:class:`~polymodal.nn.layers.Attention`'s
+projections and QK-norm, its rotary positions, its KV cache, its :func:`~polymodal.nn.layers.segment_mask`),
+run once over the whole sequence.
+
+**The sequence.** An example is a list of segments (:class:`OmniExample`): text token ids, or an
+image (its codes or its latent grid). Packing frames each image by ``<boi>`` and ``<eoi>``::
+
+    caption first (draw):     <bos> a red star ... <boi> [64 image tokens] <eoi> <eos>
+    image first (caption):    <bos> <boi> [64 image tokens] <eoi> <eos> a red star ... <eos>
+    question (VQA):           <bos> <boi> [64 image tokens] <eoi> what colour ...? <eos> red <eos>
+
+After an image the text is ``prompt <eos> target <eos>`` as in the captioner (an empty prompt for
+a caption), so "caption this" and "answer this" are told apart by what follows ``<eoi>``. Every
+position carries a modality id (0 text, ``<boi>`` and ``<eoi>`` included; 1 image), a segment id
+(0 text, ``k`` on every token of the sequence's ``k``-th image) and, on image tokens, the index of
+its latent cell (a learned per-cell embedding gives the 2-D place; rotary positions give the
+1-D one). Batches are padded on the right for training and on the left for generation (so all
+rows grow at the same place); a padding query still sees itself, so no attention row is empty
+(SDPA returns NaN on an empty row).
+
+:func:`examples_from_rows` makes training examples from the shapes world's rows: 80% of image
+and caption pairs caption-first, 20% image-first with their noise capped at ``t <= 500`` (so
+captioning learns from clean-ish images: the paper's Table 8), captions dropped with chance
+``caption_dropout`` (for classifier-free guidance), and VQA as question and answer after the image.
+
+**Generation** (all with the KV cache of :mod:`polymodal.nn.layers`, which can be turned off
+for a check): :meth:`OmniModel.generate_text` (greedy or nucleus over the text vocabulary);
+:meth:`OmniModel.generate_image` (``vq``: codes sampled with top-p and classifier-free guidance
+against a dropped-caption pass, never greedy, which gives blank images; ``latent``: the diffusion
+sampler run on the image block in place, bidirectional inside it, the prefix cached once);
+:meth:`OmniModel.generate` (interleaved: text until ``<boi>``, an image, text again).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from polymodal.errors import InputError
+from polymodal.modalities.text import TextTokenizer
+from polymodal.models.autoencoder import Autoencoder, AutoencoderConfig
+from polymodal.models.family import (
+    DEFAULT_SPLITS,
+    BuildContext,
+    check_diffusion_settings,
+    load_saved,
+    saved_config,
+)
+from polymodal.models.folder import read_tokenizer, write_model_folder
+from polymodal.nn import decoding
+from polymodal.nn.diffusion import Diffusion, DiffusionConfig
+from polymodal.nn.encoders import config_from_spec
+from polymodal.nn.layers import MLP, Attention, KVCache, rotary, segment_mask
+from polymodal.nn.unet import timestep_embedding
+
+IMAGE_KINDS = ("vq", "latent")
+LAYOUTS = ("dense", "mot")
+TEXT, IMAGE = 0, 1  # modality ids; in ``mot`` also the index of each block's parameter set
+AUTOENCODER_FOLDER = "autoencoder"  # subfolder of a saved model holding its autoencoder
+# Transfusion's diffusion: epsilon prediction, cosine schedule, a plain mean squared error; the
+# latents are not pixels, so predicted clean samples are not clamped to [-1, 1]
+DIFFUSION_DEFAULTS = {"prediction": "epsilon", "schedule": "cosine", "weighting": "none", "clip_sample": False}
+
+
+@dataclass
+class OmniConfig:
+    image: str = "latent"  # vq (Chameleon: codes in the vocabulary) | latent (Transfusion: diffusion on latents)
+    layout: str = "dense"  # dense (shared parameters) | mot (per-modality norms, projections and MLPs)
+    width: int = 256
+    depth: int = 6
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    qk_norm: bool = True  # LayerNorm on each head's queries and keys (Chameleon's fix for diverging logits)
+    rotary_base: float = 10_000.0  # rotary positions over the whole sequence
+    context_length: int = 128  # longest sequence, image tokens and <boi>/<eoi> included
+    vocab_size: int | None = None  # of the text tokenizer (None: whatever it has; the builder records it)
+    z_loss: float = 1e-5  # weight of log^2 Z of the next-token logits (both image kinds)
+    diffusion_weight: float = 5.0  # latent: lambda, the weight of the diffusion loss against the text loss
+    diffusion: dict = field(default_factory=dict, metadata={"check": check_diffusion_settings})
+    # latent: DiffusionConfig settings over DIFFUSION_DEFAULTS (epsilon, cosine, unweighted)
+    latent_channels: int = 4  # latent: channels of a latent cell (the autoencoder's)
+    codebook_size: int = 512  # vq: codes of the VQ autoencoder (extra tokens of the vocabulary)
+    latent_grid: int = 8  # side of an image's latent grid: latent_grid**2 tokens (8: 64 for a 32x32 image)
+    latent_scale: float | None = None  # latent: latents are multiplied by this (None: 1; the builder
+    # measures 1 / the standard deviation of the training latents, so diffusion sees unit variance)
+    image_first_share: float = 0.2  # share of image-caption pairs with the image first (captioning)
+    image_first_max_timestep: int = 500  # latent: an image before its text is noised at most this much
+    caption_dropout: float = 0.1  # chance a caption-first pair loses its caption (classifier-free guidance)
+    vqa_share: float = 0.3  # share of training images (with questions) that give a question and answer
+    autoencoder: str | None = None  # the saved autoencoder the images come from (a saved model keeps
+    # its own copy in autoencoder/)
+    image_size: int = 32  # side of the images, in pixels
+    image_field: str = "image"  # batch field of the training images
+    caption_column: str = "text"  # metadata column with the caption
+    qa_column: str = "qa"  # metadata column with [{"question", "answer", "type"}, ...]
+    fields: dict[str, str] = field(default_factory=dict)  # data fields read when training
+
+    PRESETS = {
+        "tiny": dict(width=32, depth=2, heads=2),
+        "small": dict(width=256, depth=6, heads=4),
+        "base": dict(width=384, depth=8, heads=6),
+    }
+
+    def __post_init__(self):
+        for name, value, known in (("image", self.image, IMAGE_KINDS), ("layout", self.layout, LAYOUTS)):
+            if value not in known:
+                raise ValueError(f"{name}: unknown {value!r}; choose from {list(known)}")
+        for name in ("image_first_share", "caption_dropout", "vqa_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a share, from 0 to 1; got {getattr(self, name)}")
+        for name in ("z_loss", "diffusion_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} is a loss weight, at least 0; got {getattr(self, name)}")
+        if self.rotary_base <= 0:
+            raise ValueError(f"rotary_base must be positive, got {self.rotary_base}")
+        if (self.width // self.heads) % 2:
+            raise ValueError(f"rotary positions need an even head width; {self.width} / {self.heads} heads is odd")
+        if not 1 <= self.latent_grid <= 256:
+            raise ValueError(f"latent_grid must be from 1 to 256, got {self.latent_grid}")
+        if self.latent_scale is not None and self.latent_scale <= 0:
+            raise ValueError(f"latent_scale must be positive, got {self.latent_scale}")
+        shortest = self.image_tokens + 8  # an image, its frame and a few text tokens
+        if self.context_length < shortest:
+            raise ValueError(f"context_length {self.context_length} cannot hold an image of {self.image_tokens} "
+                             f"tokens and its text; at least {shortest}")
+        steps = self.diffusion_config().train_steps
+        if not 0 <= self.image_first_max_timestep < steps:
+            raise ValueError(f"image_first_max_timestep must be from 0 to {steps - 1}, got {self.image_first_max_timestep}")
+
+    @property
+    def image_tokens(self) -> int:
+        """Tokens of one image (without its ``<boi>`` and ``<eoi>``)."""
+        return self.latent_grid**2
+
+    def diffusion_config(self) -> DiffusionConfig:
+        return DiffusionConfig(**{**DIFFUSION_DEFAULTS, **self.diffusion})
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> OmniConfig:
+        """A config from a recipe's settings, with an optional size ``preset``."""
+        return config_from_spec(cls, spec, "model")
+
+
+# ---- examples and packed batches -----------------------------------------------------------
+
+Segment = list[int] | torch.Tensor  # text token ids, or an image: codes (h, w) long | latents (C, h, w) float
+
+
+@dataclass
+class OmniExample:
+    """One interleaved sequence: text ids (without ``<boi>``/``<eoi>``, which packing adds around
+    each image) and images. ``max_timestep`` caps the noise on its images while training (an
+    image that is read rather than drawn); None: the whole schedule."""
+
+    segments: list[Segment]
+    max_timestep: int | None = None
+
+
+@dataclass
+class Interleaved:
+    """A packed batch: one tensor per position property, each ``(B, T)`` unless said otherwise.
+
+    ``latents`` ``(B, T, C)`` and ``timesteps`` hold the (noisy) latent and noise level at latent
+    image tokens (zeros elsewhere; None for ``vq``). For training, ``image_index`` ``(N, cells)``
+    is the flat position (in ``B * T``) of every token of each of the batch's ``N`` images,
+    ``clean`` ``(N, cells, C)`` their clean latents and ``max_timestep`` ``(N,)`` their noise cap.
+    """
+
+    ids: torch.Tensor  # token ids; placeholders (<pad>) at latent image tokens
+    modality: torch.Tensor  # 0 text, 1 image
+    segment: torch.Tensor  # 0 text, k on the tokens of the row's k-th image
+    cell: torch.Tensor  # the latent cell of an image token (0 on text)
+    key_mask: torch.Tensor  # True on real tokens, False on padding
+    latents: torch.Tensor | None = None
+    timesteps: torch.Tensor | None = None
+    image_index: torch.Tensor | None = None
+    clean: torch.Tensor | None = None
+    max_timestep: torch.Tensor | None = None
+
+    def cat(self, other: Interleaved) -> Interleaved:
+        """``other``'s positions after this batch's (row by row); the training bookkeeping is dropped."""
+        def join(a, b):
+            return None if a is None else torch.cat([a, b], 1)
+
+        return Interleaved(*(join(getattr(self, n), getattr(other, n)) for n in
+                             ("ids", "modality", "segment", "cell", "key_mask", "latents", "timesteps")))
+
+    def with_images(self, latents: torch.Tensor, timesteps: torch.Tensor) -> Interleaved:
+        """The batch with its images' tokens set to ``latents`` ``(N, cells, C)`` at ``timesteps`` ``(N,)``."""
+        b, t, c = self.latents.shape
+        flat = self.latents.reshape(b * t, c).index_copy(0, self.image_index.flatten(), latents.reshape(-1, c))
+        steps = self.timesteps.flatten().index_copy(
+            0, self.image_index.flatten(), timesteps[:, None].expand_as(self.image_index).flatten())
+        return replace(self, latents=flat.view(b, t, c), timesteps=steps.view(b, t))
+
+
+def examples_from_rows(rows: Sequence[dict], images: torch.Tensor | Sequence[torch.Tensor], tokenizer: TextTokenizer,
+                       config: OmniConfig, rng: random.Random | None = None) -> list[OmniExample]:
+    """One training example per row of a shapes world (or any rows with captions and questions).
+
+    ``images``: each row's image as its autoencoder gives it, codes ``(h, w)`` (vq) or a scaled
+    latent grid ``(C, h, w)`` (latent). A row with questions gives, with chance ``vqa_share``,
+    one of them (``<boi> image <eoi> question <eos> answer <eos>``); otherwise its caption, after
+    the image with chance ``image_first_share`` (noise capped at ``image_first_max_timestep``),
+    else before it, dropped with chance ``caption_dropout``. Text is cut to fit ``context_length``.
+    """
+    if len(rows) != len(images):
+        raise ValueError(f"{len(rows)} rows but {len(images)} images")
+    rng = rng or random
+    tok, c = tokenizer, config
+    budget = c.context_length - c.image_tokens - 6  # text tokens left beside <bos> <boi> <eoi> and two <eos>
+    examples = []
+    for row, image in zip(rows, images, strict=True):
+        qa = row.get(c.qa_column) or []
+        if qa and rng.random() < c.vqa_share:
+            item = rng.choice(qa)
+            question = tok.encode(item["question"], add_special_tokens=False)[: budget // 2]
+            answer = tok.encode(item["answer"], add_special_tokens=False)[: budget - len(question)]
+            examples.append(OmniExample([[tok.bos_id], image, [*question, tok.eos_id, *answer, tok.eos_id]],
+                                        max_timestep=c.image_first_max_timestep))
+            continue
+        caption = tok.encode(row[c.caption_column], add_special_tokens=False)[:budget]
+        if rng.random() < c.image_first_share:
+            examples.append(OmniExample([[tok.bos_id], image, [tok.eos_id, *caption, tok.eos_id]],
+                                        max_timestep=c.image_first_max_timestep))
+        else:
+            if rng.random() < c.caption_dropout:
+                caption = []
+            examples.append(OmniExample([[tok.bos_id, *caption], image, [tok.eos_id]]))
+    return examples
+
+
+# ---- the cache: keys and values, and the segments they belong to --------------------------
+
+
+class OmniCache(KVCache):
+    """A :class:`~polymodal.nn.layers.KVCache` that also remembers each cached position's segment
+    id (the mask of a new image token depends on which earlier tokens share its image), and can
+    be rolled back: the diffusion sampler runs the image block against the cached prefix at every
+    step without keeping it."""
+
+    def __init__(self, depth: int):
+        super().__init__(depth)
+        self.segment_ids: torch.Tensor | None = None  # (B, S)
+
+    def add(self, key_mask: torch.Tensor, segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Remember new positions ``(B, T)``; return the mask and segment ids of every key ``(B, S + T)``."""
+        self.segment_ids = segment_ids if self.segment_ids is None else torch.cat([self.segment_ids, segment_ids], 1)
+        return self.extend(key_mask), self.segment_ids
+
+    def reorder(self, index: torch.Tensor) -> None:
+        super().reorder(index)
+        if self.segment_ids is not None:
+            self.segment_ids = self.segment_ids[index]
+
+    def snapshot(self) -> tuple:
+        """What :meth:`restore` needs (appending makes new tensors, so references suffice)."""
+        return [(b.self_attn.k, b.self_attn.v) for b in self.blocks], self.key_mask, self.segment_ids
+
+    def restore(self, state: tuple) -> None:
+        kv, self.key_mask, self.segment_ids = state
+        for block, (k, v) in zip(self.blocks, kv, strict=True):
+            block.self_attn.k, block.self_attn.v = k, v
+
+
+# ---- the block: one parameter set per modality, attention over everything ------------------
+
+
+class Routing:
+    """Which positions of a ``(B, T)`` batch go through which parameter set: each position its
+    modality's (``mot``), or all through the one (``dense``, where nothing is moved)."""
+
+    def __init__(self, modality: torch.Tensor, experts: int):
+        self.shape = modality.shape
+        if experts == 1:
+            self.index = None
+            return
+        flat = modality.flatten()
+        self.index = [(flat == e).nonzero().squeeze(1) for e in range(experts)]  # positions of each modality
+        order = torch.cat(self.index)
+        self.inverse = torch.empty_like(order)
+        self.inverse[order] = torch.arange(len(order), device=order.device)
+
+    def apply(self, experts: nn.ModuleList, fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+              x: torch.Tensor) -> torch.Tensor:
+        """``fn(expert, x)`` with each position of ``x`` ``(B, T, ...)`` through its own expert;
+        every position computed once, so the FLOPs are those of one shared expert."""
+        if self.index is None:
+            return fn(experts[0], x)
+        flat = x.flatten(0, 1)  # (B*T, ...)
+        parts = [fn(expert, flat[index]) for expert, index in zip(experts, self.index, strict=True)]
+        out = torch.cat(parts)[self.inverse]
+        return out.view(*self.shape, *out.shape[1:])
+
+
+class ModalityWeights(nn.Module):
+    """One modality's parameters of a block: the norms, the attention projections (with QK-norm)
+    of :class:`~polymodal.nn.layers.Attention` and the :class:`~polymodal.nn.layers.MLP`."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, qk_norm: bool):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads, qk_norm="layer" if qk_norm else None, rotary=True)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = MLP(width, int(width * mlp_ratio))
+
+    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """Queries, keys and values ``(..., 3, H, D)`` of tokens ``x`` ``(..., C)`` (QK-normed)."""
+        h = self.norm1(x)
+        heads = self.attn.heads
+        q = self.attn.q(h).unflatten(-1, (heads, -1))  # (..., H, D)
+        k, v = self.attn.kv(h).unflatten(-1, (2, heads, -1)).unbind(-3)
+        if self.attn.q_norm is not None:
+            q, k = self.attn.q_norm(q), self.attn.k_norm(k)
+        return torch.stack([q, k, v], -3)
+
+
+class OmniBlock(nn.Module):
+    """Pre-norm self-attention and MLP, each residual, with ``experts`` parameter sets: 1 shared by
+    every position (dense), or one per modality (MoT). The attention itself is one SDPA over the
+    whole sequence, whatever parameters made its queries, keys and values."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, qk_norm: bool, experts: int,
+                 rotary_base: float = 10_000.0):
+        super().__init__()
+        self.heads, self.rotary_base = heads, rotary_base
+        self.experts = nn.ModuleList(ModalityWeights(width, heads, mlp_ratio, qk_norm) for _ in range(experts))
+
+    def forward(self, x: torch.Tensor, routing: Routing, mask: torch.Tensor, positions: torch.Tensor,
+                cache=None) -> torch.Tensor:
+        """``x`` (B, T, C); ``mask`` (B, 1, T, S); ``positions`` (B, T); ``cache`` an AttentionCache."""
+        b, t, c = x.shape
+        qkv = routing.apply(self.experts, lambda e, y: e.qkv(y), x)  # (B, T, 3, H, D)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D) each
+        q, k = rotary(q, positions, self.rotary_base), rotary(k, positions, self.rotary_base)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, t, c)
+        x = x + routing.apply(self.experts, lambda e, y_: e.attn.out(y_), y)
+        return x + routing.apply(self.experts, lambda e, y_: e.mlp(e.norm2(y_)), x)
+
+
+# ---- the model -----------------------------------------------------------------------------
+
+
+class OmniModel(nn.Module):
+    """``autoencoder``: the trained autoencoder whose codes or latents are the image tokens (the
+    config's ``autoencoder`` names where it came from; the model keeps it frozen and saves it in
+    its folder). Without one the model works on tokens only (``image_tokens`` / ``decode_images``
+    need it)."""
+
+    def __init__(self, config: OmniConfig, tokenizer: TextTokenizer, autoencoder: Autoencoder | None = None):
+        super().__init__()
+        self.config = c = config
+        self.tokenizer = tokenizer
+        if c.vocab_size is not None and tokenizer.vocab_size != c.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens; the config says vocab_size {c.vocab_size}")
+        if (autoencoder is None) != (c.autoencoder is None):
+            raise ValueError("config.autoencoder names an autoencoder folder exactly when one is passed in")
+        if autoencoder is not None:
+            check_autoencoder(c, autoencoder.config, c.autoencoder)
+        self.autoencoder = autoencoder.requires_grad_(False).eval() if autoencoder is not None else None
+        self.text_vocab = tokenizer.vocab_size
+        self.vocab = self.text_vocab + (c.codebook_size if c.image == "vq" else 0)  # codes follow the text
+        experts = 2 if c.layout == "mot" else 1
+        self.token_embedding = nn.Embedding(self.vocab, c.width)
+        self.image_position = nn.Parameter(torch.randn(c.image_tokens, c.width) * 0.02)  # the 2-D place of a cell
+        self.blocks = nn.ModuleList(OmniBlock(c.width, c.heads, c.mlp_ratio, c.qk_norm, experts, c.rotary_base)
+                                    for _ in range(c.depth))
+        self.norms = nn.ModuleList(nn.LayerNorm(c.width) for _ in range(experts))  # final, per modality in mot
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        self.diffusion = None
+        if c.image == "latent":
+            self.latent_in = nn.Linear(c.latent_channels, c.width)
+            self.time_mlp = nn.Sequential(nn.Linear(c.width, c.width), nn.SiLU(), nn.Linear(c.width, c.width))
+            self.latent_out = nn.Linear(c.width, c.latent_channels)  # the predicted noise; starts at 0
+            nn.init.zeros_(self.latent_out.weight)
+            nn.init.zeros_(self.latent_out.bias)
+            self.diffusion = Diffusion(c.diffusion_config())
+        self.parameter_sets = experts  # per block: 1 (dense) or one per modality (mot)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.autoencoder is not None:
+            self.autoencoder.eval()
+        return self
+
+    @property
+    def latent_scale(self) -> float:
+        return 1.0 if self.config.latent_scale is None else self.config.latent_scale
+
+    @property
+    def device(self) -> torch.device:
+        return self.token_embedding.weight.device
+
+    # ---- images <-> image tokens ----
+
+    @torch.no_grad()
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, 3, S, S)`` in [-1, 1] -> codes ``(B, g, g)`` (vq) or scaled latents ``(B, C, g, g)``."""
+        if self.autoencoder is None:
+            raise ValueError("this model has no autoencoder: pass image tokens, not images")
+        if self.config.image == "vq":
+            return self.autoencoder.encode_codes(images)
+        return self.autoencoder.encode(images) * self.latent_scale
+
+    @torch.no_grad()
+    def decode_images(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Codes or latents from :meth:`generate_image` -> images ``(B, 3, S, S)`` in [-1, 1]."""
+        if self.autoencoder is None:
+            raise ValueError("this model has no autoencoder to draw its image tokens with")
+        if self.config.image == "vq":
+            return self.autoencoder.decode_codes(tokens).clamp(-1, 1)
+        return self.autoencoder.decode(tokens / self.latent_scale).clamp(-1, 1)
+
+    # ---- packing ----
+
+    def _image_tokens_of(self, image: torch.Tensor, where: str) -> torch.Tensor:
+        """An image segment as its tokens: code ids ``(cells,)`` (vq) or latents ``(cells, C)``."""
+        c = self.config
+        g = c.latent_grid
+        if c.image == "vq":
+            if image.shape != (g, g) or image.dtype != torch.long:
+                raise ValueError(f"{where}: a vq image is a ({g}, {g}) grid of integer codes, got "
+                                 f"{tuple(image.shape)} {image.dtype}")
+            if image.min() < 0 or image.max() >= c.codebook_size:
+                raise ValueError(f"{where}: codes must be in 0..{c.codebook_size - 1}")
+            return image.flatten() + self.text_vocab
+        if image.shape != (c.latent_channels, g, g) or not image.is_floating_point():
+            raise ValueError(f"{where}: a latent image is a ({c.latent_channels}, {g}, {g}) float grid, got "
+                             f"{tuple(image.shape)} {image.dtype}")
+        return image.flatten(1).T.float()  # (cells, C), row-major cells
+
+    def pack(self, examples: Sequence[OmniExample | Sequence[Segment]], side: str = "right",
+             open_image: bool = False) -> Interleaved:
+        """Examples (or plain lists of segments) as one batch, padded on the ``right`` (training)
+        or the ``left`` (generation);
+        each image framed by ``<boi>`` and ``<eoi>``, latent images clean (timestep 0). With
+        ``open_image`` every row ends with a ``<boi>``: the prompt of an image to draw."""
+        c, tok = self.config, self.tokenizer
+        latent = c.image == "latent"
+        cells = c.image_tokens
+        framing = {tok.boi_id, tok.eoi_id}
+        rows = []
+        for n, example in enumerate(examples):
+            if not isinstance(example, OmniExample):
+                example = OmniExample(list(example))
+            ids, modality, segment, cell, images = [], [], [], [], []
+            for s, part in enumerate(example.segments):
+                where = f"example {n} segment {s}"
+                if isinstance(part, torch.Tensor):
+                    tokens = self._image_tokens_of(part, where)
+                    start = len(ids) + 1
+                    ids += [tok.boi_id, *(tokens.tolist() if not latent else [tok.pad_id] * cells), tok.eoi_id]
+                    modality += [TEXT, *[IMAGE] * cells, TEXT]
+                    segment += [0, *[len(images) + 1] * cells, 0]
+                    cell += [0, *range(cells), 0]
+                    images.append((start, tokens if latent else None, example.max_timestep))
+                else:
+                    part = list(part)
+                    bad = [i for i in part if not isinstance(i, int) or not 0 <= i < self.text_vocab or i in framing]
+                    if bad:
+                        raise ValueError(f"{where}: {bad[0]!r} is not a text token id (0..{self.text_vocab - 1}, "
+                                         f"without <boi>/<eoi>, which frame image segments)")
+                    ids += part
+                    modality += [TEXT] * len(part)
+                    segment += [0] * len(part)
+                    cell += [0] * len(part)
+            if open_image:
+                ids, modality, segment, cell = ids + [tok.boi_id], modality + [TEXT], segment + [0], cell + [0]
+            if len(ids) > c.context_length:
+                raise ValueError(f"example {n} has {len(ids)} tokens; context_length is {c.context_length}")
+            rows.append((ids, modality, segment, cell, images))
+        if not rows:
+            raise ValueError("no examples to pack")
+        b, t = len(rows), max(len(r[0]) for r in rows)
+
+        def table(fill, dtype):
+            return torch.full((b, t), fill, dtype=dtype)
+
+        ids, modality, segment, cell = (table(tok.pad_id, torch.long), table(TEXT, torch.long),
+                                        table(0, torch.long), table(0, torch.long))
+        key_mask = table(False, torch.bool)
+        latents = torch.zeros(b, t, c.latent_channels) if latent else None
+        image_index, clean, caps = [], [], []
+        for i, (r_ids, r_modality, r_segment, r_cell, r_images) in enumerate(rows):
+            lo = 0 if side == "right" else t - len(r_ids)
+            span = slice(lo, lo + len(r_ids))
+            ids[i, span], modality[i, span] = torch.tensor(r_ids), torch.tensor(r_modality)
+            segment[i, span], cell[i, span] = torch.tensor(r_segment), torch.tensor(r_cell)
+            key_mask[i, span] = True
+            for start, tokens, cap in r_images:
+                if latent:
+                    latents[i, lo + start : lo + start + cells] = tokens
+                    clean.append(tokens)
+                    caps.append(self.diffusion.config.train_steps - 1 if cap is None else cap)
+                image_index.append(i * t + lo + start + torch.arange(cells))
+        seq = Interleaved(ids, modality, segment, cell, key_mask, latents,
+                          table(0, torch.long) if latent else None,
+                          torch.stack(image_index) if image_index else torch.zeros(0, cells, dtype=torch.long),
+                          torch.stack(clean) if clean else None, torch.tensor(caps, dtype=torch.long) if latent else None)
+        return Interleaved(*(None if x is None else x.to(self.device) for x in
+                             (getattr(seq, f) for f in seq.__dataclass_fields__)))
+
+    def _tokens(self, ids: torch.Tensor, modality: int, segment: int = 0, first_cell: int = 0) -> Interleaved:
+        """New positions of one modality after a batch: text ids (``<pad>`` masked) or image codes."""
+        b, t = ids.shape
+        cells = first_cell + torch.arange(t, device=ids.device).expand(b, t) if modality == IMAGE else torch.zeros_like(ids)
+        latent = self.config.image == "latent"
+        return Interleaved(ids, torch.full_like(ids, modality), torch.full_like(ids, segment), cells,
+                           ids != self.tokenizer.pad_id if modality == TEXT else torch.ones_like(ids, dtype=torch.bool),
+                           ids.new_zeros(b, t, self.config.latent_channels, dtype=torch.float) if latent else None,
+                           torch.zeros_like(ids) if latent else None)
+
+    def _latent_block(self, x: torch.Tensor, t: int, segment: int) -> Interleaved:
+        """A latent image block ``x`` ``(B, cells, C)`` at noise level ``t``, as new positions."""
+        b, cells, _ = x.shape
+        ids = torch.full((b, cells), self.tokenizer.pad_id, dtype=torch.long, device=x.device)
+        block = self._tokens(ids, IMAGE, segment)
+        return replace(block, latents=x, timesteps=torch.full_like(ids, int(t)))
+
+    # ---- the Transformer ----
+
+    def embed(self, seq: Interleaved) -> torch.Tensor:
+        """Input vectors ``(B, T, width)``: text (and vq code) embeddings; latent cells projected
+        in with their timestep's embedding; every image token plus its cell's position."""
+        x = self.token_embedding(seq.ids)  # (B, T, W)
+        image = seq.modality == IMAGE
+        if not image.any():
+            return x
+        place = self.image_position[seq.cell[image]]  # (N, W)
+        if self.config.image == "latent":
+            t = timestep_embedding(seq.timesteps[image], self.config.width)
+            return x.index_put((image,), self.latent_in(seq.latents[image]) + self.time_mlp(t) + place)
+        return x.index_put((image,), x[image] + place)
+
+    def forward(self, seq: Interleaved, cache: OmniCache | None = None) -> torch.Tensor:
+        """Final hidden states ``(B, T, width)`` of the positions of ``seq`` (with a ``cache``:
+        the positions after those it holds, attending to them too)."""
+        before = cache.key_mask.long().sum(1, keepdim=True) if cache is not None and len(cache) else 0
+        positions = (before + seq.key_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T); padding does not shift them
+        key_mask, segments = seq.key_mask, seq.segment
+        if cache is not None:
+            key_mask, segments = cache.add(key_mask, segments)
+        mask = self.attention_mask(segments, key_mask, seq.ids.shape[1])  # (B, 1, T, S)
+        routing = Routing(seq.modality, self.parameter_sets)
+        x = self.embed(seq)
+        for i, block in enumerate(self.blocks):
+            x = block(x, routing, mask, positions, cache.blocks[i].self_attn if cache is not None else None)
+        return routing.apply(self.norms, lambda norm, y: norm(y), x)
+
+    def attention_mask(self, segments: torch.Tensor, key_mask: torch.Tensor, query_len: int) -> torch.Tensor:
+        """Who may attend to whom ``(B, 1, Tq, S)`` for keys with ``segments`` and ``key_mask`` ``(B, S)``,
+        the queries being the last ``query_len``: causal across the sequence; for latent images
+        bidirectional inside each image (vq codes are generated one after the other: causal
+        everywhere). A padding query sees itself, so no row is empty."""
+        if self.config.image == "vq":
+            segments = torch.zeros_like(segments)
+        return segment_mask(segments, key_mask=key_mask, query_len=query_len)
+
+    def new_cache(self) -> OmniCache:
+        return OmniCache(len(self.blocks))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits ``(..., vocab)`` (text, and codes for vq): the embedding, tied."""
+        return hidden @ self.token_embedding.weight.T
+
+    def targets(self, seq: Interleaved) -> torch.Tensor:
+        """The next-token label of each position ``(B, T)``, -100 where none is scored: padding;
+        for latent images also every image position and ``<boi>`` (its next token is an image
+        token, scored by the diffusion loss), so ``<eoi>`` is never predicted either (it follows
+        an image by construction)."""
+        keep = seq.key_mask[:, 1:] & seq.key_mask[:, :-1]
+        if self.config.image == "latent":
+            keep = keep & (seq.modality[:, 1:] == TEXT) & (seq.modality[:, :-1] == TEXT)
+        labels = torch.full_like(seq.ids, -100)
+        labels[:, :-1] = torch.where(keep, seq.ids[:, 1:], -100)
+        return labels
+
+    # ---- training ----
+
+    def examples(self, batch: dict, rng: random.Random | None = None) -> list[OmniExample]:
+        """The training examples of a data batch (``image`` and ``rows``): see :func:`examples_from_rows`."""
+        tokens = self.image_tokens(batch[self.config.image_field])
+        return examples_from_rows(batch["rows"], list(tokens), self.tokenizer, self.config, rng)
+
+    def loss(self, batch: Sequence[OmniExample] | dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Next-token loss (with z-loss) and, for latent images, ``diffusion_weight`` times the
+        diffusion loss. ``batch``: examples, or a data batch (images and rows, made into examples
+        by :meth:`examples`). ``generator`` fixes the noise and timesteps (and the examples drawn)."""
+        if isinstance(batch, dict):
+            rng = random.Random(None if generator is None else generator.initial_seed())
+            batch = self.examples(batch, rng)
+        c = self.config
+        seq = self.pack(batch)
+        images = seq.clean is not None and len(seq.clean) > 0
+        if images:  # each image at its own timestep: uniform up to its cap
+            n, device = len(seq.clean), seq.clean.device
+            t = (torch.rand(n, device=device, generator=generator) * (seq.max_timestep + 1)).long()
+            noise = torch.randn(seq.clean.shape, device=device, generator=generator)
+            seq = seq.with_images(self.diffusion.add_noise(seq.clean, noise, t), t)
+        hidden = self.forward(seq)  # (B, T, W)
+        labels = self.targets(seq)
+        scored = labels != -100
+        logits = self.logits(hidden[scored]).float()  # (N, V): only positions with a label
+        target = labels[scored]
+        ce = F.cross_entropy(logits, target, reduction="none")
+        next_token = ce.mean() if len(ce) else hidden.sum() * 0.0
+        z = torch.logsumexp(logits, -1).pow(2).mean() if len(ce) else next_token
+        out = {"loss": next_token + c.z_loss * z}
+        is_text = target < self.text_vocab
+        out["text_loss"] = ce[is_text].mean().detach() if is_text.any() else torch.tensor(float("nan"))
+        out["token_accuracy"] = ((logits.argmax(-1) == target) & is_text).sum().detach() / is_text.sum().clamp(min=1)
+        if c.image == "vq":
+            out["image_loss"] = ce[~is_text].mean().detach() if (~is_text).any() else torch.tensor(float("nan"))
+        elif images:
+            prediction = self.latent_out(hidden.flatten(0, 1)[seq.image_index])  # (N, cells, C)
+            diffusion = self.diffusion.loss(prediction, seq.clean, noise, t)
+            out["loss"] = out["loss"] + c.diffusion_weight * diffusion
+            out["diffusion_loss"] = diffusion.detach()
+        out["z_loss"] = z.detach()
+        return out
+
+    # ---- prompts ----
+
+    def text_prompt(self, text: str) -> list[Segment]:
+        """``<bos> text``: a prefix to continue, or to draw (``generate_image`` adds ``<boi>``)."""
+        return [[self.tokenizer.bos_id, *self.tokenizer.encode(text, add_special_tokens=False)]]
+
+    def image_prompt(self, image: torch.Tensor, question: str | None = None) -> list[Segment]:
+        """``<bos> <boi> image <eoi> question <eos>``: a prefix whose continuation is the caption
+        (no question) or the answer."""
+        tok = self.tokenizer
+        asked = tok.encode(question, add_special_tokens=False) if question else []
+        return [[tok.bos_id], image, [*asked, tok.eos_id]]
+
+    # ---- generation ----
+
+    def _text_bias(self, allow_images: bool) -> torch.Tensor:
+        """Added to the logits of text decoding: -inf on tokens it may not write (padding, <bos>,
+        <eoi>, image codes, and <boi> unless images are allowed)."""
+        tok = self.tokenizer
+        bias = torch.zeros(self.vocab, device=self.device)
+        banned = [tok.pad_id, tok.bos_id, tok.eoi_id] + ([] if allow_images else [tok.boi_id])
+        bias[banned] = float("-inf")
+        bias[self.text_vocab :] = float("-inf")
+        return bias
+
+    def _decode_text(self, prefixes: Sequence[Sequence[Segment]], allow_images: bool, method: str,
+                     max_new_tokens: int, top_p: float, temperature: float, generator: torch.Generator | None,
+                     use_cache: bool) -> list[list[int]]:
+        tok = self.tokenizer
+        prompt = self.pack(prefixes, side="left")
+        t0 = prompt.ids.shape[1]
+        bias = self._text_bias(allow_images)
+        forced_eos = torch.full_like(bias, float("-inf"))
+        forced_eos[tok.eos_id] = 0.0
+
+        def step(ids: torch.Tensor, cache: OmniCache | None) -> torch.Tensor:  # (B, t) -> (B, vocab)
+            if cache is None or not len(cache):  # the prompt and everything generated so far
+                seq = prompt.cat(self._tokens(ids[:, t0:], TEXT))
+            else:  # only the new token
+                seq = self._tokens(ids, TEXT)
+            logits = self.logits(self.forward(seq, cache)[:, -1]) + bias
+            if allow_images:  # a <boi> ends the row's text: answer it with <eos>, so the loop closes the row
+                logits[ids[:, -1] == tok.boi_id] = forced_eos
+            return logits
+
+        max_new = min(max_new_tokens, self.config.context_length - t0)
+        cache = self.new_cache() if use_cache else None
+        ids, common = prompt.ids, dict(max_new=max(max_new, 0), eos=tok.eos_id, pad=tok.pad_id, cache=cache)
+        if method == "greedy":
+            return decoding.greedy(step, ids, **common)
+        if method == "nucleus":
+            return decoding.nucleus(step, ids, top_p=top_p, temperature=temperature, generator=generator, **common)
+        raise ValueError(f"unknown decoding {method!r}; choose from ['greedy', 'nucleus']")
+
+    @torch.no_grad()
+    def generate_text(self, prefixes: Sequence[Sequence[Segment]], *, method: str = "greedy", max_new_tokens: int = 40,
+                      top_p: float = 0.9, temperature: float = 1.0, generator: torch.Generator | None = None,
+                      use_cache: bool = True) -> list[list[int]]:
+        """The text token ids that follow each prefix, up to ``<eos>`` (not included): greedy or
+        nucleus, over text tokens only. With ``use_cache`` each step runs the new token only."""
+        return self._decode_text(prefixes, False, method, max_new_tokens, top_p, temperature, generator, use_cache)
+
+    @torch.no_grad()
+    def generate_image(self, prefixes: Sequence[Sequence[Segment]], *, guidance: float = 3.0, top_p: float = 0.9,
+                       temperature: float = 1.0, steps: int = 50, sampler: str = "ddim", seed: int | None = 0,
+                       generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
+        """An image after each prefix (``<boi>`` is added): codes ``(B, g, g)`` (vq) or scaled
+        latents ``(B, C, g, g)`` (latent); :meth:`decode_images` draws them.
+
+        Classifier-free guidance mixes each prefix's prediction with that after ``<bos>`` alone
+        (a dropped caption, as trained): ``uncond + guidance * (cond - uncond)``, on the code
+        logits (vq) or the predicted noise (latent); 1.0 is no guidance. vq samples every code
+        with top-p (greedy codes give blank images); latent runs ``steps`` steps of ``sampler``
+        on the whole image block at once, the prefix computed once into the KV cache."""
+        if not prefixes:
+            raise ValueError("no prefixes to draw after")
+        if generator is None:
+            generator = torch.Generator(device=self.device).manual_seed(0 if seed is None else seed)
+        tok, b = self.tokenizer, len(prefixes)
+        guided = guidance != 1.0
+        rows = [*prefixes, *[[[tok.bos_id]]] * b * guided]  # each prefix, then as many unconditional ones
+        prompt = self.pack(rows, side="left", open_image=True)
+        if self.config.image == "vq":
+            return self._sample_codes(prompt, b, guided, guidance, top_p, temperature, generator, use_cache)
+        return self._denoise(prompt, b, guided, guidance, steps, sampler, generator, use_cache)
+
+    def _sample_codes(self, prompt: Interleaved, b: int, guided: bool, guidance: float, top_p: float,
+                      temperature: float, generator: torch.Generator, use_cache: bool) -> torch.Tensor:
+        t0, offset, g = prompt.ids.shape[1], self.text_vocab, self.config.latent_grid
+
+        def step(codes: torch.Tensor, cache: OmniCache | None) -> torch.Tensor:  # (B, t) of the guided rows
+            if cache is None or not len(cache):
+                new = codes[:, t0:]
+                rows = torch.cat([new, new]) if guided else new
+                seq, first = prompt, 0
+            else:
+                rows = torch.cat([codes, codes]) if guided else codes
+                seq, first = None, len(cache) - t0  # the cell of the first new code
+            part = self._tokens(rows + offset, IMAGE, first_cell=first)
+            seq = part if seq is None else seq.cat(part)
+            logits = self.logits(self.forward(seq, cache)[:, -1])[:, offset:]  # (B | 2B, codebook)
+            if guided:
+                cond, uncond = logits.chunk(2)
+                logits = uncond + guidance * (cond - uncond)
+            return logits
+
+        cache = self.new_cache() if use_cache else None
+        # the guided rows' prompt ids (only its length matters: the step reads the prompt itself)
+        codes = decoding.nucleus(step, prompt.ids[:b], max_new=g * g, eos=None, pad=0, top_p=top_p,
+                                 temperature=temperature, generator=generator, cache=cache)
+        return torch.tensor(codes, dtype=torch.long, device=self.device).view(b, g, g)
+
+    def _denoise(self, prompt: Interleaved, b: int, guided: bool, guidance: float, steps: int, sampler: str,
+                 generator: torch.Generator, use_cache: bool) -> torch.Tensor:
+        c = self.config
+        scheduler = self.diffusion.sampler(sampler, steps)
+        segment = int(prompt.segment.max()) + 1  # a new image of every row
+        cache = self.new_cache() if use_cache else None
+        if cache is not None:
+            self.forward(prompt, cache)  # the prefix, once
+        x = torch.randn((b, c.image_tokens, c.latent_channels), device=self.device, generator=generator)
+        for t in scheduler.timesteps:
+            block = self._latent_block(torch.cat([x, x]) if guided else x, int(t), segment)
+            if cache is not None:  # the block attends to the cached prefix; the cache forgets it again
+                state = cache.snapshot()
+                hidden = self.forward(block, cache)
+                cache.restore(state)
+            else:
+                hidden = self.forward(prompt.cat(block))[:, prompt.ids.shape[1]:]
+            noise = self.latent_out(hidden)  # (B | 2B, cells, C)
+            if guided:
+                cond, uncond = noise.chunk(2)
+                noise = uncond + guidance * (cond - uncond)
+            x = scheduler.step(noise, t, x, generator=generator).prev_sample
+        return x.transpose(1, 2).reshape(b, c.latent_channels, c.latent_grid, c.latent_grid)
+
+    @torch.no_grad()
+    def generate(self, prefixes: Sequence[Sequence[Segment]], *, max_new_tokens: int = 40, max_images: int = 1,
+                 method: str = "greedy", top_p: float = 0.9, temperature: float = 1.0, guidance: float = 3.0,
+                 steps: int = 50, seed: int | None = 0, use_cache: bool = True) -> list[list[Segment]]:
+        """Interleaved output after each prefix: text until the model writes ``<boi>``, then an
+        image drawn in place (:meth:`generate_image`, its prefix everything so far), then text
+        again, until ``<eos>``, ``max_new_tokens`` text tokens or ``max_images`` images. Returns
+        each row's new segments (text ids and images)."""
+        generator = torch.Generator(device=self.device).manual_seed(0 if seed is None else seed)
+        boi = self.tokenizer.boi_id
+        results = []
+        for prefix in prefixes:
+            context, out, written, drawn = list(prefix), [], 0, 0
+            while written < max_new_tokens:
+                ids = self._decode_text([context], drawn < max_images, method, max_new_tokens - written, top_p,
+                                        temperature, generator, use_cache)[0]
+                image = bool(ids) and ids[-1] == boi
+                text = ids[:-1] if image else ids
+                written += len(text)
+                if text:
+                    out.append(text)
+                    context.append(text)
+                if not image:
+                    break
+                picture = self.generate_image([context], guidance=guidance, top_p=top_p, temperature=temperature,
+                                              steps=steps, generator=generator, use_cache=use_cache)[0]
+                out.append(picture)
+                context.append(picture)
+                drawn += 1
+            results.append(out)
+        return results
+
+    # ---- the family (see polymodal.models.family) ----
+
+    tasks = ("caption", "answer", "generate image")
+    config_class = OmniConfig  # what a recipe's model section and a saved config.json are checked against
+    default_splits = DEFAULT_SPLITS
+
+    @classmethod
+    def from_recipe(cls, spec: dict, build: BuildContext) -> OmniModel:
+        """A tokenizer trained on the training split's captions, questions and answers; the
+        autoencoder the recipe names (required), the image-token settings read from it and, for
+        latent images, the scale that gives the training latents unit variance (unless set)."""
+        spec = dict(spec)
+        if spec.pop("init_from", None):
+            raise ValueError("model.init_from: an omni model starts from its autoencoder and a new tokenizer")
+        config = OmniConfig.from_spec({**spec, "fields": spec.get("fields") or build.field_map()})
+        if config.autoencoder is None:
+            raise ValueError("model.autoencoder: an omni model needs a saved autoencoder (vq for image: vq, "
+                             "kl for image: latent)")
+        autoencoder = Autoencoder.from_pretrained(config.autoencoder)
+        a = autoencoder.config
+        derived = {"latent_channels": a.latent_channels, "codebook_size": a.codebook_size,
+                   "latent_grid": a.image_size // autoencoder.downsample, "image_size": a.image_size}
+        for name, value in derived.items():
+            if name in spec and spec[name] != value:
+                raise ValueError(f"model.{name} is {spec[name]} but the autoencoder gives {value}; leave it out")
+        config = replace(config, **derived)
+        if config.image == "latent" and config.latent_scale is None:  # unit-variance latents for diffusion
+            with torch.no_grad():
+                spread = autoencoder.encode(build.images(512)).std().clamp(min=1e-6)
+            config = replace(config, latent_scale=float(1.0 / spread))
+        tokenizer = build.tokenizer(config.caption_column, questions=config.qa_column)
+        return cls(replace(config, vocab_size=tokenizer.vocab_size), tokenizer, autoencoder)
+
+    def fields(self) -> dict[str, str]:
+        return dict(self.config.fields) or {self.config.image_field: "image"}
+
+    def input_size(self) -> int:
+        return self.config.image_size
+
+    # ---- saving ----
+
+    def state_to_save(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("autoencoder.")}
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """``config.json``, the Transformer's weights, the tokenizer, and the autoencoder in
+        ``autoencoder/``: the folder draws on its own, wherever it is moved."""
+        def parts(folder: Path) -> None:
+            self.tokenizer.save_pretrained(folder)
+            if self.autoencoder is not None:
+                self.autoencoder.save_pretrained(folder / AUTOENCODER_FOLDER)
+
+        return write_model_folder(directory, {"model_type": "omni", **asdict(self.config)}, self.state_to_save(),
+                                  extra=parts)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> OmniModel:
+        """The model and its autoencoder, every config checked and the whole sized and matched with
+        its weight files before anything is allocated (see :func:`~polymodal.models.family.load_saved`)."""
+        directory = Path(directory)
+        config = saved_config(directory, "omni", OmniConfig)
+        tokenizer = read_tokenizer(directory)
+        autoencoder_config, parts = None, {}
+        if config.autoencoder is not None:
+            if not (directory / AUTOENCODER_FOLDER).is_dir():
+                raise InputError(directory, f"the model names an autoencoder but its {AUTOENCODER_FOLDER}/ folder is missing")
+            autoencoder_config = saved_config(directory / AUTOENCODER_FOLDER, "autoencoder", AutoencoderConfig)
+            try:
+                check_autoencoder(config, autoencoder_config, directory / AUTOENCODER_FOLDER)
+            except ValueError as e:
+                raise InputError(directory / AUTOENCODER_FOLDER / "config.json", str(e)) from None
+            parts[AUTOENCODER_FOLDER] = lambda m: m.autoencoder
+
+        def build() -> OmniModel:
+            return cls(config, tokenizer, Autoencoder(autoencoder_config) if autoencoder_config is not None else None)
+
+        return load_saved(directory, build, parts=parts, saved=lambda m: m.state_to_save())
+
+
+def check_autoencoder(config: OmniConfig, autoencoder: AutoencoderConfig, source: object) -> None:
+    """The autoencoder gives the image tokens ``config`` expects: its kind, code or latent channels,
+    and grid side. A ValueError naming ``source`` otherwise."""
+    kind = "vq" if config.image == "vq" else "kl"
+    grid = autoencoder.image_size // 2 ** (len(autoencoder.channels) - 1)
+    problems = []
+    if autoencoder.kind != kind:
+        problems.append(f"image: {config.image} needs a {kind} autoencoder, not {autoencoder.kind}")
+    if config.image == "vq" and autoencoder.codebook_size != config.codebook_size:
+        problems.append(f"codebook_size {config.codebook_size} but the autoencoder has {autoencoder.codebook_size} codes")
+    if config.image == "latent" and autoencoder.latent_channels != config.latent_channels:
+        problems.append(f"latent_channels {config.latent_channels} but the autoencoder gives {autoencoder.latent_channels}")
+    if grid != config.latent_grid:
+        problems.append(f"latent_grid {config.latent_grid} but the autoencoder gives a {grid}x{grid} grid")
+    if problems:
+        raise ValueError(f"{source}: {'; '.join(problems)}")

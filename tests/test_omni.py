@@ -1,0 +1,310 @@
+"""The native multimodal model (models/omni.py): Chameleon (vq) and Transfusion (latent), dense
+and Mixture-of-Transformers, at tiny sizes (seconds each)."""
+
+import random
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from polymodal.errors import InputError
+from polymodal.modalities.text import TextTokenizer
+from polymodal.models.autoencoder import Autoencoder, AutoencoderConfig
+from polymodal.models.family import _Bad, check_settings
+from polymodal.models.omni import OmniConfig, OmniExample, OmniModel, examples_from_rows
+
+TEXTS = ["a red circle in the top left", "a blue square in the center", "two green stars",
+         "what colour is the circle?", "red", "blue", "what shape is it?", "square"] * 3
+GRID, CHANNELS, CODES = 4, 4, 16  # 16 tokens an image
+KINDS = [(image, layout) for image in ("vq", "latent") for layout in ("dense", "mot")]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return TextTokenizer.train(TEXTS, vocab_size=300)
+
+
+def make(tokenizer, image="latent", layout="dense", seed=0, **kw) -> OmniModel:
+    torch.manual_seed(seed)
+    config = OmniConfig(image=image, layout=layout, width=32, depth=2, heads=2, latent_grid=GRID,
+                        codebook_size=CODES, latent_channels=CHANNELS, context_length=48, **kw)
+    return OmniModel(config, tokenizer)
+
+
+def an_image(image: str, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if image == "vq":
+        return torch.randint(0, CODES, (GRID, GRID), generator=g)
+    return torch.randn(CHANNELS, GRID, GRID, generator=g)
+
+
+def words(tokenizer, text):
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def caption_first(tokenizer, image, text="a red circle"):
+    return OmniExample([[tokenizer.bos_id, *words(tokenizer, text)], image, [tokenizer.eos_id]])
+
+
+# ---- the sequence and its mask --------------------------------------------------------------
+
+
+def test_the_mask_is_causal_across_bidirectional_inside_an_image_and_padding_is_safe(tokenizer):
+    m = make(tokenizer, "latent")
+    long = OmniExample([[tokenizer.bos_id, *words(tokenizer, "a red")], an_image("latent"),
+                        [tokenizer.eos_id, *words(tokenizer, "red")]])
+    short = OmniExample([[tokenizer.bos_id, *words(tokenizer, "red")]])
+    seq = m.pack([long, short])
+    t = seq.ids.shape[1]
+    boi = int((seq.ids[0] == tokenizer.boi_id).nonzero())
+    first, last = boi + 1, boi + GRID * GRID  # the image's tokens
+    assert seq.modality[0, first : last + 1].eq(1).all() and seq.modality[0, boi] == 0 == seq.modality[0, last + 1]
+    assert seq.segment[0, first : last + 1].eq(1).all() and seq.ids[0, last + 1] == tokenizer.eoi_id
+    mask = m.attention_mask(seq.segment, seq.key_mask, t)[:, 0]  # (B, T, T)
+    row = mask[0]
+    assert not row[boi, first] and not row[1, boi]  # text is causal: nothing sees what comes later
+    assert row[first, last] and row[last, first]  # inside the image both ways
+    assert not row[last, last + 1] and not row[first, t - 1]  # not the text after it
+    assert row[last + 1, first : last + 1].all() and row[t - 1, : t].all()  # later text sees all of it
+    # padding (on the right): real tokens never see it, a padded query sees itself; no NaN anywhere
+    n = int(seq.key_mask[1].sum())
+    assert not mask[1, :n, n:].any() and mask[1, n:, n:].diagonal().all()
+    assert torch.isfinite(m(seq)).all()
+    # vq: codes are generated in order, so causal everywhere
+    vq = make(tokenizer, "vq")
+    vq_seq = vq.pack([OmniExample([[tokenizer.bos_id], an_image("vq"), [tokenizer.eos_id]])])
+    assert torch.equal(vq.attention_mask(vq_seq.segment, vq_seq.key_mask, vq_seq.ids.shape[1])[0, 0],
+                       torch.ones(vq_seq.ids.shape[1], vq_seq.ids.shape[1]).tril().bool())
+
+
+@pytest.mark.parametrize("image", ["vq", "latent"])
+def test_a_later_image_token_leaves_earlier_text_unchanged(tokenizer, image):
+    m = make(tokenizer, image, "mot").eval()
+    a, b = an_image(image, 0), an_image(image, 0).clone()
+    if image == "vq":
+        b[-1, -1] = (b[-1, -1] + 1) % CODES
+    else:
+        b[:, -1, -1] += 1.0
+    ha, hb = (m(m.pack([caption_first(tokenizer, x)])) for x in (a, b))
+    boi = int((m.pack([caption_first(tokenizer, a)]).ids[0] == tokenizer.boi_id).nonzero())
+    assert torch.equal(ha[0, : boi + 1], hb[0, : boi + 1])  # the text before (and <boi>)
+    first = boi + 1
+    if image == "latent":  # bidirectional inside: the first cell sees the last
+        assert not torch.allclose(ha[0, first], hb[0, first])
+    else:  # causal: the first code does not
+        assert torch.equal(ha[0, first], hb[0, first])
+
+
+def test_no_text_loss_at_boi_or_on_latent_image_tokens(tokenizer):
+    for image in ("latent", "vq"):
+        m = make(tokenizer, image)
+        seq = m.pack([caption_first(tokenizer, an_image(image))])
+        labels = m.targets(seq)[0]
+        boi = int((seq.ids[0] == tokenizer.boi_id).nonzero())
+        eoi = boi + GRID * GRID + 1
+        assert labels[boi - 1] == tokenizer.boi_id  # the model learns when to open an image
+        assert labels[eoi] == tokenizer.eos_id and labels[-1] == -100
+        if image == "latent":  # the image is the diffusion loss's: no next-token loss at <boi> or inside
+            assert labels[boi : eoi].eq(-100).all()
+        else:  # Chameleon: next-token loss everywhere, codes included
+            assert labels[boi : eoi - 1].ge(m.text_vocab).all() and labels[eoi - 1] == tokenizer.eoi_id
+
+
+# ---- Mixture-of-Transformers ----------------------------------------------------------------
+
+
+def block_params(model):
+    return sum(p.numel() for p in model.blocks.parameters())
+
+
+def test_mot_has_a_parameter_set_per_modality_at_the_flops_of_dense(tokenizer):
+    for image in ("vq", "latent"):
+        dense, mot = make(tokenizer, image, "dense"), make(tokenizer, image, "mot")
+        assert block_params(mot) == 2 * block_params(dense)  # norms, attention projections, MLPs: twice
+        names = {n for n, _ in mot.named_parameters()}
+        assert {"blocks.0.experts.0.mlp.fc1.weight", "blocks.0.experts.1.attn.q.weight"} <= names
+        seq = dense.pack([caption_first(tokenizer, an_image(image)),
+                          OmniExample([[tokenizer.bos_id], an_image(image, 1), [tokenizer.eos_id]])])
+        flops = []
+        for model in (dense, mot):
+            with FlopCounterMode(display=False) as counter:
+                model(seq)
+            flops.append(counter.get_total_flops())
+        assert flops[0] == flops[1] > 0
+
+    # each position goes through its own modality's parameters: change the image MLP of the
+    # last block and only image positions change there
+    m = make(tokenizer, "latent", "mot").eval()
+    seq = m.pack([caption_first(tokenizer, an_image("latent"))])
+    before = m(seq)
+    with torch.no_grad():
+        m.blocks[-1].experts[1].mlp.fc2.bias += 1.0
+    after = m(seq)
+    image = seq.modality[0] == 1
+    assert torch.equal(before[0, ~image], after[0, ~image]) and not torch.allclose(before[0, image], after[0, image])
+
+
+# ---- losses and training --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("image,layout", KINDS)
+def test_losses_are_finite_and_reach_every_parameter_set(tokenizer, image, layout):
+    m = make(tokenizer, image, layout)
+    rows = [{"text": TEXTS[i], "qa": [{"question": "what colour is the circle?", "answer": "red"}]} for i in range(4)]
+    examples = examples_from_rows(rows, [an_image(image, i) for i in range(4)], tokenizer, m.config, random.Random(0))
+    out = m.loss(examples, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out["loss"]) and out["text_loss"] > 0
+    assert ("image_loss" if image == "vq" else "diffusion_loss") in out
+    out["loss"].backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    # a text-only batch works too (in mot the image parameters then sit idle)
+    text_only = m.loss([OmniExample([[tokenizer.bos_id, *words(tokenizer, "two green stars"), tokenizer.eos_id]])])
+    assert torch.isfinite(text_only["loss"])
+
+
+@pytest.mark.parametrize("image", ["vq", "latent"])
+def test_a_tiny_model_overfits_one_example(tokenizer, image):
+    m = make(tokenizer, image, "mot")
+    example = [caption_first(tokenizer, an_image(image), "a blue square in the center")]
+
+    def measured() -> float:  # the same noise and timesteps every time
+        with torch.no_grad():
+            return m.loss(example, generator=torch.Generator().manual_seed(0))["loss"].item()
+
+    first = measured()
+    opt = torch.optim.AdamW(m.parameters(), 3e-3)
+    for _ in range(30):
+        opt.zero_grad()
+        m.loss(example)["loss"].backward()
+        opt.step()
+    assert measured() < 0.8 * first
+
+
+# ---- generation -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("image,layout", KINDS)
+def test_cached_generation_equals_uncached(tokenizer, image, layout):
+    m = make(tokenizer, image, layout).eval()
+    prefixes = [m.text_prompt("a red circle in the"), m.image_prompt(an_image(image)),
+                m.image_prompt(an_image(image, 1), "what colour is the circle?")]  # left-padded to one length
+    cached = m.generate_text(prefixes, max_new_tokens=6)
+    assert cached == m.generate_text(prefixes, max_new_tokens=6, use_cache=False)
+    assert all(0 <= i < m.text_vocab for row in cached for i in row)
+    nucleus = [m.generate_text(prefixes, method="nucleus", max_new_tokens=6, use_cache=use,
+                               generator=torch.Generator().manual_seed(3)) for use in (True, False)]
+    assert nucleus[0] == nucleus[1]
+    draw = [m.text_prompt("a red circle"), m.text_prompt("two")]
+    images = [m.generate_image(draw, steps=3, seed=1, use_cache=use) for use in (True, False)]
+    if image == "vq":
+        assert images[0].shape == (2, GRID, GRID) and images[0].dtype == torch.long
+        assert torch.equal(images[0], images[1]) and 0 <= images[0].min() and images[0].max() < CODES
+    else:
+        assert images[0].shape == (2, CHANNELS, GRID, GRID) and torch.isfinite(images[0]).all()
+        torch.testing.assert_close(images[0], images[1])
+
+
+def test_latent_images_are_guided_and_seeded(tokenizer):
+    m = make(tokenizer, "latent").eval()
+    with torch.no_grad():  # a model whose noise prediction reads the text, so guidance matters
+        m.latent_out.weight.normal_(0, 0.5)
+    draw = [m.text_prompt("a red circle")]
+    a = m.generate_image(draw, steps=4, seed=0)
+    assert torch.equal(a, m.generate_image(draw, steps=4, seed=0))
+    assert not torch.allclose(a, m.generate_image(draw, steps=4, seed=1))
+    assert not torch.allclose(a, m.generate_image(draw, steps=4, seed=0, guidance=1.0))
+
+
+def test_interleaved_generation_draws_in_place_then_writes_again(tokenizer):
+    m = make(tokenizer, "latent").eval()
+    with torch.no_grad():  # a model that opens an image whenever it may: every hidden state points at <boi>
+        direction = torch.zeros(m.config.width)
+        direction[0] = 1.0
+        m.norms[0].weight.zero_()
+        m.norms[0].bias.copy_(direction)
+        m.token_embedding.weight[tokenizer.boi_id] = 10 * direction
+    out = m.generate([m.text_prompt("draw")], max_new_tokens=3, max_images=1, steps=2)[0]
+    assert isinstance(out[0], torch.Tensor) and out[0].shape == (CHANNELS, GRID, GRID)
+    assert len(out) == 2 and isinstance(out[1], list) and len(out[1]) == 3  # then text (no second image)
+    assert tokenizer.boi_id not in out[1]
+
+
+# ---- examples from data rows ----------------------------------------------------------------
+
+
+def test_examples_from_rows_mixes_directions_questions_and_dropped_captions(tokenizer):
+    config = OmniConfig(latent_grid=GRID, context_length=48, vqa_share=0.25)
+    rows = [{"text": "a red circle", "qa": [{"question": "what colour is the circle?", "answer": "red"}]}] * 2000
+    examples = examples_from_rows(rows, [torch.zeros(4, GRID, GRID)] * 2000, tokenizer, config, random.Random(0))
+    bos, eos = tokenizer.bos_id, tokenizer.eos_id
+    caption = words(tokenizer, "a red circle")
+    kinds = {"vqa": 0, "image first": 0, "caption first": 0, "dropped": 0}
+    for ex in examples:
+        first, _, after = ex.segments
+        if first == [bos] and after[0] != eos:
+            kinds["vqa"] += 1
+            assert after == [*words(tokenizer, "what colour is the circle?"), eos, *words(tokenizer, "red"), eos]
+            assert ex.max_timestep == 500
+        elif first == [bos]:
+            kinds["image first" if after != [eos] else "dropped"] += 1
+            assert after in ([eos, *caption, eos], [eos])
+            assert ex.max_timestep == (500 if after != [eos] else None)
+        else:
+            kinds["caption first"] += 1
+            assert first == [bos, *caption] and after == [eos] and ex.max_timestep is None
+    assert kinds["vqa"] == pytest.approx(500, abs=80)
+    pairs = 2000 - kinds["vqa"]
+    assert kinds["image first"] == pytest.approx(0.2 * pairs, abs=80)
+    assert kinds["dropped"] == pytest.approx(0.1 * 0.8 * pairs, abs=50)
+
+
+def test_config_is_checked(tokenizer):
+    with pytest.raises(ValueError, match="image: unknown"):
+        OmniConfig(image="pixels")
+    with pytest.raises(ValueError, match="caption_dropout"):
+        OmniConfig(caption_dropout=1.5)
+    with pytest.raises(ValueError, match="context_length"):
+        OmniConfig(context_length=40)  # 64 image tokens do not fit
+    with pytest.raises(_Bad, match="unknown setting"):
+        check_settings({"layers": 3}, OmniConfig)
+    assert OmniConfig.from_spec({"preset": "tiny", "image": "vq"}).width == 32
+    m = make(tokenizer, "vq")
+    with pytest.raises(ValueError, match="integer codes"):
+        m.pack([OmniExample([[tokenizer.bos_id], torch.zeros(3, 3, dtype=torch.long)])])
+    with pytest.raises(ValueError, match="not a text token"):
+        m.pack([OmniExample([[tokenizer.bos_id, tokenizer.boi_id]])])
+
+
+# ---- saving ---------------------------------------------------------------------------------
+
+
+def test_save_and_load_round_trip_with_the_autoencoder(tokenizer, tmp_path):
+    torch.manual_seed(0)
+    autoencoder = Autoencoder(AutoencoderConfig(kind="vq", channels=(8, 8, 8), latent_channels=4,
+                                                codebook_size=CODES, image_size=16))  # 16 px -> a 4x4 grid
+    config = OmniConfig(image="vq", layout="mot", width=32, depth=2, heads=2, latent_grid=GRID, codebook_size=CODES,
+                        context_length=48, autoencoder="somewhere/vq", image_size=16)
+    with pytest.raises(ValueError, match="exactly when"):
+        OmniModel(config, tokenizer)  # the config names an autoencoder that is not there
+    m = OmniModel(config, tokenizer, autoencoder).eval()
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    batch = {"image": images, "rows": [{"text": "a red circle", "qa": []}, {"text": "two green stars", "qa": []}]}
+    assert torch.isfinite(m.loss(batch, generator=torch.Generator().manual_seed(0))["loss"])  # the trainer's batch
+    codes = m.image_tokens(images)
+    assert codes.shape == (2, GRID, GRID) and m.decode_images(codes).shape == (2, 3, 16, 16)
+
+    m.save_pretrained(tmp_path / "omni")
+    assert {p.name for p in (tmp_path / "omni").iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json",
+                                                              "autoencoder"}
+    loaded = OmniModel.from_pretrained(tmp_path / "omni")
+    seq = m.pack([m.image_prompt(codes[0]), m.image_prompt(codes[1], "what colour is the circle?")])
+    assert torch.equal(m.logits(m(seq)), loaded.logits(loaded(seq)))
+    assert torch.equal(loaded.image_tokens(images), codes)
+    assert loaded.generate_text([m.image_prompt(codes[0])], max_new_tokens=4) == \
+        m.generate_text([m.image_prompt(codes[0])], max_new_tokens=4)
+
+    config = (tmp_path / "omni" / "config.json").read_text()
+    (tmp_path / "omni" / "config.json").write_text(config.replace('"codebook_size": 16', '"codebook_size": 32'))
+    with pytest.raises(InputError, match="codebook_size"):
+        OmniModel.from_pretrained(tmp_path / "omni")
