@@ -286,3 +286,14 @@ def test_every_shipped_recipe_passes_its_model_check():
 
     for name in shipped_recipes():
         load_recipe(name)
+
+
+def test_the_summary_takes_the_lowest_error_rate_as_best():
+    """A recogniser's substitution, deletion and insertion rates are errors: best is the lowest."""
+    from polymodal.train.report import lower_is_better
+
+    for metric in ("val/word error rate", "val/substitution rate", "val/deletion rate", "val/insertion rate",
+                   "val/denoising loss", "val/frechet distance"):
+        assert lower_is_better(metric), metric
+    for metric in ("val/BLEU-4", "val/vqa accuracy", "val/text->image R@1", "val/scene-graph objects right"):
+        assert not lower_is_better(metric), metric

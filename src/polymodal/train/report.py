@@ -111,7 +111,8 @@ class BudgetProgress(ProgressBar):
 
 # ---- the end of a run -------------------------------------------------------------------------
 
-LOWER_IS_BETTER = ("loss", "mse", "error", "distance", "perplexity", "fid")  # in a metric's name
+LOWER_IS_BETTER = ("loss", "mse", "error", "distance", "perplexity", "fid", "substitution", "deletion",
+                   "insertion")  # in a metric's name (the last three: a recogniser's kinds of word error)
 
 
 def lower_is_better(metric: str) -> bool:
