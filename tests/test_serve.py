@@ -276,13 +276,23 @@ def test_a_follow_up_question_uses_the_earlier_image(client):
     assert reply.choices[0].message.content == "blue"
 
 
-def test_spoken_question_is_transcribed_then_answered(client):
-    reply = openai_client(client).chat.completions.create(model="assistant", messages=[{"role": "user", "content": [
-        {"type": "input_audio", "input_audio": {"data": base64.b64encode(tone()).decode(), "format": "wav"}},
-        {"type": "image_url", "image_url": {"url": png_data_url(circle("red"))}}]}])
+def test_spoken_question_is_transcribed_then_answered(models_dir, tmp_path, speech):
+    with make_client(models_dir, tmp_path, recogniser="pocketsphinx") as client:  # the named recogniser hears
+        reply = openai_client(client).chat.completions.create(model="assistant", messages=[{"role": "user", "content": [
+            {"type": "input_audio", "input_audio": {"data": base64.b64encode(tone()).decode(), "format": "wav"}},
+            {"type": "image_url", "image_url": {"url": png_data_url(circle("red"))}}]}])
     assert reply.choices[0].message.content == "red"
     extra = reply.model_dump()["polymodal"]
     assert extra["heard"] == [HEARD] and extra["models"] == ["recogniser", "captions"]
+
+
+def test_a_served_recogniser_hears_chat_audio_when_none_is_named(client):
+    """Without --recogniser, a served model that transcribes (the in-domain recogniser `make demo`
+    trains) hears spoken chat before the general-purpose one."""
+    reply = openai_client(client).chat.completions.create(model="assistant", messages=[{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": base64.b64encode(tone()).decode(), "format": "wav"}}]}])
+    extra = reply.model_dump()["polymodal"]
+    assert extra["models"][0] == "hearing" and len(extra["heard"]) == 1
 
 
 def test_plain_text_without_a_language_model_says_what_the_server_can_do(client):

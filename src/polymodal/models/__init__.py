@@ -32,6 +32,7 @@ from polymodal.models.family import (
 )
 from polymodal.models.folder import read_config
 from polymodal.models.fusion import FusionClassifier
+from polymodal.models.omni import OmniModel
 from polymodal.models.text_to_image import TextToImage
 
 FAMILIES: dict[str, type[nn.Module]] = {
@@ -41,6 +42,7 @@ FAMILIES: dict[str, type[nn.Module]] = {
     "detector": GridDetector,  # the shapes world's judge of generated images
     "autoencoder": Autoencoder,  # KL / VQ image autoencoders (latent spaces)
     "text_to_image": TextToImage,  # text-guided diffusion
+    "omni": OmniModel,  # native multimodal decoder (Chameleon / Transfusion / MoT): captions, answers, draws
 }
 
 # ``model_type`` values written by other libraries, read as one of ours

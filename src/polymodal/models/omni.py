@@ -57,14 +57,27 @@ for a check): :meth:`OmniModel.generate_text` (greedy or nucleus over the text v
 :meth:`OmniModel.generate_image` (``vq``: codes sampled with top-p and classifier-free guidance
 against a dropped-caption pass, never greedy, which gives blank images; ``latent``: the diffusion
 sampler run on the image block in place, bidirectional inside it, the prefix cached once);
-:meth:`OmniModel.generate` (interleaved: text until ``<boi>``, an image, text again).
+:meth:`OmniModel.generate_interleaved` (text until ``<boi>``, an image, text again).
+
+**The family** (:mod:`polymodal.models.family`): one model that captions, answers and draws, so
+it answers each task's entry point as the family that does only that task does, and callers
+(the command line, the server, the evaluators) need not know it is one model:
+:meth:`OmniModel.generate` given a data batch of images (and questions) writes text as a
+captioner's ``generate`` does (:meth:`OmniModel.write`); given prompt strings it draws images as a
+text-to-image model's ``generate`` does (:meth:`OmniModel.draw`); given segment prefixes it is
+:meth:`OmniModel.generate_interleaved`. ``polymodal eval`` scores captions and answers with the
+captioner's metrics and, given a judge, drawings with the text-to-image family's GenEval-style
+scores, under the same keys. Training encodes each training image once: its codes or latents
+are cached by the file it came from (:meth:`OmniModel.training_tokens`), so the frozen
+autoencoder does not run every step.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -72,13 +85,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from polymodal.data.dataset import DEFAULT_COLUMNS
 from polymodal.errors import InputError
 from polymodal.modalities.text import TextTokenizer
 from polymodal.models.autoencoder import Autoencoder, AutoencoderConfig
 from polymodal.models.family import (
     DEFAULT_SPLITS,
     BuildContext,
+    EvalOptions,
+    Validator,
     check_diffusion_settings,
+    evaluate_splits,
     load_saved,
     saved_config,
 )
@@ -96,6 +113,12 @@ AUTOENCODER_FOLDER = "autoencoder"  # subfolder of a saved model holding its aut
 # Transfusion's diffusion: epsilon prediction, cosine schedule, a plain mean squared error; the
 # latents are not pixels, so predicted clean samples are not clamped to [-1, 1]
 DIFFUSION_DEFAULTS = {"prediction": "epsilon", "schedule": "cosine", "weighting": "none", "clip_sample": False}
+TOKEN_CACHE_LIMIT = 50_000  # training images whose codes or latents are kept (an 8x8x4 latent grid is
+# 1 KB: at most about 50 MB); images beyond it are encoded each time they come
+VALIDATION_LOSS_ITEMS = 250  # validation items whose losses are scored during training
+VALIDATION_WRITTEN_ITEMS = 32  # of those, items captioned (and asked their questions) during training
+
+log = logging.getLogger("polymodal.models")
 
 
 @dataclass
@@ -414,6 +437,7 @@ class OmniModel(nn.Module):
             nn.init.zeros_(self.latent_out.bias)
             self.diffusion = Diffusion(c.diffusion_config())
         self.parameter_sets = experts  # per block: 1 (dense) or one per modality (mot)
+        self._token_cache: dict[str, torch.Tensor] = {}  # training image file -> its codes or latents
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -436,6 +460,10 @@ class OmniModel(nn.Module):
         """Images ``(B, 3, S, S)`` in [-1, 1] -> codes ``(B, g, g)`` (vq) or scaled latents ``(B, C, g, g)``."""
         if self.autoencoder is None:
             raise ValueError("this model has no autoencoder: pass image tokens, not images")
+        side = self.config.image_size
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, side, side):
+            raise ValueError(f"images are {tuple(images.shape)}; this model reads (B, 3, {side}, {side}) "
+                             f"(set data.image_size: {side})")
         if self.config.image == "vq":
             return self.autoencoder.encode_codes(images)
         return self.autoencoder.encode(images) * self.latent_scale
@@ -448,6 +476,28 @@ class OmniModel(nn.Module):
         if self.config.image == "vq":
             return self.autoencoder.decode_codes(tokens).clamp(-1, 1)
         return self.autoencoder.decode(tokens / self.latent_scale).clamp(-1, 1)
+
+    @torch.no_grad()
+    def training_tokens(self, images: torch.Tensor, rows: Sequence[dict] | None) -> torch.Tensor:
+        """:meth:`image_tokens` of a training batch, each image file encoded once: the autoencoder is
+        frozen and images are not augmented, so a file's codes or latents are the same every
+        epoch, and encoding them every step cost the autoencoder's forward pass per image. Kept
+        by the file each row's image came from (at most :data:`TOKEN_CACHE_LIMIT` of them); rows
+        that name no file are encoded as they come."""
+        spec = self.fields().get(self.config.image_field, "image")
+        column = spec.partition(":")[2] or DEFAULT_COLUMNS["image"]
+        keys = [row.get(column) for row in rows] if rows is not None else [None] * len(images)
+        if len(keys) != len(images) or any(not isinstance(k, str) for k in keys):
+            return self.image_tokens(images)
+        found = {i: self._token_cache[k] for i, k in enumerate(keys) if k in self._token_cache}
+        missing = [i for i in range(len(keys)) if i not in found]
+        if missing:
+            fresh = self.image_tokens(images[missing]).cpu()
+            for i, tokens in zip(missing, fresh, strict=True):
+                found[i] = tokens
+                if len(self._token_cache) < TOKEN_CACHE_LIMIT:
+                    self._token_cache[keys[i]] = tokens
+        return torch.stack([found[i] for i in range(len(keys))]).to(images.device)
 
     # ---- packing ----
 
@@ -616,8 +666,9 @@ class OmniModel(nn.Module):
     # ---- training ----
 
     def examples(self, batch: dict, rng: random.Random | None = None) -> list[OmniExample]:
-        """The training examples of a data batch (``image`` and ``rows``): see :func:`examples_from_rows`."""
-        tokens = self.image_tokens(batch[self.config.image_field])
+        """The training examples of a data batch (``image`` and ``rows``): see :func:`examples_from_rows`;
+        the images' tokens from the cache of :meth:`training_tokens`."""
+        tokens = self.training_tokens(batch[self.config.image_field], batch["rows"])
         return examples_from_rows(batch["rows"], list(tokens), self.tokenizer, self.config, rng)
 
     def loss(self, batch: Sequence[OmniExample] | dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -722,7 +773,8 @@ class OmniModel(nn.Module):
     @torch.no_grad()
     def generate_image(self, prefixes: Sequence[Sequence[Segment]], *, guidance: float = 3.0, top_p: float = 0.9,
                        temperature: float = 1.0, steps: int = 50, sampler: str = "ddim", seed: int | None = 0,
-                       generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
+                       generator: torch.Generator | None = None, use_cache: bool = True,
+                       progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """An image after each prefix (``<boi>`` is added): codes ``(B, g, g)`` (vq) or scaled
         latents ``(B, C, g, g)`` (latent); :meth:`decode_images` draws them.
 
@@ -730,7 +782,8 @@ class OmniModel(nn.Module):
         (a dropped caption, as trained): ``uncond + guidance * (cond - uncond)``, on the code
         logits (vq) or the predicted noise (latent); 1.0 is no guidance. vq samples every code
         with top-p (greedy codes give blank images); latent runs ``steps`` steps of ``sampler``
-        on the whole image block at once, the prefix computed once into the KV cache."""
+        on the whole image block at once, the prefix computed once into the KV cache; ``progress(i)``
+        is told each finished denoising step."""
         if not prefixes:
             raise ValueError("no prefixes to draw after")
         if generator is None:
@@ -741,7 +794,7 @@ class OmniModel(nn.Module):
         prompt = self.pack(rows, side="left", open_image=True)
         if self.config.image == "vq":
             return self._sample_codes(prompt, b, guided, guidance, top_p, temperature, generator, use_cache)
-        return self._denoise(prompt, b, guided, guidance, steps, sampler, generator, use_cache)
+        return self._denoise(prompt, b, guided, guidance, steps, sampler, generator, use_cache, progress)
 
     def _sample_codes(self, prompt: Interleaved, b: int, guided: bool, guidance: float, top_p: float,
                       temperature: float, generator: torch.Generator, use_cache: bool) -> torch.Tensor:
@@ -770,7 +823,8 @@ class OmniModel(nn.Module):
         return torch.tensor(codes, dtype=torch.long, device=self.device).view(b, g, g)
 
     def _denoise(self, prompt: Interleaved, b: int, guided: bool, guidance: float, steps: int, sampler: str,
-                 generator: torch.Generator, use_cache: bool) -> torch.Tensor:
+                 generator: torch.Generator, use_cache: bool,
+                 progress: Callable[[int], None] | None = None) -> torch.Tensor:
         c = self.config
         scheduler = self.diffusion.sampler(sampler, steps)
         segment = int(prompt.segment.max()) + 1  # a new image of every row
@@ -778,7 +832,7 @@ class OmniModel(nn.Module):
         if cache is not None:
             self.forward(prompt, cache)  # the prefix, once
         x = torch.randn((b, c.image_tokens, c.latent_channels), device=self.device, generator=generator)
-        for t in scheduler.timesteps:
+        for i, t in enumerate(scheduler.timesteps):
             block = self._latent_block(torch.cat([x, x]) if guided else x, int(t), segment)
             if cache is not None:  # the block attends to the cached prefix; the cache forgets it again
                 state = cache.snapshot()
@@ -791,10 +845,12 @@ class OmniModel(nn.Module):
                 cond, uncond = noise.chunk(2)
                 noise = uncond + guidance * (cond - uncond)
             x = scheduler.step(noise, t, x, generator=generator).prev_sample
+            if progress:
+                progress(i + 1)
         return x.transpose(1, 2).reshape(b, c.latent_channels, c.latent_grid, c.latent_grid)
 
     @torch.no_grad()
-    def generate(self, prefixes: Sequence[Sequence[Segment]], *, max_new_tokens: int = 40, max_images: int = 1,
+    def generate_interleaved(self, prefixes: Sequence[Sequence[Segment]], *, max_new_tokens: int = 40, max_images: int = 1,
                  method: str = "greedy", top_p: float = 0.9, temperature: float = 1.0, guidance: float = 3.0,
                  steps: int = 50, seed: int | None = 0, use_cache: bool = True) -> list[list[Segment]]:
         """Interleaved output after each prefix: text until the model writes ``<boi>``, then an
@@ -825,6 +881,94 @@ class OmniModel(nn.Module):
             results.append(out)
         return results
 
+    # ---- each task's entry point (as the captioner's and the text-to-image family's) ----
+
+    @torch.no_grad()
+    def generate(self, inputs: Mapping[str, object] | Sequence[str] | Sequence[Sequence[Segment]],
+                 prompts: Sequence[str | None] | None = None, **options) -> list[str] | torch.Tensor | list[list[Segment]]:
+        """Whatever ``inputs`` asks for, in the form each task's callers expect:
+
+        - a data batch (a dict with images; ``prompts``: a question per image, or None to caption
+          it): the text written for each image, as :meth:`Captioner.generate
+          <polymodal.models.captioner.Captioner.generate>` returns it (:meth:`write`);
+        - prompt strings: images ``(B, 3, S, S)`` in [-1, 1], as :meth:`TextToImage.generate
+          <polymodal.models.text_to_image.TextToImage.generate>` draws them (:meth:`draw`);
+        - prefixes (lists of segments): interleaved output (:meth:`generate_interleaved`).
+
+        The command line, the server and the evaluators call a model's ``generate`` by the task
+        it was loaded for; one model that does three tasks answers all three."""
+        if isinstance(inputs, Mapping):
+            return self.write(inputs, prompts, **options)
+        if prompts is not None:
+            raise ValueError("questions (prompts) go with a batch of images; to draw, pass the prompts alone")
+        if isinstance(inputs, str):
+            raise ValueError("pass a list of prompts to draw, not one string")
+        if inputs and all(isinstance(p, str) for p in inputs):
+            return self.draw(list(inputs), **options)
+        return self.generate_interleaved(inputs, **options)
+
+    def _image_field(self) -> str:
+        """The batch field holding the images the model reads."""
+        return next((name for name, spec in self.fields().items() if spec.partition(":")[0] == "image"),
+                    self.config.image_field)
+
+    @torch.no_grad()
+    def write(self, batch: Mapping[str, object], prompts: Sequence[str | None] | None = None, *, method: str = "greedy",
+              top_p: float = 0.9, temperature: float = 1.0, max_new_tokens: int = 40,
+              generator: torch.Generator | None = None, use_cache: bool = True) -> list[str]:
+        """The caption of each image of ``batch`` (no prompt) or the answer to its question,
+        decoded greedy or with nucleus sampling; each sequence ``<bos> <boi> image <eoi> question
+        <eos>`` as the model was trained on."""
+        if method not in ("greedy", "nucleus"):
+            raise ValueError(f"an omni model decodes text greedy or nucleus, not {method!r}")
+        name = self._image_field()
+        images = batch.get(name)
+        if not isinstance(images, torch.Tensor):
+            raise ValueError(f"the batch has no {name!r} images to write about")
+        prompts = list(prompts) if prompts is not None else [None] * len(images)
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(prompts)} prompts for a batch of {len(images)} images")
+        tokens = self.image_tokens(images.to(self.device))
+        prefixes = [self.image_prompt(t, q) for t, q in zip(tokens, prompts, strict=True)]
+        ids = self.generate_text(prefixes, method=method, max_new_tokens=max_new_tokens, top_p=top_p,
+                                 temperature=temperature, generator=generator, use_cache=use_cache)
+        return [self.tokenizer.decode(seq) for seq in ids]
+
+    def prompt_ids(self, prompts: Sequence[str | None], device: torch.device | str = "cpu") -> torch.Tensor:
+        """The ids of each prefix :meth:`write` reads, ``<bos> <boi> image <eoi> question <eos>``,
+        left-padded ``(B, T)``, the image as ``<pad>`` placeholders: what a caller measures a
+        question against ``context_length`` with (the captioner's ``prompt_ids``)."""
+        tok = self.tokenizer
+        image = [tok.boi_id, *[tok.pad_id] * self.config.image_tokens, tok.eoi_id]
+        rows = [[tok.bos_id, *image, *(tok.encode(q, add_special_tokens=False) if q else []), tok.eos_id]
+                for q in prompts]
+        longest = max(len(r) for r in rows)
+        ids = torch.full((len(rows), longest), tok.pad_id, dtype=torch.long, device=device)
+        for i, row in enumerate(rows):
+            ids[i, longest - len(row):] = torch.tensor(row, device=device)
+        return ids
+
+    @torch.no_grad()
+    def draw(self, prompts: Sequence[str], *, guidance: float = 3.0, steps: int = 50, sampler: str = "ddim",
+             seed: int | None = 0, generator: torch.Generator | None = None, compose: bool = False,
+             top_p: float = 0.9, temperature: float = 1.0, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Images ``(B, 3, S, S)`` in [-1, 1], one for each prompt: :meth:`generate_image` after
+        ``<bos> prompt`` (cut to the caption length of training), drawn by the autoencoder. The
+        same ``seed`` draws the same images; ``steps`` and ``sampler`` concern latent images."""
+        if compose:
+            raise ValueError("compose: an omni model reads a prompt as one caption; drawing 'and'-joined parts as a "
+                             "conjunction is for text-to-image models")
+        if not prompts:
+            raise ValueError("no prompts to draw")
+        tok = self.tokenizer
+        budget = self.config.context_length - self.config.image_tokens - 6  # as examples_from_rows cuts captions
+        prefixes = [[[tok.bos_id, *tok.encode(p, add_special_tokens=False)[:budget]]] for p in prompts]
+        tokens = self.generate_image(prefixes, guidance=guidance, steps=steps, sampler=sampler, seed=seed,
+                                     generator=generator, top_p=top_p, temperature=temperature, progress=progress)
+        if progress and self.config.image == "vq":  # codes are sampled, not denoised: all steps are done
+            progress(steps)
+        return self.decode_images(tokens)
+
     # ---- the family (see polymodal.models.family) ----
 
     tasks = ("caption", "answer", "generate image")
@@ -839,18 +983,21 @@ class OmniModel(nn.Module):
         spec = dict(spec)
         if spec.pop("init_from", None):
             raise ValueError("model.init_from: an omni model starts from its autoencoder and a new tokenizer")
-        config = OmniConfig.from_spec({**spec, "fields": spec.get("fields") or build.field_map()})
-        if config.autoencoder is None:
+        if spec.get("autoencoder") is None:
             raise ValueError("model.autoencoder: an omni model needs a saved autoencoder (vq for image: vq, "
                              "kl for image: latent)")
-        autoencoder = Autoencoder.from_pretrained(config.autoencoder)
+        autoencoder = Autoencoder.from_pretrained(spec["autoencoder"])
         a = autoencoder.config
+        if build.image_size != a.image_size:
+            raise ValueError(f"data.image_size is {build.image_size} but the autoencoder reads {a.image_size}x"
+                             f"{a.image_size} images; set data.image_size: {a.image_size}")
         derived = {"latent_channels": a.latent_channels, "codebook_size": a.codebook_size,
                    "latent_grid": a.image_size // autoencoder.downsample, "image_size": a.image_size}
         for name, value in derived.items():
             if name in spec and spec[name] != value:
                 raise ValueError(f"model.{name} is {spec[name]} but the autoencoder gives {value}; leave it out")
-        config = replace(config, **derived)
+        # the image-token settings come from the autoencoder before the config checks what fits them
+        config = OmniConfig.from_spec({**spec, **derived, "fields": spec.get("fields") or build.field_map()})
         if config.image == "latent" and config.latent_scale is None:  # unit-variance latents for diffusion
             with torch.no_grad():
                 spread = autoencoder.encode(build.images(512)).std().clamp(min=1e-6)
@@ -863,6 +1010,67 @@ class OmniModel(nn.Module):
 
     def input_size(self) -> int:
         return self.config.image_size
+
+    def validator(self, items: list[dict], fields) -> Validator:
+        """Cheap scores of held-out items while training: the losses of (at most
+        :data:`VALIDATION_LOSS_ITEMS`) validation items, their examples, noise and timesteps drawn
+        from a fixed seed so one validation compares with the next (``text loss``, and ``image
+        loss`` or ``diffusion loss``); and captions and answers of the first
+        :data:`VALIDATION_WRITTEN_ITEMS` of them, scored as the captioner's validation scores its
+        own (on the shapes world by the scene-graph judge too). Drawing is left to ``polymodal eval``."""
+        from polymodal.data.dataset import Collator
+        from polymodal.eval.datasets import dataset_metrics_of_rows
+        from polymodal.eval.understanding import captioner_metrics
+
+        scored, written = items[:VALIDATION_LOSS_ITEMS], items[:VALIDATION_WRITTEN_ITEMS]
+        dataset = dataset_metrics_of_rows([item["row"] for item in written])
+        names = {"text_loss": "text loss", "image_loss": "image loss", "diffusion_loss": "diffusion loss"}
+
+        def validate(model: OmniModel) -> dict[str, float]:
+            collate, sums, counts = Collator(fields), dict.fromkeys(names, 0.0), dict.fromkeys(names, 0)
+            for start in range(0, len(scored), 100):
+                batch = collate(scored[start : start + 100])
+                out = model.loss(batch, generator=torch.Generator().manual_seed(start))
+                for key in names:
+                    value = out.get(key)
+                    if value is not None and torch.isfinite(value):
+                        sums[key] += float(value) * len(batch["rows"])
+                        counts[key] += len(batch["rows"])
+            metrics = {names[k]: sums[k] / counts[k] for k in names if counts[k]}
+            if written:
+                metrics.update(captioner_metrics(AsCaptioner(model), written, fields, references=1, dataset=dataset))
+            return metrics
+
+        return validate
+
+    def evaluate(self, data, splits, options: EvalOptions) -> dict[str, dict[str, float]]:
+        """Every metric of the captioner (BLEU-4, CIDEr-D, VQA accuracy per question type, and on
+        the shapes world the scene-graph judge of captions: :meth:`Captioner.evaluate
+        <polymodal.models.captioner.Captioner.evaluate>`'s :func:`~polymodal.eval.understanding.captioner_metrics`)
+        and, with ``options.judge``, every metric of the text-to-image family on the same splits
+        (GenEval-style scores per category, ``overall``, the judge's accuracy on real images,
+        Fréchet distance, CLIP score with ``options.clip``: :meth:`TextToImage.evaluate
+        <polymodal.models.text_to_image.TextToImage.evaluate>` itself, which draws through
+        :meth:`generate`), under the same keys. Without a judge images are not scored."""
+        from polymodal.eval.datasets import dataset_metrics
+        from polymodal.eval.understanding import captioner_metrics
+        from polymodal.models.text_to_image import TextToImage
+
+        if options.image_size not in (None, self.input_size()):
+            raise ValueError(f"an omni model reads {self.input_size()}-pixel images (its autoencoder's), "
+                             f"not {options.image_size}")
+        fields, dataset, writer = self.fields(), dataset_metrics(data), AsCaptioner(self)
+        results = evaluate_splits(
+            data, splits, fields, self.input_size(),
+            lambda items: captioner_metrics(writer, items, fields, decoding=options.decoding, examples=options.examples,
+                                            dataset=dataset),
+            limit=options.limit, progress=options.progress)
+        if options.judge is None:
+            log.info("no judge given (--judge): the images it draws are not scored")
+            return results
+        for split, metrics in TextToImage.evaluate(self, data, splits, options).items():
+            results.setdefault(split, {}).update(metrics)
+        return results
 
     # ---- saving ----
 
@@ -902,6 +1110,28 @@ class OmniModel(nn.Module):
             return cls(config, tokenizer, Autoencoder(autoencoder_config) if autoencoder_config is not None else None)
 
         return load_saved(directory, build, parts=parts, saved=lambda m: m.state_to_save())
+
+
+class AsCaptioner:
+    """An omni model as :func:`polymodal.eval.understanding.captioner_metrics` reads a captioner:
+    a ``config`` that says it captions and answers questions (``tasks``), in which columns, and
+    that it hears no speech (no audio ``encoders``); ``generate`` is the model's own
+    (:meth:`OmniModel.write` for a batch of images). So captions and answers are scored by the
+    captioner's code, not a copy of it."""
+
+    def __init__(self, model: OmniModel):
+        from types import SimpleNamespace
+
+        self.model = model
+        self.config = SimpleNamespace(tasks=("caption", "vqa"), encoders={}, caption_column=model.config.caption_column,
+                                      qa_column=model.config.qa_column)
+
+    def eval(self) -> AsCaptioner:
+        self.model.eval()
+        return self
+
+    def generate(self, batch: dict, prompts: Sequence[str | None] | None = None, **decoding) -> list[str]:
+        return self.model.write(batch, prompts, **decoding)
 
 
 def check_autoencoder(config: OmniConfig, autoencoder: AutoencoderConfig, source: object) -> None:

@@ -106,10 +106,11 @@ class ServedModel:
     # ---- what it reads and writes ----
 
     def input_modalities(self) -> list[str]:
-        if self.can("generate image"):
-            return ["text"]
-        model = self.get()
-        kinds = {spec.split(":")[0] for spec in model.fields().values()}
+        """A drawing model reads prompts (its fields are the images it trained on); a model that
+        does more (one that also captions and answers) reads its fields too."""
+        kinds = {"text"} if self.can("generate image") else set()
+        if set(self.tasks) - {"generate image"}:
+            kinds |= {spec.split(":")[0] for spec in self.get().fields().values()}
         if self.can("answer"):
             kinds.add("text")
         return [m for m in MODALITIES if m in kinds]

@@ -1,0 +1,236 @@
+"""The omni model as a family (models/omni.py): it trains from the shipped recipes with
+`polymodal train`, is scored by `polymodal eval` under the captioner's and the text-to-image
+family's keys, loads with `load_model` for each of its tasks, captions, answers and draws from
+the command line, and is served like any other family. Tiny sizes: a small shapes world at
+16x16, untrained tiny autoencoders and judge, a few steps."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+from typer.testing import CliRunner
+
+from polymodal.cli import app
+from polymodal.models import EvalOptions, evaluate, load_model, model_type
+from polymodal.models.autoencoder import Autoencoder, AutoencoderConfig
+from polymodal.models.omni import OmniModel
+
+SIZE = 16  # image side: 16 px through three autoencoder levels, a 4x4 grid (16 image tokens)
+QUESTION = "what colour is the circle?"
+
+
+def tiny_overrides(autoencoder) -> list[str]:
+    """A shipped recipe shrunk to seconds: the same model family, design and layout."""
+    return [f"model.autoencoder={autoencoder}", "model.width=32", "model.depth=1", "model.heads=2",
+            "model.context_length=64", f"data.image_size={SIZE}", "data.batch_size=8", "data.val_limit=8",
+            "trainer.max_steps=2", "trainer.val_every_minutes=0", "trainer.log_every_steps=1",
+            "trainer.vocab_size=300", "trainer.warmup=0.0"]
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """A 100-sample shapes world without speech, tiny KL and VQ autoencoders and a tiny judge."""
+    from polymodal.data.shapes import WorldConfig, generate_world
+    from polymodal.models.detector import DetectorConfig, GridDetector
+
+    root = tmp_path_factory.mktemp("omni")
+    generate_world(root / "world", WorldConfig(n=100, seed=3, speech=False, video_fraction=0.0), workers=1)
+    torch.manual_seed(0)
+    for kind in ("kl", "vq"):
+        Autoencoder(AutoencoderConfig(kind=kind, channels=(8, 8, 8), latent_channels=4, codebook_size=32,
+                                      image_size=SIZE)).save_pretrained(root / f"ae-{kind}")
+    GridDetector(DetectorConfig(widths=(8, 16, 16), head_width=16)).save_pretrained(root / "judge")
+    return root
+
+
+def train(recipe: str, autoencoder, out) -> object:
+    result = CliRunner().invoke(app, ["train", recipe, "--data", str(out.parent / "world"), "--out", str(out),
+                                      *tiny_overrides(autoencoder)])
+    assert result.exit_code == 0, result.output
+    return out / "model"
+
+
+@pytest.fixture(scope="module")
+def transfusion(parts):
+    """A Transfusion model trained for two steps from the shipped recipe."""
+    return train("omni-transfusion-shapes", parts / "ae-kl", parts / "transfusion")
+
+
+def a_world_image(parts) -> str:
+    rows = [json.loads(line) for line in (parts / "world" / "metadata.jsonl").read_text().splitlines()]
+    return str(parts / "world" / rows[0]["file_name"])
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+
+def test_transfusion_trains_from_its_recipe_and_loads_for_every_task(transfusion):
+    assert model_type(transfusion) == "omni"
+    for task in ("caption", "answer", "generate image"):
+        model = load_model(transfusion, task=task)
+        assert isinstance(model, OmniModel) and not model.training
+    assert (model.config.image, model.config.layout, model.config.latent_grid) == ("latent", "dense", 4)
+    assert model.config.latent_scale is not None  # measured on the training images by the builder
+    logs = "".join(p.read_text() for p in (transfusion.parent / "logs" / "csv").rglob("metrics.csv"))
+    for metric in ("val/text loss", "val/diffusion loss", "val/scene-graph objects right", "val/vqa accuracy"):
+        assert metric in logs  # the family's own cheap validation ran
+
+
+@pytest.mark.parametrize("recipe, kind, image, layout", [("omni-chameleon-shapes", "vq", "vq", "dense"),
+                                                         ("omni-mot-shapes", "kl", "latent", "mot")])
+def test_chameleon_and_mot_train_from_their_recipes(parts, recipe, kind, image, layout):
+    model = load_model(train(recipe, parts / f"ae-{kind}", parts / recipe))
+    assert (model.config.image, model.config.layout) == (image, layout)
+    drawn = model.generate(["a red circle"], steps=2, seed=1)
+    assert drawn.shape == (1, 3, SIZE, SIZE) and drawn.abs().max() <= 1.0
+    assert torch.equal(drawn, model.generate(["a red circle"], steps=2, seed=1))  # seeded
+
+
+def test_an_autoencoder_of_another_size_than_the_data_is_named(parts, tmp_path):
+    result = CliRunner().invoke(app, ["train", "omni-transfusion-shapes", "--data", str(parts / "world"),
+                                      "--out", str(tmp_path / "run"), *tiny_overrides(parts / "ae-kl"),
+                                      "data.image_size=32"])
+    assert result.exit_code == 2 and "data.image_size" in result.output
+
+
+def test_training_images_are_encoded_once_per_file(transfusion, monkeypatch):
+    import polymodal.models.omni as omni
+
+    model = load_model(transfusion)
+    images = torch.rand(3, 3, SIZE, SIZE) * 2 - 1
+    rows = [{"file_name": f"images/{i}.png"} for i in range(3)]
+    calls = []
+    encode = model.autoencoder.encode
+    monkeypatch.setattr(model.autoencoder, "encode", lambda x: calls.append(len(x)) or encode(x))
+    first = model.training_tokens(images, rows)
+    assert calls == [3] and torch.allclose(first, model.image_tokens(images))
+    calls.clear()
+    again = model.training_tokens(images[[2, 0]], [rows[2], rows[0]])
+    assert calls == [] and torch.equal(again, first[[2, 0]])  # from the cache
+    model.training_tokens(images[:2], [{"file_name": "images/new.png"}, rows[0]])
+    assert calls == [1]  # only the new file
+    model.training_tokens(images[:2], [{"text": "no file"}, rows[0]])
+    assert calls == [1, 2]  # rows that name no file: encoded as they come
+    monkeypatch.setattr(omni, "TOKEN_CACHE_LIMIT", len(model._token_cache))  # full: no more are kept
+    model.training_tokens(images[:1], [{"file_name": "images/more.png"}])
+    assert "images/more.png" not in model._token_cache
+
+
+# ---- evaluation --------------------------------------------------------------------------------
+
+
+def test_eval_scores_under_the_captioners_and_text_to_images_keys(parts, transfusion, tmp_path):
+    from polymodal.modalities.text import TextTokenizer
+    from polymodal.models.captioner import Captioner, CaptionerConfig
+    from polymodal.models.text_to_image import TextToImage, TextToImageConfig
+
+    result = CliRunner().invoke(app, ["eval", str(transfusion), "--data", str(parts / "world"), "--judge",
+                                      str(parts / "judge"), "--per-category", "2", "--steps", "2",
+                                      "--json", str(tmp_path / "omni.json")])
+    assert result.exit_code == 0, result.output
+    scores = json.loads((tmp_path / "omni.json").read_text())
+    assert set(scores) == {"val", "test", "test_novel"}
+
+    # a captioner and a text-to-image model scored on the same splits give the same keys
+    tokenizer = TextTokenizer.train([QUESTION, "a red circle", "red"] * 4, vocab_size=300)
+    Captioner(CaptionerConfig(encoders={"image": {"type": "cnn", "preset": "tiny", "image_size": SIZE}},
+                              tasks={"caption": 0.5, "vqa": 0.5}, width=32, depth=1, heads=2), tokenizer
+              ).save_pretrained(tmp_path / "captioner")
+    TextToImage(TextToImageConfig(
+        denoiser={"type": "unet", "channels": [16, 32], "attention": [False, True], "heads": 2, "groups": 4},
+        text={"type": "text", "width": 24, "depth": 1, "heads": 2}, image_size=SIZE), tokenizer
+    ).save_pretrained(tmp_path / "t2i")
+    splits = ["test", "test_novel"]
+    options = EvalOptions(judge=parts / "judge", per_category=2, sample_steps=2)
+    captioner = evaluate(tmp_path / "captioner", parts / "world", splits, options)
+    drawing = evaluate(tmp_path / "t2i", parts / "world", splits, options)
+    for split in splits:
+        assert set(scores[split]) == set(captioner[split]) | set(drawing[split]), split
+        for key in ("scene-graph objects right", "vqa accuracy", "CIDEr", "single_object colour+shape+position",
+                    "overall", "judge scene accuracy on real"):
+            assert 0.0 <= scores[split][key] <= 1.0 or key == "CIDEr", (split, key)
+
+    unjudged = evaluate(transfusion, parts / "world", ["test"], EvalOptions())  # no judge: no drawing scored
+    assert set(unjudged["test"]) == set(captioner["test"])
+
+
+# ---- generation from Python and the command line -------------------------------------------------
+
+
+def test_each_tasks_entry_point_from_python(transfusion, parts):
+    from polymodal.modalities.image import ImageTransform, load_image
+
+    model = load_model(transfusion, task="caption")
+    image = ImageTransform(SIZE)(load_image(a_world_image(parts)))
+    batch = {"image": torch.stack([image, image])}
+    captions = model.generate(batch)
+    answers = model.generate(batch, [QUESTION, None], max_new_tokens=4)
+    assert len(captions) == len(answers) == 2 and all(isinstance(c, str) for c in captions + answers)
+    ids = model.prompt_ids([QUESTION])
+    asked = len(model.tokenizer.encode(QUESTION, add_special_tokens=False))
+    assert ids.shape == (1, 1 + 16 + 2 + asked + 1)  # <bos> <boi> image <eoi> question <eos>
+    drawn = model.generate(["a red circle", "two blue stars"], steps=2)
+    assert drawn.shape == (2, 3, SIZE, SIZE)
+    with pytest.raises(ValueError, match="greedy or nucleus"):
+        model.generate(batch, method="beam")
+    with pytest.raises(ValueError, match="compose"):
+        model.generate(["a red circle and a blue star"], steps=2, compose=True)
+
+
+def test_generate_commands_caption_answer_and_draw(transfusion, parts, tmp_path):
+    runner = CliRunner()
+    image = a_world_image(parts)
+    for extra in ([], ["--question", QUESTION]):
+        result = runner.invoke(app, ["generate", "text", str(transfusion), "--image", image, "--max-tokens", "6",
+                                     *extra])
+        assert result.exit_code == 0, result.output
+    out = tmp_path / "grid.png"
+    result = runner.invoke(app, ["generate", "image", str(transfusion), "a small red circle", "--n", "2",
+                                 "--steps", "2", "--columns", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    with Image.open(out) as grid:
+        assert grid.width >= 2 * SIZE * 4
+    beam = runner.invoke(app, ["generate", "text", str(transfusion), "--image", image, "--decoding", "beam"])
+    assert beam.exit_code == 2 and "greedy or nucleus" in beam.output
+
+
+# ---- serving -----------------------------------------------------------------------------------
+
+
+def test_the_server_lists_and_calls_an_omni_model_by_its_tasks(transfusion, parts, tmp_path, monkeypatch):
+    from test_serve import circle, fake_speech, png_data_url
+
+    from polymodal.serve import Settings, create_app
+
+    monkeypatch.setitem(sys.modules, "polymodal.speech", fake_speech())
+    served = tmp_path / "models"
+    shutil.copytree(transfusion, served / "omni" / "model")
+    with TestClient(create_app(served, Settings(store=tmp_path / "store.sqlite", image_steps=2))) as client:
+        listed = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+        omni = listed["omni"]
+        assert omni["family"] == "omni" and omni["tasks"] == ["caption", "answer", "generate image"]
+        assert omni["input_modalities"] == ["text", "image"] and omni["output_modalities"] == ["text", "image"]
+        assert omni["capabilities"] == ["chat.completions", "images.generations"]
+        assert omni["image_size"] == f"{SIZE}x{SIZE}"
+
+        asked = client.post("/v1/chat/completions", json={"model": "assistant", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": QUESTION}, {"type": "image_url", "image_url": {"url": png_data_url(circle("red"))}}]}]})
+        assert asked.status_code == 200, asked.text
+        assert asked.json()["polymodal"]["models"] == ["omni"]
+        drawn = client.post("/v1/chat/completions", json={"model": "assistant", "modalities": ["image", "text"],
+                                                          "messages": [{"role": "user", "content": "draw a red circle"}]})
+        assert drawn.status_code == 200, drawn.text
+        assert drawn.json()["polymodal"]["models"] == ["omni"]
+        images = client.post("/v1/images/generations", json={"model": "omni", "prompt": "a red circle", "n": 1,
+                                                             "response_format": "b64_json"})
+        assert images.status_code == 200, images.text
+        picture = Image.open(io.BytesIO(base64.b64decode(images.json()["data"][0]["b64_json"])))
+        assert picture.size == (SIZE, SIZE)
