@@ -225,6 +225,10 @@ def test_the_server_lists_and_calls_an_omni_model_by_its_tasks(transfusion, part
             {"type": "text", "text": QUESTION}, {"type": "image_url", "image_url": {"url": png_data_url(circle("red"))}}]}]})
         assert asked.status_code == 200, asked.text
         assert asked.json()["polymodal"]["models"] == ["omni"]
+        named = client.post("/v1/chat/completions", json={"model": "omni", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": QUESTION}, {"type": "image_url", "image_url": {"url": png_data_url(circle("red"))}}]}]})
+        assert named.status_code == 200, named.text  # named and sent an image: it answers, it does not draw
+        assert not named.json()["choices"][0]["message"].get("images")
         drawn = client.post("/v1/chat/completions", json={"model": "assistant", "modalities": ["image", "text"],
                                                           "messages": [{"role": "user", "content": "draw a red circle"}]})
         assert drawn.status_code == 200, drawn.text
