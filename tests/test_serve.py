@@ -300,6 +300,7 @@ def test_plain_text_without_a_language_model_says_what_the_server_can_do(client)
         model="assistant", messages=[{"role": "user", "content": "tell me a joke"}])
     text = reply.choices[0].message.content
     assert "no language model" in text and "(captions)" in text and "(drawing)" in text and "(clip)" in text
+    assert "transcribe speech (hearing)" in text and "about it (hearing)" not in text
 
 
 def test_an_image_is_drawn_when_asked_for(client):

@@ -247,8 +247,10 @@ class ModelResponder:
     def no_language_model(self, heard: list[str]) -> str:
         can = []
         for m in self.registry.models.values():
-            if m.can("answer") or m.can("caption"):
+            if (m.can("answer") or m.can("caption")) and "image" in m.input_modalities():
                 can.append(f"describe an image you send, or answer a question about it ({m.id})")
+            elif m.can("caption") and "audio" in m.input_modalities():
+                can.append(f"transcribe speech ({m.id})")
             if m.can("generate image"):
                 can.append(f'draw a picture from a description: ask with modalities ["image", "text"] ({m.id})')
             if m.can("embed"):
