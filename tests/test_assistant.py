@@ -214,7 +214,8 @@ def test_explicit_modalities_win_over_the_router(models_dir, tmp_path, speech):
 
 def test_spoken_input_is_transcribed_then_routed(models_dir, tmp_path, speech):
     audio = {"type": "input_audio", "input_audio": {"data": base64.b64encode(tone()).decode(), "format": "wav"}}
-    with assistant_client(models_dir, tmp_path, router=KeywordRouter()) as client:
+    # the named recogniser hears (without one, the served model that transcribes would)
+    with assistant_client(models_dir, tmp_path, router=KeywordRouter(), recogniser="pocketsphinx") as client:
         reply = ask(client, [audio])
         message = reply.choices[0].message.model_dump()
         assert message["content"] == "Here is a picture of a red star in the top left."

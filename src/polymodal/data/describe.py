@@ -57,11 +57,17 @@ def dataset_kind(location: str | os.PathLike) -> str | None:
     path = description_path(location)
     if not os.path.lexists(path):
         return None
-    if not path.resolve().is_relative_to(path.parent.resolve()):
-        raise InputError(path, f"a symbolic link leads outside the data set folder, to {path.resolve()}")
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError) as e:  # a loop of links
+        raise InputError(path, f"cannot resolve the path: {e}") from e
+    if not resolved.is_relative_to(path.parent.resolve()):
+        raise InputError(path, f"a symbolic link leads outside the data set folder, to {resolved}")
     raw = read_regular_file(path, MAX_DESCRIPTION_BYTES)
     try:
         info = json.loads(raw.decode("utf-8"))
+    except RecursionError:  # nesting deeper than the parser's stack, well inside the size limit
+        raise InputError(path, "not a data set description (JSON nested too deeply)") from None
     except (UnicodeDecodeError, ValueError) as e:
         raise InputError(path, f"not a data set description (invalid JSON: {e})") from e
     if not isinstance(info, dict):

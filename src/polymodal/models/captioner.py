@@ -92,6 +92,8 @@ class CaptionerConfig:
                 raise ValueError(f"encoder {name!r}: type {spec.get('type')!r} is not an image or audio encoder")
         if self.ctc < 0:
             raise ValueError(f"ctc is a loss weight, at least 0; got {self.ctc}")
+        if self.ctc and "caption" not in self.tasks:
+            raise ValueError("ctc trains on captions: it needs the caption task")
         if self.ctc and [INPUT_KIND.get(s.get("type")) for s in self.encoders.values()] != ["audio"]:
             raise ValueError("ctc needs exactly one encoder, an audio encoder (speech recognition)")
 
@@ -246,8 +248,8 @@ class Captioner(nn.Module):
         the rows marked ``captioned``; rows whose caption has more tokens than the audio has
         frames cannot be aligned and are left out (``zero_infinity``)."""
         keep = torch.tensor(captioned, device=memory.device)
-        if not keep.any():
-            return memory.sum() * 0.0
+        if not keep.any():  # zero, through the head: under DDP every parameter must take part in each step
+            return self.ctc_head(memory[:0]).sum() * 0.0
         logp = F.log_softmax(self.ctc_head(memory[keep]).float(), -1).transpose(0, 1)  # (T, B', V + 1)
         encoded = [self.tokenizer.encode(t, add_special_tokens=False)[: self.config.context_length] for t in targets]
         flat = torch.tensor([i for ids in encoded for i in ids], dtype=torch.long, device=memory.device)

@@ -40,7 +40,7 @@ from polymodal.models.family import (
 )
 from polymodal.models.folder import read_tokenizer, write_model_folder
 from polymodal.nn.encoders import INPUT_KIND
-from polymodal.nn.tower import Tower
+from polymodal.nn.tower import Tower, same_encoder
 
 log = logging.getLogger("polymodal.models")
 
@@ -172,10 +172,13 @@ class ContrastiveModel(nn.Module):
         return out
 
     def init_towers_from(self, other: ContrastiveModel) -> list[str]:
-        """Copy the encoder and projection of every tower ``other`` has with the same spec."""
+        """Copy the encoder and projection of every tower ``other`` has with the same spec (or a
+        spec that fills to the same encoder: a model saved before recipes filled in each image
+        encoder's ``image_size`` still starts one that reads the same size)."""
         copied = []
-        for modality, spec in self.config.towers.items():
-            if other.config.towers.get(modality) == spec and other.config.embed_dim == self.config.embed_dim:
+        for modality in self.config.towers:
+            if (modality in other.towers and same_encoder(self.towers[modality], other.towers[modality])
+                    and other.config.embed_dim == self.config.embed_dim):
                 self.towers[modality].load_state_dict(other.towers[modality].state_dict())
                 copied.append(modality)
         return copied

@@ -189,7 +189,7 @@ class ModelResponder:
                            param="model", code="model_not_supported")
         image = next((i for t in reversed(users) for i in reversed(t.images)), None)
         # a named model that draws, draws, unless it also reads images and was sent one (an omni model asked about it)
-        reads = named is not None and image is not None and (named.can("caption") or named.can("answer"))
+        reads = named is not None and bool(last.images) and (named.can("caption") or named.can("answer"))
         if "image" in modalities or (named is not None and named.can("generate image") and not reads):
             reply = self.draw(request, named, options)
         elif image is not None:
