@@ -80,3 +80,25 @@ def test_the_ctc_head_takes_part_in_a_step_without_captions(tokenizer):
     assert all(p.grad is not None for p in model.ctc_head.parameters())
     captions = ctc_captioner(tokenizer, {"caption": 1.0}).loss(batch)
     assert float(captions["ctc"]) > 0 and torch.isfinite(captions["loss"])
+
+
+def test_init_from_that_cannot_start_a_tower_says_so(tmp_path, caplog):
+    """A tower that the init_from model has under the same name but built otherwise (another
+    image size) starts from random weights: a warning names it, not only an info line."""
+    import logging
+
+    from polymodal.modalities.text import TextTokenizer
+    from polymodal.models.captioner import Captioner, CaptionerConfig
+    from polymodal.models.clip import ContrastiveConfig, ContrastiveModel, start_encoders_from
+
+    tok = TextTokenizer.train(["a red circle", "a blue square"] * 4, vocab_size=260)
+    clip = ContrastiveModel(ContrastiveConfig(towers={"image": {"type": "cnn", "preset": "tiny", "image_size": 64},
+                                                      "text": {"type": "text", "preset": "tiny"}}), tok)
+    clip.save_pretrained(tmp_path / "clip")
+    for size, warned in ((32, True), (64, False)):
+        model = Captioner(CaptionerConfig(encoders={"image": {"type": "cnn", "preset": "tiny", "image_size": size}},
+                                          width=32, depth=1, heads=2), tok)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            start_encoders_from(model, tmp_path / "clip")
+        assert any("does NOT start from" in r.getMessage() for r in caplog.records) == warned, size

@@ -204,7 +204,9 @@ class ContrastiveModel(nn.Module):
             tokenizer = build.tokenizer()
         model = cls(config, tokenizer)
         if base is not None:
-            log.info("towers %s start from %s", model.init_towers_from(base), init_from)
+            copied = model.init_towers_from(base)
+            log.info("towers %s start from %s", copied, init_from)
+            warn_unmatched(model.towers, copied, base.towers, init_from)
         return model
 
     def fields(self) -> dict[str, str]:
@@ -286,5 +288,17 @@ def start_encoders_from(model: nn.Module, init_from: str | os.PathLike | None) -
     """With ``init_from`` (a saved contrastive model), start each encoder of ``model`` (a captioner
     or fusion classifier: ``init_encoders_from``) that has the same spec as one of its towers."""
     if init_from:
-        copied = model.init_encoders_from(ContrastiveModel.from_pretrained(init_from))
+        base = ContrastiveModel.from_pretrained(init_from)
+        copied = model.init_encoders_from(base)
         log.info("encoders %s start from %s", copied, init_from)
+        warn_unmatched(model.towers, [c.split("<-")[0] for c in copied], base.towers, init_from)
+
+
+def warn_unmatched(towers, copied: list[str], others, init_from) -> None:
+    """A tower that ``init_from`` has under the same name but could not start (its encoder is built
+    otherwise, e.g. for another image size) trains from random weights: say so, with both specs,
+    instead of leaving it to an info line (a frozen one would stay random)."""
+    for name in towers:
+        if name in others and name not in copied:
+            log.warning("tower %r does NOT start from %s: its encoder differs (%s here, %s there); it starts "
+                        "from random weights", name, init_from, towers[name].spec, others[name].spec)
