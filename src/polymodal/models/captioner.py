@@ -217,10 +217,11 @@ class Captioner(nn.Module):
         else:
             pairs = self.examples(batch["rows"])
         tok, limit = self.tokenizer, self.config.context_length
-        rows, starts = [], []
+        rows, starts, targets = [], [], []
         for prompt, target in pairs:
             prefix = self._prefix(prompt)
-            seq = (prefix + tok.encode(target, add_special_tokens=False) + [tok.eos_id])[:limit]
+            targets.append(tok.encode(target, add_special_tokens=False))
+            seq = (prefix + targets[-1] + [tok.eos_id])[:limit]
             rows.append(seq)
             starts.append(len(prefix))
         longest = max(len(r) for r in rows)
@@ -236,22 +237,22 @@ class Captioner(nn.Module):
         accuracy = ((logits.argmax(-1) == labels) & scored).sum() / scored.sum().clamp(min=1)
         out = {"loss": loss, "token_accuracy": accuracy.detach()}
         if self.config.ctc:
-            out["ctc"] = self.ctc_loss(memory, memory_mask, [target for prompt, target in pairs if prompt is None],
-                                       [prompt is None for prompt, _ in pairs])
+            captioned = [prompt is None for prompt, _ in pairs]
+            out["ctc"] = self.ctc_loss(memory, memory_mask, [ids for ids, c in zip(targets, captioned, strict=True) if c], captioned)
             out["loss"] = loss + self.config.ctc * out["ctc"]
             out["ctc"] = out["ctc"].detach()
         return out
 
-    def ctc_loss(self, memory: torch.Tensor, memory_mask: torch.Tensor, targets: list[str],
+    def ctc_loss(self, memory: torch.Tensor, memory_mask: torch.Tensor, targets: list[list[int]],
                  captioned: list[bool]) -> torch.Tensor:
-        """CTC loss of the audio tokens ``memory`` (B, T, width) against the caption ``targets`` of
+        """CTC loss of the audio tokens ``memory`` (B, T, width) against the caption token ids ``targets`` of
         the rows marked ``captioned``; rows whose caption has more tokens than the audio has
         frames cannot be aligned and are left out (``zero_infinity``)."""
         keep = torch.tensor(captioned, device=memory.device)
         if not keep.any():  # zero, through the head: under DDP every parameter must take part in each step
             return self.ctc_head(memory[:0]).sum() * 0.0
         logp = F.log_softmax(self.ctc_head(memory[keep]).float(), -1).transpose(0, 1)  # (T, B', V + 1)
-        encoded = [self.tokenizer.encode(t, add_special_tokens=False)[: self.config.context_length] for t in targets]
+        encoded = [ids[: self.config.context_length] for ids in targets]
         flat = torch.tensor([i for ids in encoded for i in ids], dtype=torch.long, device=memory.device)
         lengths = torch.tensor([len(ids) for ids in encoded], dtype=torch.long, device=memory.device)
         frames = memory_mask[keep].long().sum(1)
