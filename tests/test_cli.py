@@ -150,6 +150,8 @@ def test_demo_runs_every_step_and_reuses_its_models(tmp_path):
     assert (tmp_path / "generated.png").stat().st_size > 1000
     drawing = json.loads((tmp_path / "drawing" / "metrics.json").read_text())
     assert "single_object colour+shape+position" in drawing["test"]
+    drawn_with = json.loads((tmp_path / "drawing" / "model" / "config.json").read_text())
+    assert drawn_with["text"]["type"] == "clip"  # prompts read by the demo CLIP's frozen text tower
     # a few training steps cannot reach the floors: the demo says so instead of looking fine
     assert state["failed"] and {c[0] for c in state["failed"]} >= {"clip: text->image R@5 (test)"}
     heard = json.loads((tmp_path / "listen" / "metrics.json").read_text())
