@@ -227,3 +227,16 @@ def test_two_processes_train_the_weights_of_one(tiny_world, tmp_path):
               for d in (1, 2)]
     val = [[{k: v for k, v in row.items() if k.startswith("val/") or k == "step"} for row in rows] for rows in logged]
     assert len(val[0]) == 4 and val[0] == val[1]
+
+
+def test_snapshots_every_so_many_steps_and_at_the_end(tmp_path):
+    # steps, not minutes: the same snapshots on any machine; the last step is saved once
+    fit(tmp_path, batch_size=8, n=80, max_steps=7, accumulate=2, snapshot_every_steps=3)
+    assert sorted(p.name for p in (tmp_path / "snapshots").iterdir()) == ["step-000003", "step-000006", "step-000007"]
+    fit(tmp_path / "b", batch_size=8, n=80, max_steps=6, snapshot_every_steps=3)
+    assert sorted(p.name for p in (tmp_path / "b" / "snapshots").iterdir()) == ["step-000003", "step-000006"]
+
+
+def test_snapshot_every_steps_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="snapshot_every_steps"):
+        fit(tmp_path, batch_size=8, n=80, snapshot_every_steps=0)

@@ -517,6 +517,48 @@ def bench_fusion_command(
     console.print(f"results: {out / 'results.json'}; chart: {out / 'accuracy.png'}")
 
 
+@bench_app.command("omni")
+def bench_omni_command(
+    data: Annotated[Path, typer.Option(help="A shapes world (images, captions and questions).")],
+    out: Annotated[Path, typer.Option(help="Folder for the runs, results.json, losses.png and guidance.png.")],
+    judge: Annotated[Path, typer.Option(help="The detector that judges the drawings.")],
+    autoencoder: Annotated[Path | None, typer.Option(help="KL autoencoder of the Transfusion arms.")] = None,
+    vq_autoencoder: Annotated[Path | None, typer.Option(help="VQ autoencoder of the Chameleon arms.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Training steps of every run (default: the base recipe's).")] = None,
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds: each arm trains once per seed.")] = "0,1",
+    arms: Annotated[str, typer.Option(help="Comma-separated arms (results.json keeps the others).")]
+    = "chameleon,chameleon-mot,transfusion,transfusion-mot",
+    snapshots: Annotated[int, typer.Option(help="Snapshots a run, evenly spaced in steps (for the parity fits).")] = 4,
+    per_category: Annotated[int, typer.Option(help="GenEval-style prompts per category and split.")] = 10,
+    limit: Annotated[int | None, typer.Option(help="Test images captioned and asked per split.")] = 200,
+    sample_steps: Annotated[int, typer.Option(help="Denoising steps of Transfusion's drawings.")] = 25,
+    scales: Annotated[str, typer.Option(help="Comma-separated guidance scales of the sweep.")] = "1,2,3,5",
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value settings for every run.")] = None,
+):
+    """Train {dense, MoT} x {Chameleon, Transfusion} on one budget; compare loss per FLOP, captions,
+    answers and drawings; MoT's step-matching slope and Transfusion's parity FLOP ratio."""
+    from polymodal.bench.omni import bench_omni, format_results
+
+    try:
+        results = bench_omni(data, out, judge=judge, autoencoder=autoencoder, vq_autoencoder=vq_autoencoder,
+                             steps=steps, seeds=[int(s) for s in seeds.split(",") if s.strip()],
+                             arms=[a.strip() for a in arms.split(",") if a.strip()], snapshots=snapshots,
+                             per_category=per_category, limit=limit, sample_steps=sample_steps,
+                             scales=[float(v) for v in scales.split(",") if v.strip()], extra=overrides or [])
+    except (InputError, ValueError) as e:
+        raise fail(e) from None
+    console.print(format_results(results))
+    comparisons = results["comparisons"]
+    for key, slope in comparisons["mot_step_matching_slope"].items():
+        mean = slope["mean"]
+        console.print(f"MoT step-matching slope, {key}: {'no match' if mean is None else f'{mean:.2f}'}")
+    for metric, parity in comparisons["transfusion_parity_flop_ratio"].items():
+        mean = parity["mean"]
+        console.print(f"Transfusion/Chameleon parity FLOP ratio, {metric}: "
+                      f"{'none' if mean is None else f'{mean:.2f}'}")
+    console.print(f"results: {out / 'results.json'}; plots: {out / 'losses.png'}, {out / 'guidance.png'}")
+
+
 @app.command("serve")
 def serve_command(
     models: Annotated[Path, typer.Option(help="Folder of saved models: each run folder's model/ (as outputs/demo "

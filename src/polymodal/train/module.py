@@ -195,23 +195,32 @@ def run_validation(trainer, module: TrainModule) -> None:
 
 class Snapshots(L.Callback):
     """Saves the model (``save_pretrained``; its averaged weights when an EMA is kept) to
-    ``folder/step-NNNNNN`` every ``every_minutes`` of training and at the end, so quality can
-    be measured against training time afterwards."""
+    ``folder/step-NNNNNN`` every ``every_minutes`` of training and/or every ``every_steps``
+    optimizer steps, and at the end, so quality can be measured against training time, steps
+    or FLOPs afterwards."""
 
-    def __init__(self, folder, every_minutes: float | None):
-        self.folder, self.every = folder, every_minutes
+    def __init__(self, folder, every_minutes: float | None, every_steps: int | None = None):
+        self.folder, self.every, self.every_steps = folder, every_minutes, every_steps
         self.next = every_minutes
+        self.saved_at = -1  # the step of the last snapshot (the end does not save it twice)
 
     def on_train_batch_end(self, trainer, module: TrainModule, outputs, batch, batch_idx):
-        if self.every and module.stepped() and module.minutes >= self.next:
-            self.next = module.minutes + self.every
+        if not module.stepped():
+            return
+        due = bool(self.every) and module.minutes >= self.next
+        if self.every_steps and trainer.global_step % self.every_steps == 0:
+            due = True
+        if due:
+            if self.every:
+                self.next = module.minutes + self.every
             self.save(trainer, module)
 
     def on_train_end(self, trainer, module: TrainModule):
-        if self.every:
+        if (self.every or self.every_steps) and self.saved_at != trainer.global_step:
             self.save(trainer, module)
 
     def save(self, trainer, module: TrainModule) -> None:
+        self.saved_at = trainer.global_step
         if trainer.is_global_zero:
             with averaged_weights(trainer):
                 module.model.save_pretrained(self.folder / f"step-{trainer.global_step:06d}")

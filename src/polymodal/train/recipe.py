@@ -66,6 +66,8 @@ class TrainerSettings:
     log_every_steps: int = 10
     snapshot_every_minutes: float | None = None  # also save the model to snapshots/step-N this often
     # (to score it against training time afterwards)
+    snapshot_every_steps: int | None = None  # also save the model to snapshots/step-N every this many
+    # optimizer steps (to score it against steps or FLOPs afterwards: the same steps on any machine)
     gradient_clip: float | None = None  # clip the global gradient norm to this (null: no clipping)
     accumulate: int = 1  # batches a step: gradients of this many batches are summed before the optimizer
     # steps (steps, warm-up and the schedule count optimizer steps)

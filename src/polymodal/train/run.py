@@ -136,10 +136,12 @@ def build_trainer(t: TrainerSettings, out: Path, *, progress: bool = True, use_d
 
     if t.accumulate < 1:
         raise ValueError(f"trainer.accumulate must be at least 1, got {t.accumulate}")
+    if t.snapshot_every_steps is not None and t.snapshot_every_steps < 1:
+        raise ValueError(f"trainer.snapshot_every_steps must be at least 1 (or null: off), got {t.snapshot_every_steps}")
     if t.gradient_clip is not None and t.gradient_clip <= 0:
         raise ValueError(f"trainer.gradient_clip must be positive (or null: off), got {t.gradient_clip}")
     callbacks = [EMA(t.ema_decay)] if t.ema_decay else []  # first: the others save and score the average
-    callbacks += [PeriodicValidation(t.val_every_minutes), Snapshots(out / "snapshots", t.snapshot_every_minutes),
+    callbacks += [PeriodicValidation(t.val_every_minutes), Snapshots(out / "snapshots", t.snapshot_every_minutes, t.snapshot_every_steps),
                   ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=200)]
     callbacks += [BudgetProgress()] if progress else []  # steps of the budget, not Lightning's epochs
     # batch-norm statistics over the global batch, as in one process (gloo on CPUs cannot)

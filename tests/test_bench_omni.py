@@ -1,0 +1,153 @@
+"""`polymodal bench omni` (polymodal.bench.omni): the comparisons on made-up curves whose answer is
+known, and the whole bench end to end at tiny sizes (four arms, a few steps, a tiny world)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from polymodal.bench import omni as bench
+from polymodal.cli import app
+
+SIZE = 16
+
+
+# ---- the comparisons -------------------------------------------------------------------------
+
+
+def power_curve(scale: float, steps=range(10, 1001, 10)) -> list[tuple[int, float]]:
+    """A loss that falls as a power of the steps; ``scale`` < 1 gets there sooner."""
+    return [(s, 3.0 * (s / scale) ** -0.3) for s in steps]
+
+
+def test_step_matching_slope_finds_how_much_sooner_mot_gets_there():
+    dense, mot = power_curve(1.0), power_curve(0.5)  # MoT reaches each loss in half the steps
+    result = bench.step_matching_slope(dense, mot)
+    assert result["slope"] == pytest.approx(0.5, abs=0.03)
+    assert result["matched"] > 0
+    same = bench.step_matching_slope(dense, dense)
+    assert same["slope"] == pytest.approx(1.0, abs=0.03)
+
+
+def test_a_mot_run_that_never_reaches_the_dense_loss_has_no_slope():
+    dense, worse = power_curve(1.0), [(s, v + 1.0) for s, v in power_curve(1.0)]
+    assert bench.step_matching_slope(dense, worse) == {"slope": None, "matched": 0, "points": 91}
+
+
+def test_parity_ratio_of_power_laws():
+    flops = [1e9, 2e9, 4e9, 8e9]
+    chameleon = [(f, 0.01 * f**0.2) for f in flops]
+    # Transfusion scores at F what Chameleon scores at 3F: it needs a third of the FLOPs
+    transfusion = [(f, 0.01 * (3 * f) ** 0.2) for f in flops]
+    result = bench.parity_ratio(transfusion, chameleon)
+    assert result["ratio"] == pytest.approx(1 / 3, rel=1e-6)
+    assert result["extrapolated"]  # Chameleon's best (at 8e9) is below Transfusion's last
+    assert bench.parity_ratio(chameleon, chameleon)["ratio"] == pytest.approx(1.0)
+
+
+def test_parity_ratio_says_why_there_is_none():
+    flat = [(1e9, 0.5), (2e9, 0.4)]
+    assert bench.parity_ratio([(1e9, 0.3)], flat)["ratio"] is None
+    assert "does not grow" in bench.parity_ratio([(1e9, 0.3)], flat)["why"]
+    assert "no fit" in bench.parity_ratio([(1e9, 0.3)], [(1e9, 0.0), (2e9, 0.5)])["why"]
+    assert bench.parity_ratio([(1e9, 0.0)], flat)["ratio"] is None
+
+
+def test_curves_are_read_per_modality_from_the_runs_log(tmp_path):
+    log = tmp_path / "logs" / "csv" / "version_0"
+    log.mkdir(parents=True)
+    (log / "metrics.csv").write_text("step,train/text_loss,train/diffusion_loss,val/text loss\n"
+                                     "10,4.0,0.9,\n20,3.0,0.8,\n20,,,2.5\n30,nan,0.7,\n")
+    curves = bench.read_curves(tmp_path)
+    assert curves == {"text": [(10, 4.0), (20, 3.0)], "image": [(10, 0.9), (20, 0.8), (30, 0.7)]}
+
+
+def test_an_unknown_arm_or_missing_autoencoder_is_named(tmp_path):
+    with pytest.raises(ValueError, match="unknown arms"):
+        bench.bench_omni(tmp_path, tmp_path / "out", judge=tmp_path, arms=["parti"])
+    with pytest.raises(ValueError, match="--vq-autoencoder"):
+        bench.arm_overrides("chameleon", {"latent": "ae"}, 10, 0, 5)
+
+
+# ---- end to end --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    from polymodal.data.shapes import WorldConfig, generate_world
+    from polymodal.models.autoencoder import Autoencoder, AutoencoderConfig
+    from polymodal.models.detector import DetectorConfig, GridDetector
+
+    root = tmp_path_factory.mktemp("bench-omni")
+    generate_world(root / "world", WorldConfig(n=100, seed=5, speech=False, video_fraction=0.0), workers=1)
+    torch.manual_seed(0)
+    for kind in ("kl", "vq"):
+        Autoencoder(AutoencoderConfig(kind=kind, channels=(8, 8, 8), latent_channels=4, codebook_size=32,
+                                      image_size=SIZE)).save_pretrained(root / f"ae-{kind}")
+    GridDetector(DetectorConfig(widths=(8, 16, 16), head_width=16)).save_pretrained(root / "judge")
+    return root
+
+
+TINY = ["model.width=32", "model.depth=1", "model.heads=2", "model.context_length=64", f"data.image_size={SIZE}",
+        "data.batch_size=8", "data.val_limit=8", "trainer.val_every_minutes=0", "trainer.log_every_steps=1",
+        "trainer.vocab_size=300", "trainer.warmup=0.0"]
+
+
+def test_the_bench_trains_every_arm_on_one_budget_and_compares_them(parts, monkeypatch):
+    out = parts / "bench"
+    args = ["bench", "omni", "--data", str(parts / "world"), "--out", str(out), "--judge", str(parts / "judge"),
+            "--autoencoder", str(parts / "ae-kl"), "--vq-autoencoder", str(parts / "ae-vq"), "--steps", "4",
+            "--seeds", "0", "--snapshots", "2", "--per-category", "1", "--limit", "4", "--sample-steps", "2",
+            "--scales", "1,3", *TINY]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    runs = results["runs"]
+    assert set(runs) == {f"{arm}-seed0" for arm in bench.ARMS}
+    for r in runs.values():
+        assert r["steps"] == 4 and r["flops_per_step"] > 0 and r["flops"] == pytest.approx(4 * r["flops_per_step"])
+        assert [s["step"] for s in r["snapshots"]] == [2, 4]
+        assert {"text", "image"} <= set(r["curves"]) and len(r["curves"]["text"]) == 4
+        assert set(r["final"]) == {"test", "test_novel"} and "overall" in r["final"]["test"]
+        assert "text loss" in r["validation"]
+        assert ("guidance" in r) == (bench.ARMS[r["arm"]][1] == "dense")
+    for kind in ("chameleon", "transfusion"):
+        dense, mot = runs[f"{kind}-seed0"], runs[f"{kind}-mot-seed0"]
+        # MoT: one parameter set a modality, each token through one, so the same FLOPs and active
+        # parameters as dense, and more parameters in all
+        assert mot["active_parameters"] == dense["total_parameters"] < mot["total_parameters"]
+        assert mot["flops_per_step"] == pytest.approx(dense["flops_per_step"], rel=0.01)
+        assert dense["active_parameters"] == dense["total_parameters"]
+    comparisons = results["comparisons"]
+    assert set(comparisons["mot_step_matching_slope"]) == {"chameleon text", "chameleon image", "transfusion text",
+                                                           "transfusion image"}
+    assert set(comparisons["transfusion_parity_flop_ratio"]) == {"caption", "image"}
+    assert (out / "losses.png").stat().st_size > 0 and (out / "guidance.png").stat().st_size > 0
+    assert "parity FLOP ratio" in result.output
+
+    # a second call scores the finished runs again without training them
+    def no_training(*a, **k):
+        raise AssertionError("retrained a finished run")
+
+    monkeypatch.setattr("polymodal.train.run.train", no_training)
+    again = bench.bench_omni(parts / "world", out, judge=parts / "judge", autoencoder=parts / "ae-kl",
+                             steps=4, seeds=[0], arms=["transfusion"], snapshots=2, per_category=1, limit=4,
+                             sample_steps=2, scales=[1.0], extra=TINY)
+    assert again["runs"]["transfusion-seed0"]["train_seconds"] == runs["transfusion-seed0"]["train_seconds"]
+    assert math.isfinite(again["runs"]["chameleon-seed0"]["flops"])  # the other arms' rows are kept
+
+
+def test_attention_on_cpu_is_counted():
+    # without the CPU kernel's formula the counter would call attention free
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q = torch.randn(2, 4, 32, 16)
+    mask = torch.ones(32, 32, dtype=torch.bool).tril()
+    counter = FlopCounterMode(display=False, custom_mapping=bench.cpu_attention_flops())
+    with counter:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+    assert counter.get_total_flops() >= 2 * (2 * 2 * 4 * 32 * 32 * 16)  # QK^T and AV
