@@ -46,11 +46,10 @@ from polymodal.progress import console, progress_bar
 # drawings' single objects only 0.35 (shape 0.40) with a text encoder trained alongside the denoiser, and
 # 0.95 (shape 0.95) with the demo CLIP's text tower frozen in its place, same 1,250 steps.
 BUDGETS = {"clip": 430, "captions": 1200, "listen": 600, "judge": 300, "autoencoder": 1735, "drawing": 1250}
-# Minutes of each stage in the fresh-clone run of BENCHMARKS.md ("The demo with its recogniser"): 2 threads
-# with two niced one-thread jobs beside them (they slowed the CLIP not at all; the later stages had short
-# test runs beside them too, so these are on the slow side of a quiet machine).
-REFERENCE_MINUTES = {"world": 0.9, "inspect": 0.3, "clip": 6.2, "eval": 0.1, "search": 0.1, "understand": 15.6,
-                     "listen": 7.9, "judge": 2.6, "draw": 25.5}  # draw: measured alone on a quiet machine
+# Minutes of each stage in the quiet fresh-clone run of BENCHMARKS.md ("The demo on a quiet machine"):
+# 2 threads, nothing else running; training and evaluation together.
+REFERENCE_MINUTES = {"world": 1.0, "inspect": 0.3, "clip": 6.8, "eval": 0.1, "search": 0.1, "understand": 13.4,
+                     "listen": 6.8, "judge": 1.8, "draw": 24.9}
 REFERENCE_GFLOPS = 160.0  # fp32 matrix-multiply speed of the reference machine when quiet
 
 # (stage, metric on the test split, the bound it should clear, whether the bound is a ceiling): a

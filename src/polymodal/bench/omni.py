@@ -80,9 +80,10 @@ def parameters(model: torch.nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("autoencoder."))
     inactive = 0
     for module in model.modules():
-        experts = getattr(module, "experts", None)
-        if isinstance(experts, torch.nn.ModuleList) and len(experts) > 1:
-            inactive += sum(p.numel() for e in experts[1:] for p in e.parameters())
+        for name in ("experts", "norms"):  # each block's parameter sets; the final norm of each modality
+            sets = getattr(module, name, None)
+            if isinstance(sets, torch.nn.ModuleList) and len(sets) > 1:
+                inactive += sum(p.numel() for e in sets[1:] for p in e.parameters())
     return total - inactive, total
 
 
