@@ -3,6 +3,7 @@ encoder vectors, and codes that fall out of use restart where the codebook repre
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from polymodal.models.autoencoder import Autoencoder, AutoencoderConfig
@@ -45,3 +46,17 @@ def test_unused_codes_restart_on_the_worst_represented_vectors():
     # every restart drawn where the error is: the far-off patterns, not the background code 0 covers
     assert torch.all(restarted >= 5.0) and len(restarted.unique(dim=0)) == 15
     assert torch.all(model.code_counts[1:] == 1.0)
+
+
+def test_evaluation_reports_how_much_of_the_codebook_images_use():
+    from polymodal.eval.reconstruction import autoencoder_metrics
+
+    model = tiny().eval()
+    images = torch.rand(6, 3, 8, 8) * 2 - 1
+    codes = model.encode_codes(images).flatten()
+    metrics = autoencoder_metrics(model, images, [{}] * 6)
+    assert metrics["codebook usage"] == pytest.approx(len(codes.unique()) / 16)
+    assert 1.0 <= metrics["codebook perplexity"] <= len(codes.unique()) + 1e-6
+    model.codebook.copy_(model.codebook[:1].expand(16, 4))  # one code repeated: every vector picks the first
+    one = autoencoder_metrics(model, images, [{}] * 6)
+    assert one["codebook usage"] == pytest.approx(1 / 16) and one["codebook perplexity"] == pytest.approx(1.0)

@@ -12,12 +12,18 @@ import torch
 @torch.no_grad()
 def autoencoder_metrics(model, images: torch.Tensor, rows: Sequence[dict], judge=None,
                         batch: int = 256) -> dict[str, float]:
-    """Reconstruction error of an autoencoder (mean squared error and PSNR on [-1, 1] pixels);
-    with a ``judge`` (a loaded detector) and a shapes world, the judge's accuracy on the reconstructions,
+    """Reconstruction error of an autoencoder (mean squared error and PSNR on [-1, 1] pixels); for a
+    VQ autoencoder the share of its codes these images use and the codes' perplexity; with a ``judge`` (a loaded detector) and a shapes world, the judge's accuracy on the reconstructions,
     beside its accuracy on the originals: what of the scene survives the latent grid."""
     recon = torch.cat([model.reconstruct(images[i: i + batch]) for i in range(0, len(images), batch)])
     mse = (recon - images).pow(2).mean().item()
     metrics = {"mse": mse, "psnr": float(10 * np.log10(4.0 / max(mse, 1e-12)))}
+    if getattr(model.config, "kind", None) == "vq":  # how much of the codebook these images use
+        codes = torch.cat([model.encode_codes(images[i: i + batch]).flatten() for i in range(0, len(images), batch)])
+        counts = torch.bincount(codes, minlength=model.config.codebook_size).double()
+        share = counts / counts.sum()
+        metrics["codebook usage"] = float((counts > 0).double().mean())
+        metrics["codebook perplexity"] = float(torch.exp(-(share[share > 0] * share[share > 0].log()).sum()))
     if judge is not None:
         from polymodal.eval.geneval import judge_metrics
 
