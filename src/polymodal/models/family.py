@@ -207,7 +207,8 @@ RANGES: dict[str, tuple[float, float]] = {
     "min_snr_gamma": (1e-6, 1e6), "tasks": (0.0, 1e6),
     **dict.fromkeys(("condition_dropout", "modality_dropout", "recolour_fraction", "occupied_threshold",
                      "codebook_decay"), (0.0, 1.0)),
-    **dict.fromkeys(("commitment", "kl_weight", "noise_std", "blur_sigma", "brightness", "ctc"), (0.0, 1e6)),
+    **dict.fromkeys(("commitment", "kl_weight", "noise_std", "blur_sigma", "brightness", "ctc", "dead_code_threshold"),
+                    (0.0, 1e6)),
 }
 INT_RANGE = (0, 65_536)
 FLOAT_RANGE = (-1e6, 1e6)
