@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 WIDTH, DEPTH, HEADS, BATCH, GRID, CHANNELS, STEPS = 256, 6, 4, 64, 8, 4, 16
+TEXT = 56  # caption tokens kept (as training cuts them to fit the 128-token context beside the image)
 
 
 def captions(data: Path, n: int) -> list[str]:
@@ -45,7 +46,7 @@ def polymodal_side(texts: list[str]):
                         context_length=128, latent_channels=CHANNELS, latent_grid=GRID, caption_dropout=0.0,
                         vocab_size=tokenizer.vocab_size)
     model = OmniModel(config, tokenizer)
-    examples = [OmniExample([[tokenizer.bos_id, *tokenizer.encode(t, add_special_tokens=False)],
+    examples = [OmniExample([[tokenizer.bos_id, *tokenizer.encode(t, add_special_tokens=False)[:TEXT]],
                              torch.randn(CHANNELS, GRID, GRID), [tokenizer.eos_id]]) for t in texts]
     prompt = [[tokenizer.bos_id, *tokenizer.encode(texts[0], add_special_tokens=False)]]
 
@@ -71,7 +72,7 @@ def peer_side(texts: list[str], vocab: int):
     model = Transfusion(num_text_tokens=vocab, dim_latent=CHANNELS, channel_first_latent=True,
                         modality_default_shape=(GRID, GRID),
                         transformer=dict(dim=WIDTH, depth=DEPTH, heads=HEADS, dim_head=WIDTH // HEADS))
-    batch = [[torch.tensor(tokenizer.encode(t, add_special_tokens=False)), torch.randn(CHANNELS, GRID, GRID)]
+    batch = [[torch.tensor(tokenizer.encode(t, add_special_tokens=False)[:TEXT]), torch.randn(CHANNELS, GRID, GRID)]
              for t in texts]
 
     def step(optimizer):
