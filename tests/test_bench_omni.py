@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from polymodal.bench import omni as bench
 from polymodal.cli import app
 
-SIZE = 16
+SIZE = 16  # image side of the omni_parts fixture (conftest)
 
 
 # ---- the comparisons -------------------------------------------------------------------------
@@ -77,19 +77,8 @@ def test_an_unknown_arm_or_missing_autoencoder_is_named(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def parts(tmp_path_factory):
-    from polymodal.data.shapes import WorldConfig, generate_world
-    from polymodal.models.autoencoder import Autoencoder, AutoencoderConfig
-    from polymodal.models.detector import DetectorConfig, GridDetector
-
-    root = tmp_path_factory.mktemp("bench-omni")
-    generate_world(root / "world", WorldConfig(n=100, seed=5, speech=False, video_fraction=0.0), workers=1)
-    torch.manual_seed(0)
-    for kind in ("kl", "vq"):
-        Autoencoder(AutoencoderConfig(kind=kind, channels=(8, 8, 8), latent_channels=4, codebook_size=32,
-                                      image_size=SIZE)).save_pretrained(root / f"ae-{kind}")
-    GridDetector(DetectorConfig(widths=(8, 16, 16), head_width=16)).save_pretrained(root / "judge")
-    return root
+def parts(omni_parts):
+    return omni_parts
 
 
 TINY = ["model.width=32", "model.depth=1", "model.heads=2", "model.context_length=64", f"data.image_size={SIZE}",

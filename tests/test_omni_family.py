@@ -20,10 +20,9 @@ from typer.testing import CliRunner
 
 from polymodal.cli import app
 from polymodal.models import EvalOptions, evaluate, load_model, model_type
-from polymodal.models.autoencoder import Autoencoder, AutoencoderConfig
 from polymodal.models.omni import OmniModel
 
-SIZE = 16  # image side: 16 px through three autoencoder levels, a 4x4 grid (16 image tokens)
+SIZE = 16  # image side of the omni_parts fixture (conftest): a 4x4 grid, 16 image tokens
 QUESTION = "what colour is the circle?"
 
 
@@ -36,19 +35,9 @@ def tiny_overrides(autoencoder) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def parts(tmp_path_factory):
+def parts(omni_parts):
     """A 100-sample shapes world without speech, tiny KL and VQ autoencoders and a tiny judge."""
-    from polymodal.data.shapes import WorldConfig, generate_world
-    from polymodal.models.detector import DetectorConfig, GridDetector
-
-    root = tmp_path_factory.mktemp("omni")
-    generate_world(root / "world", WorldConfig(n=100, seed=3, speech=False, video_fraction=0.0), workers=1)
-    torch.manual_seed(0)
-    for kind in ("kl", "vq"):
-        Autoencoder(AutoencoderConfig(kind=kind, channels=(8, 8, 8), latent_channels=4, codebook_size=32,
-                                      image_size=SIZE)).save_pretrained(root / f"ae-{kind}")
-    GridDetector(DetectorConfig(widths=(8, 16, 16), head_width=16)).save_pretrained(root / "judge")
-    return root
+    return omni_parts
 
 
 def train(recipe: str, autoencoder, out) -> object:

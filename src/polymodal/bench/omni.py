@@ -204,13 +204,14 @@ def parity_ratio(transfusion: Sequence[tuple[float, float]], chameleon: Sequence
             "metric": metric_t, "fit_slope": b, "extrapolated": best < metric_t}
 
 
-def run_scores(model_dir: Path, data, judge, *, splits, per_category: int, limit: int | None,
+def run_scores(model, data, judge, *, splits, per_category: int, limit: int | None,
                sample_steps: int, guidance: float) -> dict:
-    from polymodal.models import EvalOptions, evaluate
+    """Every metric of the loaded omni ``model`` on ``splits`` (captions, answers, drawings)."""
+    from polymodal.models import EvalOptions
 
     options = EvalOptions(judge=judge, per_category=per_category, limit=limit, sample_steps=sample_steps,
                           guidance=guidance)
-    return evaluate(model_dir, data, list(splits), options)
+    return model.evaluate(data, list(splits), options)
 
 
 def validation_losses(model, data, limit: int) -> dict[str, float]:
@@ -248,12 +249,12 @@ def bench_omni(data: str | os.PathLike, out: str | os.PathLike, *, judge: str | 
     saved = out / "results.json"
     results = json.loads(saved.read_text()) if saved.is_file() else {}
     runs = results.setdefault("runs", {})
+    base = load_recipe(recipe, [*(extra or []), *([f"trainer.max_steps={steps}"] if steps else [])])
+    budget = base.trainer.max_steps
+    if not budget:
+        raise ValueError("the bench needs a step budget: --steps, or a recipe with trainer.max_steps")
     for arm in arms:
         for seed in seeds:
-            base = load_recipe(recipe, [*(extra or []), *([f"trainer.max_steps={steps}"] if steps else [])])
-            budget = base.trainer.max_steps
-            if not budget:
-                raise ValueError("the bench needs a step budget: --steps, or a recipe with trainer.max_steps")
             overrides = [*(extra or []), *arm_overrides(arm, autoencoders, budget, seed, max(1, budget // snapshots))]
             name, run = f"{arm}-seed{seed}", out / f"{arm}-seed{seed}"
             arm_recipe = load_recipe(recipe, overrides)
@@ -268,15 +269,14 @@ def bench_omni(data: str | os.PathLike, out: str | os.PathLike, *, judge: str | 
             row["flops_per_step"] = step_flops(model, training_batch(model, data, base.data.batch_size))
             row["flops"] = row["flops_per_step"] * budget
             row["curves"] = read_curves(run)
-            model.eval()
             row["validation"] = validation_losses(model, data, base.data.val_limit)
-            row["final"] = run_scores(run / "model", data, judge, splits=("test", "test_novel"),
+            row["final"] = run_scores(model, data, judge, splits=("test", "test_novel"),
                                       per_category=per_category, limit=limit, sample_steps=sample_steps,
                                       guidance=guidance)
             row["snapshots"] = []
             for snap in sorted((run / "snapshots").glob("step-*")):
                 step = int(snap.name.split("-")[1])
-                scores = run_scores(snap, data, judge, splits=("test",), per_category=per_category, limit=limit,
+                scores = run_scores(load_model(snap), data, judge, splits=("test",), per_category=per_category, limit=limit,
                                     sample_steps=sample_steps, guidance=guidance).get("test", {})
                 row["snapshots"].append({"step": step, "flops": step * row["flops_per_step"],
                                          "caption": scores.get(CAPTION_METRIC), "vqa": scores.get("vqa accuracy"),
