@@ -1,12 +1,15 @@
 """polymodal's Transfusion (``polymodal.models.omni``, ``image: latent``) against the
-``transfusion-pytorch`` package on the same sequences at matched size, in one process:
+``transfusion-pytorch`` package on the same sequences at matched FLOPs, in one process:
 training step time and image sampling time. Speed only: the peer trains with flow matching and
 conditions image tokens with adaLN, so their losses and samples are not comparable.
 
-Both models: width 256, 6 layers, 4 heads of 64, MLP 4x, over a batch of 64 sequences of one
-caption (real shapes-world captions, polymodal's tokenizer) followed by one 8x8x4 latent image
-(64 image tokens, as the omni recipes). Steps are forward, backward and AdamW; the FLOPs of one
-step of each are counted by ``torch.utils.flop_counter``. Sampling: one 8x8 image with 16
+Both models: width 256, 4 heads of 64, MLP 4x, over a batch of 64 sequences of one caption (real
+shapes-world captions, polymodal's tokenizer) followed by one 8x8x4 latent image (64 image
+tokens, as the omni recipes). polymodal has 6 layers; the peer, whose layers cost about three
+times as much (adaLN projections of its time condition at every token, a gated MLP, skip
+projections), gets the depth whose training step comes nearest polymodal's in FLOPs (counted by
+``torch.utils.flop_counter`` on the real batch; ``--peer-depth`` sets it by hand). Steps are
+forward, backward and AdamW. Sampling: one 8x8 image with 16
 denoising steps and guidance 3 (the peer: 16 ODE steps of its midpoint solver, its modality
 forced at the start; polymodal: 16 DDIM steps after the caption prefix).
 
@@ -63,7 +66,7 @@ def polymodal_side(texts: list[str]):
     return model, step, sample, lambda: model.loss(examples)["loss"], tokenizer.vocab_size
 
 
-def peer_side(texts: list[str], vocab: int):
+def peer_side(texts: list[str], vocab: int, depth: int):
     from transfusion_pytorch import Transfusion
 
     from polymodal.modalities.text import TextTokenizer
@@ -71,7 +74,7 @@ def peer_side(texts: list[str], vocab: int):
     tokenizer = TextTokenizer.train(texts * 4, vocab_size=vocab)
     model = Transfusion(num_text_tokens=vocab, dim_latent=CHANNELS, channel_first_latent=True,
                         modality_default_shape=(GRID, GRID),
-                        transformer=dict(dim=WIDTH, depth=DEPTH, heads=HEADS, dim_head=WIDTH // HEADS))
+                        transformer=dict(dim=WIDTH, depth=depth, heads=HEADS, dim_head=WIDTH // HEADS))
     batch = [[torch.tensor(tokenizer.encode(t, add_special_tokens=False)[:TEXT]), torch.randn(CHANNELS, GRID, GRID)]
              for t in texts]
 
@@ -106,14 +109,27 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="a shapes world (its captions are the text)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--peer-depth", type=int, default=None,
+                        help="the peer's layers (default: the depth whose step FLOPs come nearest polymodal's)")
     args = parser.parse_args()
     torch.manual_seed(0)
     texts = captions(args.data, BATCH)
     ours, our_step, our_sample, our_loss, vocab = polymodal_side(texts)
-    peer, peer_step, peer_sample, peer_loss = peer_side(texts, vocab)
+    our_flops = flops(our_loss, ours)
+    depth = args.peer_depth
+    if depth is None:  # the peer's depth nearest polymodal's FLOPs a step
+        costs = {}
+        for d in range(1, DEPTH + 1):
+            torch.manual_seed(0)
+            model, _, _, loss = peer_side(texts, vocab, d)
+            costs[d] = flops(loss, model)
+        depth = min(costs, key=lambda d: abs(costs[d] - our_flops))
+    torch.manual_seed(0)
+    peer, peer_step, peer_sample, peer_loss = peer_side(texts, vocab, depth)
     sides = {"polymodal": (ours, our_step, our_sample, our_loss), "transfusion-pytorch": (peer, peer_step, peer_sample, peer_loss)}
     results: dict = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                     "batch": BATCH, "width": WIDTH, "depth": DEPTH, "image_tokens": GRID * GRID,
+                     "batch": BATCH, "width": WIDTH, "polymodal depth": DEPTH, "transfusion-pytorch depth": depth,
+                     "image_tokens": GRID * GRID,
                      "sample_steps": STEPS}
     optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, (m, *_) in sides.items()}
     train_times: dict[str, list[float]] = {name: [] for name in sides}
@@ -136,6 +152,8 @@ def main() -> None:
     for name in sides:
         results[f"{name} step s (median)"] = statistics.median(train_times[name])
         results[f"{name} sample s (median)"] = statistics.median(sample_times[name])
+    results["FLOP ratio (peer / polymodal)"] = (results["transfusion-pytorch GFLOP a step"]
+                                                / results["polymodal GFLOP a step"])
     results["step ratio (peer / polymodal)"] = (results["transfusion-pytorch step s (median)"]
                                                 / results["polymodal step s (median)"])
     results["sample ratio (peer / polymodal)"] = (results["transfusion-pytorch sample s (median)"]

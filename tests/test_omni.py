@@ -1,4 +1,4 @@
-"""The native multimodal model (models/omni.py): Chameleon (vq) and Transfusion (latent), dense
+"""The native multimodal model (polymodal.models.omni): Chameleon (vq) and Transfusion (latent), dense
 and Mixture-of-Transformers, at tiny sizes (seconds each)."""
 
 import random

@@ -1,4 +1,4 @@
-"""The omni model as a family (models/omni.py): it trains from the shipped recipes with
+"""The omni model as a family (polymodal.models.omni): it trains from the shipped recipes with
 `polymodal train`, is scored by `polymodal eval` under the captioner's and the text-to-image
 family's keys, loads with `load_model` for each of its tasks, captions, answers and draws from
 the command line, and is served like any other family. Tiny sizes: a small shapes world at
@@ -91,7 +91,7 @@ def test_an_autoencoder_of_another_size_than_the_data_is_named(parts, tmp_path):
 
 
 def test_training_images_are_encoded_once_per_file(transfusion, monkeypatch):
-    import polymodal.models.omni as omni
+    import polymodal.models.omni.model as omni
 
     model = load_model(transfusion)
     images = torch.rand(3, 3, SIZE, SIZE) * 2 - 1

@@ -1,0 +1,94 @@
+"""Native multimodal Transformers on one backbone: Chameleon, Transfusion and Mixture-of-Transformers.
+
+One decoder-only Transformer reads and writes *interleaved* sequences of text tokens and images.
+Two settings choose the design, and nothing else differs between them:
+
+- ``image``: how an image enters the sequence.
+
+  - ``vq`` (Chameleon, arXiv 2405.09818): an image is the grid of its VQ autoencoder codes, read
+    row by row; code ``k`` is token ``text_vocab + k`` of one shared vocabulary. The loss is the
+    next-token loss everywhere (text and codes), plus a z-loss ``z_loss * log^2 Z`` on the
+    logits' normaliser that keeps them from drifting (with QK-norm, what keeps Chameleon stable).
+    Attention is causal everywhere: codes are generated one after the other.
+  - ``latent`` (Transfusion, arXiv 2408.11039): an image is the continuous latent grid of a KL
+    autoencoder, one token per latent cell, projected in with a timestep embedding added and
+    projected out to the noise that was added to it. The loss is the text next-token loss plus
+    ``diffusion_weight`` (lambda, 5 in the paper) times the diffusion loss (epsilon prediction,
+    cosine schedule) on the image tokens. Attention is causal across the sequence and
+    bidirectional inside each image: a causal image block took the paper's FID from 20.3 to 61.3
+    (Table 5).
+
+- ``layout``: how the parameters are shared.
+
+  - ``dense``: every position goes through the same norms, attention projections and MLP.
+  - ``mot`` (Mixture-of-Transformers, arXiv 2411.04996): each block has one set of those
+    parameters per modality (0 text, 1 image) and each position goes through its own modality's;
+    attention stays global over the whole sequence. A token costs the same FLOPs as in ``dense``,
+    and the blocks hold twice the parameters.
+
+The two layouts are one block class, :class:`OmniBlock`, with ``experts = 1`` (dense) or ``2``
+(mot) parameter sets; its attention is the shared Transformer's (:class:`~polymodal.nn.layers.Attention`'s
+projections and QK-norm, its rotary positions, its KV cache, its :func:`~polymodal.nn.layers.segment_mask`),
+run once over the whole sequence.
+
+**The sequence.** An example is a list of segments (:class:`OmniExample`): text token ids, or an
+image (its codes or its latent grid). Packing frames each image by ``<boi>`` and ``<eoi>``::
+
+    caption first (draw):     <bos> a red star ... <boi> [64 image tokens] <eoi> <eos>
+    image first (caption):    <bos> <boi> [64 image tokens] <eoi> <eos> a red star ... <eos>
+    question (VQA):           <bos> <boi> [64 image tokens] <eoi> what colour ...? <eos> red <eos>
+
+After an image the text is ``prompt <eos> target <eos>`` as in the captioner (an empty prompt for
+a caption), so "caption this" and "answer this" are told apart by what follows ``<eoi>``. Every
+position carries a modality id (0 text, ``<boi>`` and ``<eoi>`` included; 1 image), a segment id
+(0 text, ``k`` on every token of the sequence's ``k``-th image) and, on image tokens, the index of
+its latent cell (a learned per-cell embedding gives the 2-D place; rotary positions give the
+1-D one). Batches are padded on the right for training and on the left for generation (so all
+rows grow at the same place); a padding query still sees itself, so no attention row is empty
+(SDPA returns NaN on an empty row).
+
+:func:`examples_from_rows` makes training examples from the shapes world's rows: 80% of image
+and caption pairs caption-first, 20% image-first with their noise capped at ``t <= 500`` (so
+captioning learns from clean-ish images: the paper's Table 8), captions dropped with chance
+``caption_dropout`` (for classifier-free guidance), and VQA as question and answer after the image.
+
+**Generation** (all with the KV cache of :mod:`polymodal.nn.layers`, which can be turned off
+for a check): :meth:`OmniModel.generate_text` (greedy or nucleus over the text vocabulary);
+:meth:`OmniModel.generate_image` (``vq``: codes sampled with top-p and classifier-free guidance
+against a dropped-caption pass, never greedy, which gives blank images; ``latent``: the diffusion
+sampler run on the image block in place, bidirectional inside it, the prefix cached once);
+:meth:`OmniModel.generate_interleaved` (text until ``<boi>``, an image, text again).
+
+**The family** (:mod:`polymodal.models.family`): one model that captions, answers and draws, so
+it answers each task's entry point as the family that does only that task does, and callers
+(the command line, the server, the evaluators) need not know it is one model:
+:meth:`OmniModel.generate` given a data batch of images (and questions) writes text as a
+captioner's ``generate`` does (:meth:`OmniModel.write`); given prompt strings it draws images as a
+text-to-image model's ``generate`` does (:meth:`OmniModel.draw`); given segment prefixes it is
+:meth:`OmniModel.generate_interleaved`. ``polymodal eval`` scores captions and answers with the
+captioner's metrics and, given a judge, drawings with the text-to-image family's GenEval-style
+scores, under the same keys. Training encodes each training image once: its codes or latents
+are cached by the file it came from (:meth:`OmniModel.training_tokens`), so the frozen
+autoencoder does not run every step.
+
+The modules: :mod:`~polymodal.models.omni.sequence` (settings, examples, packed batches, the
+cache), :mod:`~polymodal.models.omni.blocks` (the block and its routing),
+:mod:`~polymodal.models.omni.model` (the model and its family entry points).
+"""
+
+from polymodal.models.omni.blocks import ModalityWeights, OmniBlock, Routing
+from polymodal.models.omni.model import AsCaptioner, OmniModel, check_autoencoder
+from polymodal.models.omni.sequence import (
+           IMAGE,
+           IMAGE_KINDS,
+           LAYOUTS,
+           TEXT,
+           Interleaved,
+           OmniCache,
+           OmniConfig,
+           OmniExample,
+           examples_from_rows,
+)
+
+__all__ = ["IMAGE", "IMAGE_KINDS", "LAYOUTS", "TEXT", "AsCaptioner", "Interleaved", "ModalityWeights", "OmniBlock",
+           "OmniCache", "OmniConfig", "OmniExample", "OmniModel", "Routing", "check_autoencoder", "examples_from_rows"]

@@ -1,0 +1,234 @@
+"""The omni model's settings and sequences: :class:`OmniConfig`, the segments of an example
+(:class:`OmniExample`), packed batches (:class:`Interleaved`), training examples from the shapes
+world's rows (:func:`examples_from_rows`) and the KV cache that remembers segments
+(:class:`OmniCache`). The design: :mod:`polymodal.models.omni`."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from polymodal.modalities.text import TextTokenizer
+from polymodal.models.family import (
+    check_diffusion_settings,
+)
+from polymodal.nn.diffusion import DiffusionConfig
+from polymodal.nn.encoders import config_from_spec
+from polymodal.nn.layers import KVCache
+
+IMAGE_KINDS = ("vq", "latent")
+LAYOUTS = ("dense", "mot")
+TEXT, IMAGE = 0, 1  # modality ids; in ``mot`` also the index of each block's parameter set
+AUTOENCODER_FOLDER = "autoencoder"  # subfolder of a saved model holding its autoencoder
+# Transfusion's diffusion: epsilon prediction, cosine schedule, a plain mean squared error; the
+# latents are not pixels, so predicted clean samples are not clamped to [-1, 1]
+DIFFUSION_DEFAULTS = {"prediction": "epsilon", "schedule": "cosine", "weighting": "none", "clip_sample": False}
+TOKEN_CACHE_LIMIT = 50_000  # training images whose codes or latents are kept (an 8x8x4 latent grid is
+# 1 KB: at most about 50 MB); images beyond it are encoded each time they come
+VALIDATION_LOSS_ITEMS = 250  # validation items whose losses are scored during training
+VALIDATION_WRITTEN_ITEMS = 32  # of those, items captioned (and asked their questions) during training
+
+
+
+@dataclass
+class OmniConfig:
+    image: str = "latent"  # vq (Chameleon: codes in the vocabulary) | latent (Transfusion: diffusion on latents)
+    layout: str = "dense"  # dense (shared parameters) | mot (per-modality norms, projections and MLPs)
+    width: int = 256
+    depth: int = 6
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    qk_norm: bool = True  # LayerNorm on each head's queries and keys (Chameleon's fix for diverging logits)
+    rotary_base: float = 10_000.0  # rotary positions over the whole sequence
+    context_length: int = 128  # longest sequence, image tokens and <boi>/<eoi> included
+    vocab_size: int | None = None  # of the text tokenizer (None: whatever it has; the builder records it)
+    z_loss: float = 1e-5  # weight of log^2 Z of the next-token logits (both image kinds)
+    diffusion_weight: float = 5.0  # latent: lambda, the weight of the diffusion loss against the text loss
+    diffusion: dict = field(default_factory=dict, metadata={"check": check_diffusion_settings})
+    # latent: DiffusionConfig settings over DIFFUSION_DEFAULTS (epsilon, cosine, unweighted)
+    latent_channels: int = 4  # latent: channels of a latent cell (the autoencoder's)
+    codebook_size: int = 512  # vq: codes of the VQ autoencoder (extra tokens of the vocabulary)
+    latent_grid: int = 8  # side of an image's latent grid: latent_grid**2 tokens (8: 64 for a 32x32 image)
+    latent_scale: float | None = None  # latent: latents are multiplied by this (None: 1; the builder
+    # measures 1 / the standard deviation of the training latents, so diffusion sees unit variance)
+    image_first_share: float = 0.2  # share of image-caption pairs with the image first (captioning)
+    image_first_max_timestep: int = 500  # latent: an image before its text is noised at most this much
+    caption_dropout: float = 0.1  # chance a caption-first pair loses its caption (classifier-free guidance)
+    vqa_share: float = 0.3  # share of training images (with questions) that give a question and answer
+    autoencoder: str | None = None  # the saved autoencoder the images come from (a saved model keeps
+    # its own copy in autoencoder/)
+    image_size: int = 32  # side of the images, in pixels
+    image_field: str = "image"  # batch field of the training images
+    caption_column: str = "text"  # metadata column with the caption
+    qa_column: str = "qa"  # metadata column with [{"question", "answer", "type"}, ...]
+    fields: dict[str, str] = field(default_factory=dict)  # data fields read when training
+
+    PRESETS = {
+        "tiny": dict(width=32, depth=2, heads=2),
+        "small": dict(width=256, depth=6, heads=4),
+        "base": dict(width=384, depth=8, heads=6),
+    }
+
+    def __post_init__(self):
+        for name, value, known in (("image", self.image, IMAGE_KINDS), ("layout", self.layout, LAYOUTS)):
+            if value not in known:
+                raise ValueError(f"{name}: unknown {value!r}; choose from {list(known)}")
+        for name in ("image_first_share", "caption_dropout", "vqa_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a share, from 0 to 1; got {getattr(self, name)}")
+        for name in ("z_loss", "diffusion_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} is a loss weight, at least 0; got {getattr(self, name)}")
+        if self.rotary_base <= 0:
+            raise ValueError(f"rotary_base must be positive, got {self.rotary_base}")
+        if (self.width // self.heads) % 2:
+            raise ValueError(f"rotary positions need an even head width; {self.width} / {self.heads} heads is odd")
+        if not 1 <= self.latent_grid <= 256:
+            raise ValueError(f"latent_grid must be from 1 to 256, got {self.latent_grid}")
+        if self.latent_scale is not None and self.latent_scale <= 0:
+            raise ValueError(f"latent_scale must be positive, got {self.latent_scale}")
+        shortest = self.image_tokens + 8  # an image, its frame and a few text tokens
+        if self.context_length < shortest:
+            raise ValueError(f"context_length {self.context_length} cannot hold an image of {self.image_tokens} "
+                             f"tokens and its text; at least {shortest}")
+        steps = self.diffusion_config().train_steps
+        if not 0 <= self.image_first_max_timestep < steps:
+            raise ValueError(f"image_first_max_timestep must be from 0 to {steps - 1}, got {self.image_first_max_timestep}")
+
+    @property
+    def image_tokens(self) -> int:
+        """Tokens of one image (without its ``<boi>`` and ``<eoi>``)."""
+        return self.latent_grid**2
+
+    def diffusion_config(self) -> DiffusionConfig:
+        return DiffusionConfig(**{**DIFFUSION_DEFAULTS, **self.diffusion})
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> OmniConfig:
+        """A config from a recipe's settings, with an optional size ``preset``."""
+        return config_from_spec(cls, spec, "model")
+
+
+# ---- examples and packed batches -----------------------------------------------------------
+
+Segment = list[int] | torch.Tensor  # text token ids, or an image: codes (h, w) long | latents (C, h, w) float
+
+
+@dataclass
+class OmniExample:
+    """One interleaved sequence: text ids (without ``<boi>``/``<eoi>``, which packing adds around
+    each image) and images. ``max_timestep`` caps the noise on its images while training (an
+    image that is read rather than drawn); None: the whole schedule."""
+
+    segments: list[Segment]
+    max_timestep: int | None = None
+
+
+@dataclass
+class Interleaved:
+    """A packed batch: one tensor per position property, each ``(B, T)`` unless said otherwise.
+
+    ``latents`` ``(B, T, C)`` and ``timesteps`` hold the (noisy) latent and noise level at latent
+    image tokens (zeros elsewhere; None for ``vq``). For training, ``image_index`` ``(N, cells)``
+    is the flat position (in ``B * T``) of every token of each of the batch's ``N`` images,
+    ``clean`` ``(N, cells, C)`` their clean latents and ``max_timestep`` ``(N,)`` their noise cap.
+    """
+
+    ids: torch.Tensor  # token ids; placeholders (<pad>) at latent image tokens
+    modality: torch.Tensor  # 0 text, 1 image
+    segment: torch.Tensor  # 0 text, k on the tokens of the row's k-th image
+    cell: torch.Tensor  # the latent cell of an image token (0 on text)
+    key_mask: torch.Tensor  # True on real tokens, False on padding
+    latents: torch.Tensor | None = None
+    timesteps: torch.Tensor | None = None
+    image_index: torch.Tensor | None = None
+    clean: torch.Tensor | None = None
+    max_timestep: torch.Tensor | None = None
+
+    def cat(self, other: Interleaved) -> Interleaved:
+        """``other``'s positions after this batch's (row by row); the training bookkeeping is dropped."""
+        def join(a, b):
+            return None if a is None else torch.cat([a, b], 1)
+
+        return Interleaved(*(join(getattr(self, n), getattr(other, n)) for n in
+                             ("ids", "modality", "segment", "cell", "key_mask", "latents", "timesteps")))
+
+    def with_images(self, latents: torch.Tensor, timesteps: torch.Tensor) -> Interleaved:
+        """The batch with its images' tokens set to ``latents`` ``(N, cells, C)`` at ``timesteps`` ``(N,)``."""
+        b, t, c = self.latents.shape
+        flat = self.latents.reshape(b * t, c).index_copy(0, self.image_index.flatten(), latents.reshape(-1, c))
+        steps = self.timesteps.flatten().index_copy(
+            0, self.image_index.flatten(), timesteps[:, None].expand_as(self.image_index).flatten())
+        return replace(self, latents=flat.view(b, t, c), timesteps=steps.view(b, t))
+
+
+def examples_from_rows(rows: Sequence[dict], images: torch.Tensor | Sequence[torch.Tensor], tokenizer: TextTokenizer,
+                       config: OmniConfig, rng: random.Random | None = None) -> list[OmniExample]:
+    """One training example per row of a shapes world (or any rows with captions and questions).
+
+    ``images``: each row's image as its autoencoder gives it, codes ``(h, w)`` (vq) or a scaled
+    latent grid ``(C, h, w)`` (latent). A row with questions gives, with chance ``vqa_share``,
+    one of them (``<boi> image <eoi> question <eos> answer <eos>``); otherwise its caption, after
+    the image with chance ``image_first_share`` (noise capped at ``image_first_max_timestep``),
+    else before it, dropped with chance ``caption_dropout``. Text is cut to fit ``context_length``.
+    """
+    if len(rows) != len(images):
+        raise ValueError(f"{len(rows)} rows but {len(images)} images")
+    rng = rng or random
+    tok, c = tokenizer, config
+    budget = c.context_length - c.image_tokens - 6  # text tokens left beside <bos> <boi> <eoi> and two <eos>
+    examples = []
+    for row, image in zip(rows, images, strict=True):
+        qa = row.get(c.qa_column) or []
+        if qa and rng.random() < c.vqa_share:
+            item = rng.choice(qa)
+            question = tok.encode(item["question"], add_special_tokens=False)[: budget // 2]
+            answer = tok.encode(item["answer"], add_special_tokens=False)[: budget - len(question)]
+            examples.append(OmniExample([[tok.bos_id], image, [*question, tok.eos_id, *answer, tok.eos_id]],
+                                        max_timestep=c.image_first_max_timestep))
+            continue
+        caption = tok.encode(row[c.caption_column], add_special_tokens=False)[:budget]
+        if rng.random() < c.image_first_share:
+            examples.append(OmniExample([[tok.bos_id], image, [tok.eos_id, *caption, tok.eos_id]],
+                                        max_timestep=c.image_first_max_timestep))
+        else:
+            if rng.random() < c.caption_dropout:
+                caption = []
+            examples.append(OmniExample([[tok.bos_id, *caption], image, [tok.eos_id]]))
+    return examples
+
+
+# ---- the cache: keys and values, and the segments they belong to --------------------------
+
+
+class OmniCache(KVCache):
+    """A :class:`~polymodal.nn.layers.KVCache` that also remembers each cached position's segment
+    id (the mask of a new image token depends on which earlier tokens share its image), and can
+    be rolled back: the diffusion sampler runs the image block against the cached prefix at every
+    step without keeping it."""
+
+    def __init__(self, depth: int):
+        super().__init__(depth)
+        self.segment_ids: torch.Tensor | None = None  # (B, S)
+
+    def add(self, key_mask: torch.Tensor, segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Remember new positions ``(B, T)``; return the mask and segment ids of every key ``(B, S + T)``."""
+        self.segment_ids = segment_ids if self.segment_ids is None else torch.cat([self.segment_ids, segment_ids], 1)
+        return self.extend(key_mask), self.segment_ids
+
+    def reorder(self, index: torch.Tensor) -> None:
+        super().reorder(index)
+        if self.segment_ids is not None:
+            self.segment_ids = self.segment_ids[index]
+
+    def snapshot(self) -> tuple:
+        """What :meth:`restore` needs (appending makes new tensors, so references suffice)."""
+        return [(b.self_attn.k, b.self_attn.v) for b in self.blocks], self.key_mask, self.segment_ids
+
+    def restore(self, state: tuple) -> None:
+        kv, self.key_mask, self.segment_ids = state
+        for block, (k, v) in zip(self.blocks, kv, strict=True):
+            block.self_attn.k, block.self_attn.v = k, v
