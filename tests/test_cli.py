@@ -156,7 +156,10 @@ def test_demo_runs_every_step_and_reuses_its_models(tmp_path):
     assert state["failed"] and {c[0] for c in state["failed"]} >= {"clip: text->image R@5 (test)"}
     heard = json.loads((tmp_path / "listen" / "metrics.json").read_text())
     assert 0.0 <= heard["test"]["word error rate"]
-    assert state["trained"] == {"clip", "captions", "listen", "judge", "autoencoder", "drawing"}
+    one_model = json.loads((tmp_path / "omni" / "metrics.json").read_text())  # captions, answers and drawings
+    assert {"scene-graph objects right", "vqa accuracy", "single_object colour+shape+position"} <= set(one_model["test"])
+    assert (tmp_path / "omni.png").stat().st_size > 1000
+    assert state["trained"] == {"clip", "captions", "listen", "judge", "autoencoder", "drawing", "omni"}
 
     # run again into the same folder: every model is reused, nothing is trained
     chosen = [s for s in STEPS if s.name in ("world", "clip", "understand")]
