@@ -71,13 +71,44 @@ def augmented(train_set, recipe: Recipe, model):
                          seed=recipe.trainer.seed)
 
 
+def cores_busy_elsewhere(seconds: float = 0.5) -> float:
+    """Cores that other processes kept busy over the last ``seconds`` (Linux ``/proc``: the
+    machine's busy time less this process's own); 0.0 where that cannot be read."""
+    def sample() -> tuple[int, int]:
+        machine = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        busy = sum(machine) - machine[3] - (machine[4] if len(machine) > 4 else 0)  # less idle and iowait
+        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        return busy, int(own[11]) + int(own[12])  # utime + stime of every thread of this process
+
+    try:
+        (busy0, own0), start = sample(), time.perf_counter()
+        time.sleep(seconds)
+        (busy1, own1), elapsed = sample(), time.perf_counter() - start
+        return max(0.0, ((busy1 - busy0) - (own1 - own0)) / os.sysconf("SC_CLK_TCK") / elapsed)
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def default_threads(devices: int) -> int:
     """Torch threads per process: the cores shared out over the processes, and no more than
-    ``OMP_NUM_THREADS`` when the environment sets it (several busy threads on too few cores spin
-    and wait on each other)."""
-    threads = max(1, (os.cpu_count() or 1) // devices)
+    ``OMP_NUM_THREADS`` when the environment sets it. When it does not, cores that other
+    processes keep busy are left to them: several busy threads on too few cores spin and wait on
+    each other (a two-thread training beside a one-thread one on 2 cores ran up to 15x slower;
+    BENCHMARKS.md, "The demo on a busy machine")."""
+    cores = os.cpu_count() or 1
+    threads = max(1, cores // devices)
     env = os.environ.get("OMP_NUM_THREADS", "")
-    return min(threads, int(env)) if env.isdigit() and int(env) > 0 else threads
+    if env.isdigit() and int(env) > 0:
+        return min(threads, int(env))
+    if threads > 1:
+        taken = round(cores_busy_elsewhere())
+        if taken:
+            fewer = max(1, min(threads, (cores - taken) // devices))
+            if fewer < threads:
+                log.info("%d of %d cores are busy with other work: %d torch thread(s) a process instead of %d",
+                         taken, cores, fewer, threads)
+                threads = fewer
+    return threads
 
 
 def atomic_checkpoint_io():
