@@ -137,6 +137,12 @@ def trained(state: dict, name: str, recipe_name: str, overrides: list[str], afte
     return model_dir
 
 
+def demo_autoencoder(state: dict) -> Path:
+    """The demo's KL autoencoder: trained by the first step that needs it (the drawing or the omni
+    model, whose latent cells are its image tokens), reused by the other."""
+    return trained(state, "autoencoder", "ae-shapes", [f"trainer.max_steps={budget(state, 'autoencoder')}"])
+
+
 def scored(state: dict, name: str, results: dict) -> Path:
     """Write ``results`` as ``out/name/metrics.json`` and check the test metrics against the floors."""
     path = state["out"] / name / "metrics.json"
@@ -328,7 +334,7 @@ def draw(state: dict) -> dict:
     from polymodal.models import EvalOptions, evaluate, load_model
     from polymodal.report import format_table
 
-    autoencoder = trained(state, "autoencoder", "ae-shapes", [f"trainer.max_steps={budget(state, 'autoencoder')}"])
+    autoencoder = demo_autoencoder(state)
     made: dict = {}
     if state.get("judge"):  # what the drawings can be at best: the judge on the autoencoder's reconstructions
         reconstructed = evaluate(autoencoder, state["world"], ["test"], EvalOptions(judge=state["judge"]))
@@ -376,8 +382,7 @@ def omni(state: dict) -> dict:
     from polymodal.models.family import split_items
     from polymodal.report import format_table
 
-    # the drawing step's autoencoder (reused: same recipe and steps), whose latent cells are the image tokens
-    autoencoder = trained(state, "autoencoder", "ae-shapes", [f"trainer.max_steps={budget(state, 'autoencoder')}"])
+    autoencoder = demo_autoencoder(state)
     model_dir = trained(state, "omni", "omni-transfusion-shapes", [
         f"trainer.max_steps={budget(state, 'omni')}", f"model.autoencoder={autoencoder}"], after=("autoencoder",))
     model = load_model(model_dir, task="caption")
