@@ -216,6 +216,21 @@ def test_latent_images_are_guided_and_seeded(tokenizer):
     assert not torch.allclose(a, m.generate_image(draw, steps=4, seed=0, guidance=1.0))
 
 
+def test_sampled_latents_stay_inside_the_range_of_the_training_latents(tokenizer):
+    # epsilon prediction at the cosine schedule's last step divides by sqrt(alpha_bar) ~ 5e-5: an
+    # unclamped clean-sample estimate turned a trained model's latents into values in the thousands
+    m = make(tokenizer, "latent").eval()
+    with torch.no_grad():  # a noise prediction a little off, as every trained one is
+        m.latent_out.bias.fill_(0.05)
+    draw = [m.text_prompt("a red circle")] * 2
+    bound = m.diffusion.config.clip_sample_range
+    latents = m.generate_image(draw, steps=10, seed=0)
+    assert m.diffusion.config.clip_sample and 3 <= bound < 10  # latents have unit spread
+    assert torch.isfinite(latents).all() and latents.abs().max() <= bound + 1e-4
+    m.diffusion.config.clip_sample = False
+    assert m.generate_image(draw, steps=10, seed=0).abs().max() > 100  # what the bound prevents
+
+
 def test_interleaved_generation_draws_in_place_then_writes_again(tokenizer):
     m = make(tokenizer, "latent").eval()
     with torch.no_grad():  # a model that opens an image whenever it may: every hidden state points at <boi>

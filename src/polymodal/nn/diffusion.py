@@ -15,7 +15,10 @@ v-prediction gives them (``SNR + 1``) and caps only the nearly noiseless ones.
 
 Schedules and sampler steps are ``diffusers``' ``DDPMScheduler`` (ancestral sampling) and
 ``DDIMScheduler`` (deterministic, eta 0, ``trailing`` timesteps so the first step starts from
-pure noise). The sampling loop itself, with classifier-free guidance, lives in the model
+pure noise). With epsilon prediction on the cosine schedule that first step divides by
+``sqrt(a_T)`` (about 5e-5): the predicted clean sample is the noise prediction's error times
+20,000, so it is clamped to ``clip_sample_range`` (pixels: 1; latents: the range of their values).
+The sampling loop itself, with classifier-free guidance, lives in the model
 (:meth:`polymodal.models.text_to_image.TextToImage.generate`) so it stays short and visible.
 """
 
@@ -38,13 +41,16 @@ class DiffusionConfig:
     train_steps: int = 1000  # discrete noise levels of the forward process
     weighting: str = "min_snr_plus_one"  # none | min_snr | min_snr_plus_one: per-sample loss weight
     min_snr_gamma: float = 5.0  # the SNR at which min_snr weighting saturates
-    clip_sample: bool = True  # clamp predicted x0 to [-1, 1] while sampling (pixel space)
+    clip_sample: bool = True  # clamp predicted x0 to [-clip_sample_range, clip_sample_range] while sampling
+    clip_sample_range: float = 1.0  # 1: pixels in [-1, 1]; latents need the bound of their own values
 
     def __post_init__(self):
         for name, value, known in (("schedule", self.schedule, SCHEDULES), ("prediction", self.prediction, PREDICTIONS),
                                    ("weighting", self.weighting, WEIGHTINGS)):
             if value not in known:
                 raise ValueError(f"diffusion {name}: unknown {value!r}; choose from {sorted(known)}")
+        if not self.clip_sample_range > 0:
+            raise ValueError(f"diffusion clip_sample_range must be positive, got {self.clip_sample_range}")
 
 
 class Diffusion:
@@ -114,7 +120,7 @@ class Diffusion:
             raise ValueError(f"sampling steps must be in 1..{self.config.train_steps}, got {steps}")
         common = dict(num_train_timesteps=self.config.train_steps, beta_schedule=SCHEDULES[self.config.schedule],
                       prediction_type=PREDICTIONS[self.config.prediction], clip_sample=self.config.clip_sample,
-                      timestep_spacing="trailing")
+                      clip_sample_range=self.config.clip_sample_range, timestep_spacing="trailing")
         scheduler = DDPMScheduler(**common) if method == "ddpm" else DDIMScheduler(**common, set_alpha_to_one=True)
         scheduler.set_timesteps(steps)
         return scheduler
