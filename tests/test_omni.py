@@ -181,6 +181,36 @@ def test_a_tiny_model_overfits_one_example(tokenizer, image):
     assert measured() < 0.8 * first
 
 
+@pytest.mark.parametrize("layout", ["dense", "mot"])
+def test_conv_patch_layers_see_neighbouring_cells_train_and_sample(tokenizer, layout):
+    m = make(tokenizer, "latent", layout, patch="conv")
+    image = an_image("latent")
+    cells = image.flatten(1).T  # (cells, C), row-major
+    where = torch.arange(GRID * GRID)
+    changed = cells.clone()
+    changed[0] += 1.0  # the top-left cell
+    a, b = m.patch_in(cells, where), m.patch_in(changed, where)
+    assert not torch.allclose(a[1], b[1])  # its right-hand neighbour's token sees it
+    torch.testing.assert_close(a[GRID * GRID - 1], b[GRID * GRID - 1])  # the far corner's does not
+    with pytest.raises(ValueError, match="whole images"):
+        m.patch_in(cells[1:], where[1:])
+    rows = [{"text": TEXTS[i], "qa": [{"question": "what colour is the circle?", "answer": "red"}]} for i in range(4)]
+    examples = examples_from_rows(rows, [an_image("latent", i) for i in range(4)], tokenizer, m.config, random.Random(0))
+    out = m.loss(examples, generator=torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    m.eval()
+    with torch.no_grad():  # the head starts at zero: give it something to say
+        m.latent_out[-1].weight.normal_(0, 0.1)
+    prefixes = [m.image_prompt(image), m.image_prompt(an_image("latent", 1), "what colour is the circle?")]
+    assert m.generate_text(prefixes, max_new_tokens=5) == m.generate_text(prefixes, max_new_tokens=5, use_cache=False)
+    draw = [m.text_prompt("a red circle"), m.text_prompt("two")]
+    images = [m.generate_image(draw, steps=3, seed=1, use_cache=use) for use in (True, False)]
+    assert images[0].shape == (2, CHANNELS, GRID, GRID) and images[0].abs().sum() > 0
+    torch.testing.assert_close(images[0], images[1])
+
+
 # ---- generation -----------------------------------------------------------------------------
 
 
@@ -277,6 +307,8 @@ def test_examples_from_rows_mixes_directions_questions_and_dropped_captions(toke
 def test_config_is_checked(tokenizer):
     with pytest.raises(ValueError, match="image: unknown"):
         OmniConfig(image="pixels")
+    with pytest.raises(ValueError, match="patch: unknown"):
+        OmniConfig(patch="unet")
     with pytest.raises(ValueError, match="caption_dropout"):
         OmniConfig(caption_dropout=1.5)
     with pytest.raises(ValueError, match="context_length"):

@@ -12,7 +12,9 @@ Two settings choose the design, and nothing else differs between them:
     Attention is causal everywhere: codes are generated one after the other.
   - ``latent`` (Transfusion, arXiv 2408.11039): an image is the continuous latent grid of a KL
     autoencoder, one token per latent cell, projected in with a timestep embedding added and
-    projected out to the noise that was added to it. The loss is the text next-token loss plus
+    projected out to the noise that was added to it (``patch: linear``: one map a cell; ``conv``:
+    two 3x3 convolutions over the grid each way, the paper's U-Net patch layers in small, so a
+    token reads its neighbouring cells). The loss is the text next-token loss plus
     ``diffusion_weight`` (lambda, 5 in the paper) times the diffusion loss (epsilon prediction,
     cosine schedule) on the image tokens. Attention is causal across the sequence and
     bidirectional inside each image: a causal image block took the paper's FID from 20.3 to 61.3

@@ -83,11 +83,19 @@ class OmniModel(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         self.diffusion = None
         if c.image == "latent":
-            self.latent_in = nn.Linear(c.latent_channels, c.width)
             self.time_mlp = nn.Sequential(nn.Linear(c.width, c.width), nn.SiLU(), nn.Linear(c.width, c.width))
-            self.latent_out = nn.Linear(c.width, c.latent_channels)  # the predicted noise; starts at 0
-            nn.init.zeros_(self.latent_out.weight)
-            nn.init.zeros_(self.latent_out.bias)
+            if c.patch == "conv":  # over the (C, g, g) grid of an image; the hidden width half the model's
+                inner = max(c.width // 2, c.latent_channels)
+                self.latent_in = nn.Sequential(nn.Conv2d(c.latent_channels, inner, 3, padding=1), nn.SiLU(),
+                                               nn.Conv2d(inner, c.width, 3, padding=1))
+                self.latent_out = nn.Sequential(nn.Conv2d(c.width, inner, 3, padding=1), nn.SiLU(),
+                                                nn.Conv2d(inner, c.latent_channels, 3, padding=1))
+            else:
+                self.latent_in = nn.Linear(c.latent_channels, c.width)
+                self.latent_out = nn.Linear(c.width, c.latent_channels)
+            last = self.latent_out[-1] if c.patch == "conv" else self.latent_out
+            nn.init.zeros_(last.weight)  # the prediction starts at 0
+            nn.init.zeros_(last.bias)
             self.diffusion = Diffusion(c.diffusion_config())
         self.parameter_sets = experts  # per block: 1 (dense) or one per modality (mot)
         self._token_cache: dict[str, torch.Tensor] = {}  # training image file -> its codes or latents
@@ -270,8 +278,29 @@ class OmniModel(nn.Module):
         place = self.image_position[seq.cell[image]]  # (N, W)
         if self.config.image == "latent":
             t = timestep_embedding(seq.timesteps[image], self.config.width)
-            return x.index_put((image,), self.latent_in(seq.latents[image]) + self.time_mlp(t) + place)
+            return x.index_put((image,), self.patch_in(seq.latents[image], seq.cell[image]) + self.time_mlp(t) + place)
         return x.index_put((image,), x[image] + place)
+
+    def patch_in(self, cells: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        """Latent cells ``(N, C)`` -> token vectors ``(N, width)``. With ``patch: conv`` the cells
+        must be whole images in cell order (``where``: each one's cell), as every packed or
+        sampled block is."""
+        if self.config.patch == "linear":
+            return self.latent_in(cells)
+        g, n = self.config.latent_grid, self.config.image_tokens
+        if len(cells) % n or not torch.equal(where.view(-1, n), torch.arange(n, device=where.device).expand(len(cells) // n, n)):
+            raise ValueError(f"conv patch layers need whole images of {n} cells in order")
+        grids = cells.view(-1, g, g, cells.shape[-1]).permute(0, 3, 1, 2)
+        return self.latent_in(grids).permute(0, 2, 3, 1).reshape(len(cells), -1)
+
+    def patch_out(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The diffusion prediction ``(N, cells, C)`` from the final hidden states of ``N`` images
+        ``(N, cells, width)``."""
+        if self.config.patch == "linear":
+            return self.latent_out(hidden)
+        g = self.config.latent_grid
+        grids = hidden.view(len(hidden), g, g, -1).permute(0, 3, 1, 2)
+        return self.latent_out(grids).permute(0, 2, 3, 1).reshape(len(hidden), g * g, -1)
 
     def forward(self, seq: Interleaved, cache: OmniCache | None = None) -> torch.Tensor:
         """Final hidden states ``(B, T, width)`` of the positions of ``seq`` (with a ``cache``:
@@ -354,7 +383,7 @@ class OmniModel(nn.Module):
         if c.image == "vq":
             out["image_loss"] = ce[~is_text].mean().detach() if (~is_text).any() else torch.tensor(float("nan"))
         elif images:
-            prediction = self.latent_out(hidden.flatten(0, 1)[seq.image_index])  # (N, cells, C)
+            prediction = self.patch_out(hidden.flatten(0, 1)[seq.image_index])  # (N, cells, C)
             diffusion = self.diffusion.loss(prediction, seq.clean, noise, t)
             out["loss"] = out["loss"] + c.diffusion_weight * diffusion
             out["diffusion_loss"] = diffusion.detach()
@@ -493,7 +522,7 @@ class OmniModel(nn.Module):
                 cache.restore(state)
             else:
                 hidden = self.forward(prompt.cat(block))[:, prompt.ids.shape[1]:]
-            noise = self.latent_out(hidden)  # (B | 2B, cells, C)
+            noise = self.patch_out(hidden)  # (B | 2B, cells, C)
             if guided:
                 cond, uncond = noise.chunk(2)
                 noise = uncond + guidance * (cond - uncond)

@@ -21,6 +21,7 @@ from polymodal.nn.layers import KVCache
 
 IMAGE_KINDS = ("vq", "latent")
 LAYOUTS = ("dense", "mot")
+PATCHES = ("linear", "conv")
 TEXT, IMAGE = 0, 1  # modality ids; in ``mot`` also the index of each block's parameter set
 AUTOENCODER_FOLDER = "autoencoder"  # subfolder of a saved model holding its autoencoder
 # Transfusion's diffusion: epsilon prediction, cosine schedule, a plain mean squared error. The
@@ -54,6 +55,9 @@ class OmniConfig:
     diffusion: dict = field(default_factory=dict, metadata={"check": check_diffusion_settings})
     # latent: DiffusionConfig settings over DIFFUSION_DEFAULTS (epsilon, cosine, unweighted)
     latent_channels: int = 4  # latent: channels of a latent cell (the autoencoder's)
+    patch: str = "linear"  # latent: how cells become tokens and tokens predictions: linear (one map a
+    # cell) | conv (two 3x3 convolutions over the latent grid each way, the paper's U-Net patch layers
+    # in small: a token sees its neighbouring cells)
     codebook_size: int = 512  # vq: codes of the VQ autoencoder (extra tokens of the vocabulary)
     latent_grid: int = 8  # side of an image's latent grid: latent_grid**2 tokens (8: 64 for a 32x32 image)
     latent_scale: float | None = None  # latent: latents are multiplied by this (None: 1; the builder
@@ -77,7 +81,8 @@ class OmniConfig:
     }
 
     def __post_init__(self):
-        for name, value, known in (("image", self.image, IMAGE_KINDS), ("layout", self.layout, LAYOUTS)):
+        for name, value, known in (("image", self.image, IMAGE_KINDS), ("layout", self.layout, LAYOUTS),
+                                   ("patch", self.patch, PATCHES)):
             if value not in known:
                 raise ValueError(f"{name}: unknown {value!r}; choose from {list(known)}")
         for name in ("image_first_share", "caption_dropout", "vqa_share"):
