@@ -92,12 +92,18 @@ def test_the_bench_trains_every_arm_on_one_budget_and_compares_them(parts, monke
             "--autoencoder", str(parts / "ae-kl"), "--vq-autoencoder", str(parts / "ae-vq"), "--steps", "4",
             "--seeds", "0", "--snapshots", "2", "--per-category", "1", "--limit", "4", "--sample-steps", "2",
             "--scales", "1,3", *TINY]
+    # the Chameleon arms trained first (as a process beside another would), the rest and the scores after
+    trained = CliRunner().invoke(app, [*args, "--arms", "chameleon,chameleon-mot", "--train-only"])
+    assert trained.exit_code == 0, trained.output
+    assert "trained: chameleon-seed0, chameleon-mot-seed0" in trained.output and not (out / "results.json").exists()
+    assert (out / "chameleon-seed0" / "model" / "config.json").is_file()
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     runs = results["runs"]
     assert set(runs) == {f"{arm}-seed0" for arm in bench.ARMS}
     for r in runs.values():
+        assert r["train_seconds"] > 0  # the train-only runs' too, from their folders
         assert r["steps"] == 4 and r["flops_per_step"] > 0 and r["flops"] == pytest.approx(4 * r["flops_per_step"])
         assert [s["step"] for s in r["snapshots"]] == [2, 4]
         assert {"text", "image"} <= set(r["curves"]) and len(r["curves"]["text"]) == 4

@@ -533,6 +533,8 @@ def bench_omni_command(
     limit: Annotated[int | None, typer.Option(help="Test images captioned and asked per split.")] = 200,
     sample_steps: Annotated[int, typer.Option(help="Denoising steps of Transfusion's drawings.")] = 25,
     scales: Annotated[str, typer.Option(help="Comma-separated guidance scales of the sweep.")] = "1,2,3,5",
+    train_only: Annotated[bool, typer.Option(help="Train the runs and stop: processes training different --arms "
+                                               "into one --out side by side; a last call scores them all.")] = False,
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value settings for every run.")] = None,
 ):
     """Train {dense, MoT} x {Chameleon, Transfusion} on one budget; compare loss per FLOP, captions,
@@ -544,9 +546,13 @@ def bench_omni_command(
                              steps=steps, seeds=[int(s) for s in seeds.split(",") if s.strip()],
                              arms=[a.strip() for a in arms.split(",") if a.strip()], snapshots=snapshots,
                              per_category=per_category, limit=limit, sample_steps=sample_steps,
-                             scales=[float(v) for v in scales.split(",") if v.strip()], extra=overrides or [])
+                             scales=[float(v) for v in scales.split(",") if v.strip()], extra=overrides or [],
+                             train_only=train_only)
     except (InputError, ValueError) as e:
         raise fail(e) from None
+    if train_only:
+        console.print(f"trained: {', '.join(results['trained'])}; score them with the same command without --train-only")
+        return
     console.print(format_results(results))
     comparisons = results["comparisons"]
     for key, slope in comparisons["mot_step_matching_slope"].items():

@@ -45,6 +45,7 @@ ARMS = {"chameleon": ("vq", "dense"), "chameleon-mot": ("vq", "mot"),
         "transfusion": ("latent", "dense"), "transfusion-mot": ("latent", "mot")}
 LOSSES = {"text": ("train/text_loss",), "image": ("train/image_loss", "train/diffusion_loss")}
 CAPTION_METRIC, IMAGE_METRIC = "scene-graph objects right", "overall"
+TRAIN_TIME = "train_time.json"  # in a run's folder: the seconds its training took
 
 
 def arm_overrides(arm: str, autoencoders: dict[str, str], steps: int | None, seed: int, snapshot_every: int) -> list[str]:
@@ -230,9 +231,11 @@ def bench_omni(data: str | os.PathLike, out: str | os.PathLike, *, judge: str | 
                steps: int | None = None, seeds: Sequence[int] = (0, 1), arms: Sequence[str] = tuple(ARMS),
                snapshots: int = 4, per_category: int = 10, limit: int | None = 200, sample_steps: int = 25,
                guidance: float = 3.0, scales: Sequence[float] = (1.0, 2.0, 3.0, 5.0), extra: list[str] | None = None,
-               recipe: str = BASE_RECIPE, progress: bool = False) -> dict:
+               recipe: str = BASE_RECIPE, progress: bool = False, train_only: bool = False) -> dict:
     """Train every arm and seed (a run already in ``out`` with its model is scored, not retrained),
-    score them and compare them; returns what ``results.json`` holds."""
+    score them and compare them; returns what ``results.json`` holds. ``train_only``: train the
+    runs and stop (several processes can train different arms into one ``out`` side by side;
+    a last call without it scores them all); returns ``{"trained": [run names]}``."""
     from polymodal.models import EvalOptions, load_model
     from polymodal.models.text_to_image import TextToImage
     from polymodal.train.recipe import load_recipe
@@ -263,6 +266,11 @@ def bench_omni(data: str | os.PathLike, out: str | os.PathLike, *, judge: str | 
                 started = time.perf_counter()
                 train(arm_recipe, data, run, resume=same_recipe(run, arm_recipe), progress=progress)
                 row = {"train_seconds": time.perf_counter() - started}
+                (run / TRAIN_TIME).write_text(json.dumps(row) + "\n")
+            elif "train_seconds" not in row and (run / TRAIN_TIME).is_file():  # trained by a train_only call
+                row = {**row, **json.loads((run / TRAIN_TIME).read_text())}
+            if train_only:
+                continue
             row.update({"arm": arm, "seed": seed, "steps": budget})
             model = load_model(run / "model")
             row["active_parameters"], row["total_parameters"] = parameters(model)
@@ -289,6 +297,8 @@ def bench_omni(data: str | os.PathLike, out: str | os.PathLike, *, judge: str | 
                     row["guidance"][f"{scale:g}"] = drawn["test"][IMAGE_METRIC]
             runs[name] = row
             saved.write_text(json.dumps(results, indent=2) + "\n")
+    if train_only:
+        return {"trained": [f"{arm}-seed{seed}" for arm in arms for seed in seeds]}
     results["comparisons"] = compare(runs)
     saved.write_text(json.dumps(results, indent=2) + "\n")
     plot_losses(runs, out / "losses.png")
