@@ -124,14 +124,23 @@ def test_the_bench_trains_every_arm_on_one_budget_and_compares_them(parts, monke
     assert (out / "losses.png").stat().st_size > 0 and (out / "guidance.png").stat().st_size > 0
     assert "parity FLOP ratio" in result.output
 
-    # a second call scores the finished runs again without training them
-    def no_training(*a, **k):
-        raise AssertionError("retrained a finished run")
+    # a second call neither trains the finished runs again nor scores them again with the same settings ...
+    def not_again(*a, **k):
+        raise AssertionError("retrained or rescored a finished run")
 
-    monkeypatch.setattr("polymodal.train.run.train", no_training)
+    monkeypatch.setattr("polymodal.train.run.train", not_again)
+    monkeypatch.setattr(bench, "run_scores", not_again)
+    kept = bench.bench_omni(parts / "world", out, judge=parts / "judge", autoencoder=parts / "ae-kl",
+                            steps=4, seeds=[0], arms=["transfusion"], snapshots=2, per_category=1, limit=4,
+                            sample_steps=2, scales=[1.0, 3.0], extra=TINY)
+    assert kept["runs"]["transfusion-seed0"] == runs["transfusion-seed0"]
+    # ... and with other settings scores them again, keeping the other arms' rows
+    monkeypatch.undo()
+    monkeypatch.setattr("polymodal.train.run.train", not_again)
     again = bench.bench_omni(parts / "world", out, judge=parts / "judge", autoencoder=parts / "ae-kl",
                              steps=4, seeds=[0], arms=["transfusion"], snapshots=2, per_category=1, limit=4,
                              sample_steps=2, scales=[1.0], extra=TINY)
+    assert again["runs"]["transfusion-seed0"]["scored_with"]["scales"] == [1.0]
     assert again["runs"]["transfusion-seed0"]["train_seconds"] == runs["transfusion-seed0"]["train_seconds"]
     assert math.isfinite(again["runs"]["chameleon-seed0"]["flops"])  # the other arms' rows are kept
 

@@ -232,8 +232,10 @@ def bench_omni(data: str | os.PathLike, out: str | os.PathLike, *, judge: str | 
                snapshots: int = 4, per_category: int = 10, limit: int | None = 200, sample_steps: int = 25,
                guidance: float = 3.0, scales: Sequence[float] = (1.0, 2.0, 3.0, 5.0), extra: list[str] | None = None,
                recipe: str = BASE_RECIPE, progress: bool = False, train_only: bool = False) -> dict:
-    """Train every arm and seed (a run already in ``out`` with its model is scored, not retrained),
-    score them and compare them; returns what ``results.json`` holds. ``train_only``: train the
+    """Train every arm and seed (a run already in ``out`` with its model is scored, not retrained;
+    one already scored with the same settings keeps its scores), score them and compare them;
+    returns what ``results.json`` holds (processes scoring different arms into one ``out`` each
+    add their rows to it). ``train_only``: train the
     runs and stop (several processes can train different arms into one ``out`` side by side;
     a last call without it scores them all); returns ``{"trained": [run names]}``."""
     from polymodal.models import EvalOptions, load_model
@@ -250,8 +252,16 @@ def bench_omni(data: str | os.PathLike, out: str | os.PathLike, *, judge: str | 
     out.mkdir(parents=True, exist_ok=True)
     autoencoders = {k: str(v) for k, v in (("latent", autoencoder), ("vq", vq_autoencoder)) if v is not None}
     saved = out / "results.json"
-    results = json.loads(saved.read_text()) if saved.is_file() else {}
-    runs = results.setdefault("runs", {})
+
+    def read_results() -> dict:
+        results = json.loads(saved.read_text()) if saved.is_file() else {}
+        results.setdefault("runs", {})
+        return results
+
+    results = read_results()
+    runs = results["runs"]
+    scoring = {"per_category": per_category, "limit": limit, "sample_steps": sample_steps, "guidance": guidance,
+               "scales": [float(v) for v in scales]}
     base = load_recipe(recipe, [*(extra or []), *([f"trainer.max_steps={steps}"] if steps else [])])
     budget = base.trainer.max_steps
     if not budget:
@@ -271,6 +281,8 @@ def bench_omni(data: str | os.PathLike, out: str | os.PathLike, *, judge: str | 
                 row = {**row, **json.loads((run / TRAIN_TIME).read_text())}
             if train_only:
                 continue
+            if row.get("scored_with") == scoring and row.get("steps") == budget and "final" in row:
+                continue  # scored before with these settings, and not trained again since
             row.update({"arm": arm, "seed": seed, "steps": budget})
             model = load_model(run / "model")
             row["active_parameters"], row["total_parameters"] = parameters(model)
@@ -295,10 +307,15 @@ def bench_omni(data: str | os.PathLike, out: str | os.PathLike, *, judge: str | 
                     drawn = TextToImage.evaluate(model, data, ["test"], EvalOptions(
                         judge=judge, per_category=per_category, sample_steps=sample_steps, guidance=scale))
                     row["guidance"][f"{scale:g}"] = drawn["test"][IMAGE_METRIC]
+            row["scored_with"] = scoring
+            results = read_results()  # another process scoring other arms into this folder may have written
+            runs = results["runs"]
             runs[name] = row
             saved.write_text(json.dumps(results, indent=2) + "\n")
     if train_only:
         return {"trained": [f"{arm}-seed{seed}" for arm in arms for seed in seeds]}
+    results = read_results() if saved.is_file() else results
+    runs = results["runs"]
     results["comparisons"] = compare(runs)
     saved.write_text(json.dumps(results, indent=2) + "\n")
     plot_losses(runs, out / "losses.png")
