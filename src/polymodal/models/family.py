@@ -204,7 +204,7 @@ RANGES: dict[str, tuple[float, float]] = {
     # floats
     "mlp_ratio": (1e-3, 64.0), "eps": (1e-12, 1.0), "init_temperature": (1e-4, 100.0),
     "max_logit_scale": (1e-3, 1e4), "latent_scale": (1e-6, 1e6), "mel_std": (1e-6, 1e6),
-    "min_snr_gamma": (1e-6, 1e6), "tasks": (0.0, 1e6),
+    "min_snr_gamma": (1e-6, 1e6), "clip_sample_range": (1e-6, 1e6), "tasks": (0.0, 1e6),
     **dict.fromkeys(("condition_dropout", "modality_dropout", "recolour_fraction", "occupied_threshold",
                      "codebook_decay"), (0.0, 1.0)),
     **dict.fromkeys(("commitment", "kl_weight", "noise_std", "blur_sigma", "brightness", "ctc", "dead_code_threshold"),
