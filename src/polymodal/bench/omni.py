@@ -235,9 +235,9 @@ def bench_omni(data: str | os.PathLike, out: str | os.PathLike, *, judge: str | 
     """Train every arm and seed (a run already in ``out`` with its model is scored, not retrained;
     one already scored with the same settings keeps its scores), score them and compare them;
     returns what ``results.json`` holds (processes scoring different arms into one ``out`` each
-    add their rows to it). ``train_only``: train the
-    runs and stop (several processes can train different arms into one ``out`` side by side;
-    a last call without it scores them all); returns ``{"trained": [run names]}``."""
+    add their rows to it). ``train_only``: train the runs and stop, so several processes can
+    train different arms into one ``out`` side by side and a last call without it scores them
+    all; returns ``{"trained": [run names]}``."""
     from polymodal.models import EvalOptions, load_model
     from polymodal.models.text_to_image import TextToImage
     from polymodal.train.recipe import load_recipe
@@ -314,7 +314,7 @@ def bench_omni(data: str | os.PathLike, out: str | os.PathLike, *, judge: str | 
             saved.write_text(json.dumps(results, indent=2) + "\n")
     if train_only:
         return {"trained": [f"{arm}-seed{seed}" for arm in arms for seed in seeds]}
-    results = read_results() if saved.is_file() else results
+    results = read_results()  # every process's rows
     runs = results["runs"]
     results["comparisons"] = compare(runs)
     saved.write_text(json.dumps(results, indent=2) + "\n")

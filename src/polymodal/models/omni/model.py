@@ -287,20 +287,24 @@ class OmniModel(nn.Module):
         sampled block is."""
         if self.config.patch == "linear":
             return self.latent_in(cells)
-        g, n = self.config.latent_grid, self.config.image_tokens
+        n = self.config.image_tokens
         if len(cells) % n or not torch.equal(where.view(-1, n), torch.arange(n, device=where.device).expand(len(cells) // n, n)):
             raise ValueError(f"conv patch layers need whole images of {n} cells in order")
-        grids = cells.view(-1, g, g, cells.shape[-1]).permute(0, 3, 1, 2)
-        return self.latent_in(grids).permute(0, 2, 3, 1).reshape(len(cells), -1)
+        return self._over_grid(self.latent_in, cells.view(-1, n, cells.shape[-1])).reshape(len(cells), -1)
 
     def patch_out(self, hidden: torch.Tensor) -> torch.Tensor:
         """The diffusion prediction ``(N, cells, C)`` from the final hidden states of ``N`` images
         ``(N, cells, width)``."""
         if self.config.patch == "linear":
             return self.latent_out(hidden)
+        return self._over_grid(self.latent_out, hidden)
+
+    def _over_grid(self, layers: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``layers`` (convolutions) over images given as their cells ``(N, cells, D)``, laid out
+        on the latent grid: ``(N, cells, D')``."""
         g = self.config.latent_grid
-        grids = hidden.view(len(hidden), g, g, -1).permute(0, 3, 1, 2)
-        return self.latent_out(grids).permute(0, 2, 3, 1).reshape(len(hidden), g * g, -1)
+        grids = x.reshape(len(x), g, g, -1).permute(0, 3, 1, 2)
+        return layers(grids).permute(0, 2, 3, 1).reshape(len(x), g * g, -1)
 
     def forward(self, seq: Interleaved, cache: OmniCache | None = None) -> torch.Tensor:
         """Final hidden states ``(B, T, width)`` of the positions of ``seq`` (with a ``cache``:
