@@ -304,6 +304,32 @@ def test_examples_from_rows_mixes_directions_questions_and_dropped_captions(toke
     assert kinds["dropped"] == pytest.approx(0.1 * 0.8 * pairs, abs=50)
 
 
+def test_questions_per_sample_puts_several_questions_after_one_image(tokenizer):
+    qa = [{"question": f"what colour is the {s}?", "answer": c}
+          for s, c in (("circle", "red"), ("square", "blue"), ("star", "green"))]
+    rows = [{"text": "a red circle", "qa": qa}] * 50
+    config = OmniConfig(latent_grid=GRID, context_length=80, vqa_share=1.0, questions_per_sample=2)
+    examples = examples_from_rows(rows, [torch.zeros(4, GRID, GRID)] * 50, tokenizer, config, random.Random(0))
+    eos = tokenizer.eos_id
+    pairs = {tuple([*words(tokenizer, q["question"]), eos, *words(tokenizer, q["answer"]), eos]) for q in qa}
+    orders = set()
+    for ex in examples:
+        after = ex.segments[2]
+        assert after.count(eos) == 4 and ex.max_timestep == 500
+        cut = after.index(eos, after.index(eos) + 1) + 1
+        first, second = tuple(after[:cut]), tuple(after[cut:])
+        assert first in pairs and second in pairs and first != second
+        orders.add((first, second))
+    assert len(orders) > 3  # drawn at random, in a random order
+    # no room for a second question: only the first is kept
+    longest = max(map(len, pairs))
+    tight = OmniConfig(latent_grid=GRID, context_length=GRID * GRID + 6 + longest, vqa_share=1.0, questions_per_sample=3)
+    for ex in examples_from_rows(rows[:10], [torch.zeros(4, GRID, GRID)] * 10, tokenizer, tight, random.Random(0)):
+        assert ex.segments[2].count(eos) == 2
+    with pytest.raises(ValueError, match="questions_per_sample"):
+        OmniConfig(questions_per_sample=0)
+
+
 def test_config_is_checked(tokenizer):
     with pytest.raises(ValueError, match="image: unknown"):
         OmniConfig(image="pixels")

@@ -66,6 +66,8 @@ class OmniConfig:
     image_first_max_timestep: int = 500  # latent: an image before its text is noised at most this much
     caption_dropout: float = 0.1  # chance a caption-first pair loses its caption (classifier-free guidance)
     vqa_share: float = 0.3  # share of training images (with questions) that give a question and answer
+    questions_per_sample: int = 1  # a question-giving image gives up to this many of its questions, each
+    # followed by its answer, in one sequence (in a random order; as many as fit context_length)
     autoencoder: str | None = None  # the saved autoencoder the images come from (a saved model keeps
     # its own copy in autoencoder/)
     image_size: int = 32  # side of the images, in pixels
@@ -91,6 +93,8 @@ class OmniConfig:
         for name in ("z_loss", "diffusion_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} is a loss weight, at least 0; got {getattr(self, name)}")
+        if self.questions_per_sample < 1:
+            raise ValueError(f"questions_per_sample must be at least 1, got {self.questions_per_sample}")
         if self.rotary_base <= 0:
             raise ValueError(f"rotary_base must be positive, got {self.rotary_base}")
         if (self.width // self.heads) % 2:
@@ -180,7 +184,7 @@ def examples_from_rows(rows: Sequence[dict], images: torch.Tensor | Sequence[tor
 
     ``images``: each row's image as its autoencoder gives it, codes ``(h, w)`` (vq) or a scaled
     latent grid ``(C, h, w)`` (latent). A row with questions gives, with chance ``vqa_share``,
-    one of them (``<boi> image <eoi> question <eos> answer <eos>``); otherwise its caption, after
+    ``questions_per_sample`` of them (``<boi> image <eoi> question <eos> answer <eos> ...``); otherwise its caption, after
     the image with chance ``image_first_share`` (noise capped at ``image_first_max_timestep``),
     else before it, dropped with chance ``caption_dropout``. Text is cut to fit ``context_length``.
     """
@@ -193,11 +197,16 @@ def examples_from_rows(rows: Sequence[dict], images: torch.Tensor | Sequence[tor
     for row, image in zip(rows, images, strict=True):
         qa = row.get(c.qa_column) or []
         if qa and rng.random() < c.vqa_share:
-            item = rng.choice(qa)
-            question = tok.encode(item["question"], add_special_tokens=False)[: budget // 2]
-            answer = tok.encode(item["answer"], add_special_tokens=False)[: budget - len(question)]
-            examples.append(OmniExample([[tok.bos_id], image, [*question, tok.eos_id, *answer, tok.eos_id]],
-                                        max_timestep=c.image_first_max_timestep))
+            text = []
+            for item in rng.sample(qa, min(c.questions_per_sample, len(qa))):
+                question = tok.encode(item["question"], add_special_tokens=False)
+                answer = tok.encode(item["answer"], add_special_tokens=False)
+                if text and len(text) + len(question) + len(answer) + 2 > budget:
+                    break  # the next question would not fit
+                question = question[: budget // 2]
+                answer = answer[: budget - len(question)]
+                text += [*question, tok.eos_id, *answer, tok.eos_id]
+            examples.append(OmniExample([[tok.bos_id], image, text], max_timestep=c.image_first_max_timestep))
             continue
         caption = tok.encode(row[c.caption_column], add_special_tokens=False)[:budget]
         if rng.random() < c.image_first_share:
