@@ -75,7 +75,8 @@ autoencoder does not run every step.
 
 The modules: :mod:`~polymodal.models.omni.sequence` (settings, examples, packed batches, the
 cache), :mod:`~polymodal.models.omni.blocks` (the block and its routing),
-:mod:`~polymodal.models.omni.model` (the model and its family entry points).
+:mod:`~polymodal.models.omni.model` (the network, its loss and its family entry points),
+:mod:`~polymodal.models.omni.generation` (prompts, decoding, sampling and each task's entry point).
 """
 
 from polymodal.models.omni.blocks import ModalityWeights, OmniBlock, Routing

@@ -1,0 +1,279 @@
+"""Prompts, decoding and sampling of the omni model (:class:`OmniGeneration`, a part of
+:class:`~polymodal.models.omni.model.OmniModel`): text decoded greedy or with nucleus sampling,
+images sampled as codes (vq) or denoised in place (latent), interleaved output, and each task's
+entry point (``write``, ``draw``, ``generate``). It reads the network through the model's own
+``pack``, ``forward``, ``logits`` and ``patch_out``. The design: :mod:`polymodal.models.omni`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from polymodal.models.omni.sequence import IMAGE, TEXT, Interleaved, OmniCache, Segment
+from polymodal.nn import decoding
+
+
+class OmniGeneration:
+    """The generating half of :class:`~polymodal.models.omni.model.OmniModel`."""
+
+    # ---- prompts ----
+
+    def text_prompt(self, text: str) -> list[Segment]:
+        """``<bos> text``: a prefix to continue, or to draw (``generate_image`` adds ``<boi>``)."""
+        return [[self.tokenizer.bos_id, *self.tokenizer.encode(text, add_special_tokens=False)]]
+
+    def image_prompt(self, image: torch.Tensor, question: str | None = None) -> list[Segment]:
+        """``<bos> <boi> image <eoi> question <eos>``: a prefix whose continuation is the caption
+        (no question) or the answer."""
+        tok = self.tokenizer
+        asked = tok.encode(question, add_special_tokens=False) if question else []
+        return [[tok.bos_id], image, [*asked, tok.eos_id]]
+
+    # ---- generation ----
+
+    def _text_bias(self, allow_images: bool) -> torch.Tensor:
+        """Added to the logits of text decoding: -inf on tokens it may not write (padding, <bos>,
+        <eoi>, image codes, and <boi> unless images are allowed)."""
+        tok = self.tokenizer
+        bias = torch.zeros(self.vocab, device=self.device)
+        banned = [tok.pad_id, tok.bos_id, tok.eoi_id] + ([] if allow_images else [tok.boi_id])
+        bias[banned] = float("-inf")
+        bias[self.text_vocab :] = float("-inf")
+        return bias
+
+    def _decode_text(self, prefixes: Sequence[Sequence[Segment]], allow_images: bool, method: str,
+                     max_new_tokens: int, top_p: float, temperature: float, generator: torch.Generator | None,
+                     use_cache: bool) -> list[list[int]]:
+        tok = self.tokenizer
+        prompt = self.pack(prefixes, side="left")
+        t0 = prompt.ids.shape[1]
+        bias = self._text_bias(allow_images)
+        forced_eos = torch.full_like(bias, float("-inf"))
+        forced_eos[tok.eos_id] = 0.0
+
+        def step(ids: torch.Tensor, cache: OmniCache | None) -> torch.Tensor:  # (B, t) -> (B, vocab)
+            if cache is None or not len(cache):  # the prompt and everything generated so far
+                seq = prompt.cat(self._tokens(ids[:, t0:], TEXT))
+            else:  # only the new token
+                seq = self._tokens(ids, TEXT)
+            logits = self.logits(self.forward(seq, cache)[:, -1]) + bias
+            if allow_images:  # a <boi> ends the row's text: answer it with <eos>, so the loop closes the row
+                logits[ids[:, -1] == tok.boi_id] = forced_eos
+            return logits
+
+        max_new = min(max_new_tokens, self.config.context_length - t0)
+        cache = self.new_cache() if use_cache else None
+        ids, common = prompt.ids, dict(max_new=max(max_new, 0), eos=tok.eos_id, pad=tok.pad_id, cache=cache)
+        if method == "greedy":
+            return decoding.greedy(step, ids, **common)
+        if method == "nucleus":
+            return decoding.nucleus(step, ids, top_p=top_p, temperature=temperature, generator=generator, **common)
+        raise ValueError(f"unknown decoding {method!r}; choose from ['greedy', 'nucleus']")
+
+    @torch.no_grad()
+    def generate_text(self, prefixes: Sequence[Sequence[Segment]], *, method: str = "greedy", max_new_tokens: int = 40,
+                      top_p: float = 0.9, temperature: float = 1.0, generator: torch.Generator | None = None,
+                      use_cache: bool = True) -> list[list[int]]:
+        """The text token ids that follow each prefix, up to ``<eos>`` (not included): greedy or
+        nucleus, over text tokens only. With ``use_cache`` each step runs the new token only."""
+        return self._decode_text(prefixes, False, method, max_new_tokens, top_p, temperature, generator, use_cache)
+
+    @torch.no_grad()
+    def generate_image(self, prefixes: Sequence[Sequence[Segment]], *, guidance: float = 3.0, top_p: float = 0.9,
+                       temperature: float = 1.0, steps: int = 50, sampler: str = "ddim", seed: int | None = 0,
+                       generator: torch.Generator | None = None, use_cache: bool = True,
+                       progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """An image after each prefix (``<boi>`` is added): codes ``(B, g, g)`` (vq) or scaled
+        latents ``(B, C, g, g)`` (latent); :meth:`decode_images` draws them.
+
+        Classifier-free guidance mixes each prefix's prediction with that after ``<bos>`` alone
+        (a dropped caption, as trained): ``uncond + guidance * (cond - uncond)``, on the code
+        logits (vq) or the predicted noise (latent); 1.0 is no guidance. vq samples every code
+        with top-p (greedy codes give blank images); latent runs ``steps`` steps of ``sampler``
+        on the whole image block at once, the prefix computed once into the KV cache; ``progress(i)``
+        is told each finished denoising step."""
+        if not prefixes:
+            raise ValueError("no prefixes to draw after")
+        if generator is None:
+            generator = torch.Generator(device=self.device).manual_seed(0 if seed is None else seed)
+        tok, b = self.tokenizer, len(prefixes)
+        guided = guidance != 1.0
+        rows = [*prefixes, *[[[tok.bos_id]]] * b * guided]  # each prefix, then as many unconditional ones
+        prompt = self.pack(rows, side="left", open_image=True)
+        if self.config.image == "vq":
+            return self._sample_codes(prompt, b, guided, guidance, top_p, temperature, generator, use_cache)
+        return self._denoise(prompt, b, guided, guidance, steps, sampler, generator, use_cache, progress)
+
+    def _sample_codes(self, prompt: Interleaved, b: int, guided: bool, guidance: float, top_p: float,
+                      temperature: float, generator: torch.Generator, use_cache: bool) -> torch.Tensor:
+        t0, offset, g = prompt.ids.shape[1], self.text_vocab, self.config.latent_grid
+
+        def step(codes: torch.Tensor, cache: OmniCache | None) -> torch.Tensor:  # (B, t) of the guided rows
+            if cache is None or not len(cache):
+                new = codes[:, t0:]
+                rows = torch.cat([new, new]) if guided else new
+                seq, first = prompt, 0
+            else:
+                rows = torch.cat([codes, codes]) if guided else codes
+                seq, first = None, len(cache) - t0  # the cell of the first new code
+            part = self._tokens(rows + offset, IMAGE, first_cell=first)
+            seq = part if seq is None else seq.cat(part)
+            logits = self.logits(self.forward(seq, cache)[:, -1])[:, offset:]  # (B | 2B, codebook)
+            if guided:
+                cond, uncond = logits.chunk(2)
+                logits = uncond + guidance * (cond - uncond)
+            return logits
+
+        cache = self.new_cache() if use_cache else None
+        # the guided rows' prompt ids (only its length matters: the step reads the prompt itself)
+        codes = decoding.nucleus(step, prompt.ids[:b], max_new=g * g, eos=None, pad=0, top_p=top_p,
+                                 temperature=temperature, generator=generator, cache=cache)
+        return torch.tensor(codes, dtype=torch.long, device=self.device).view(b, g, g)
+
+    def _denoise(self, prompt: Interleaved, b: int, guided: bool, guidance: float, steps: int, sampler: str,
+                 generator: torch.Generator, use_cache: bool,
+                 progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        c = self.config
+        scheduler = self.diffusion.sampler(sampler, steps)
+        segment = int(prompt.segment.max()) + 1  # a new image of every row
+        cache = self.new_cache() if use_cache else None
+        if cache is not None:
+            self.forward(prompt, cache)  # the prefix, once
+        x = torch.randn((b, c.image_tokens, c.latent_channels), device=self.device, generator=generator)
+        for i, t in enumerate(scheduler.timesteps):
+            block = self._latent_block(torch.cat([x, x]) if guided else x, int(t), segment)
+            if cache is not None:  # the block attends to the cached prefix; the cache forgets it again
+                state = cache.snapshot()
+                hidden = self.forward(block, cache)
+                cache.restore(state)
+            else:
+                hidden = self.forward(prompt.cat(block))[:, prompt.ids.shape[1]:]
+            noise = self.patch_out(hidden)  # (B | 2B, cells, C)
+            if guided:
+                cond, uncond = noise.chunk(2)
+                noise = uncond + guidance * (cond - uncond)
+            x = scheduler.step(noise, t, x, generator=generator).prev_sample
+            if progress:
+                progress(i + 1)
+        return x.transpose(1, 2).reshape(b, c.latent_channels, c.latent_grid, c.latent_grid)
+
+    @torch.no_grad()
+    def generate_interleaved(self, prefixes: Sequence[Sequence[Segment]], *, max_new_tokens: int = 40, max_images: int = 1,
+                 method: str = "greedy", top_p: float = 0.9, temperature: float = 1.0, guidance: float = 3.0,
+                 steps: int = 50, seed: int | None = 0, use_cache: bool = True) -> list[list[Segment]]:
+        """Interleaved output after each prefix: text until the model writes ``<boi>``, then an
+        image drawn in place (:meth:`generate_image`, its prefix everything so far), then text
+        again, until ``<eos>``, ``max_new_tokens`` text tokens or ``max_images`` images. Returns
+        each row's new segments (text ids and images)."""
+        generator = torch.Generator(device=self.device).manual_seed(0 if seed is None else seed)
+        boi = self.tokenizer.boi_id
+        results = []
+        for prefix in prefixes:
+            context, out, written, drawn = list(prefix), [], 0, 0
+            while written < max_new_tokens:
+                ids = self._decode_text([context], drawn < max_images, method, max_new_tokens - written, top_p,
+                                        temperature, generator, use_cache)[0]
+                image = bool(ids) and ids[-1] == boi
+                text = ids[:-1] if image else ids
+                written += len(text)
+                if text:
+                    out.append(text)
+                    context.append(text)
+                if not image:
+                    break
+                picture = self.generate_image([context], guidance=guidance, top_p=top_p, temperature=temperature,
+                                              steps=steps, generator=generator, use_cache=use_cache)[0]
+                out.append(picture)
+                context.append(picture)
+                drawn += 1
+            results.append(out)
+        return results
+
+    # ---- each task's entry point (as the captioner's and the text-to-image family's) ----
+
+    @torch.no_grad()
+    def generate(self, inputs: Mapping[str, object] | Sequence[str] | Sequence[Sequence[Segment]],
+                 prompts: Sequence[str | None] | None = None, **options) -> list[str] | torch.Tensor | list[list[Segment]]:
+        """Whatever ``inputs`` asks for, in the form each task's callers expect:
+
+        - a data batch (a dict with images; ``prompts``: a question per image, or None to caption
+          it): the text written for each image, as :meth:`Captioner.generate
+          <polymodal.models.captioner.Captioner.generate>` returns it (:meth:`write`);
+        - prompt strings: images ``(B, 3, S, S)`` in [-1, 1], as :meth:`TextToImage.generate
+          <polymodal.models.text_to_image.TextToImage.generate>` draws them (:meth:`draw`);
+        - prefixes (lists of segments): interleaved output (:meth:`generate_interleaved`).
+
+        The command line, the server and the evaluators call a model's ``generate`` by the task
+        it was loaded for; one model that does three tasks answers all three."""
+        if isinstance(inputs, Mapping):
+            return self.write(inputs, prompts, **options)
+        if prompts is not None:
+            raise ValueError("questions (prompts) go with a batch of images; to draw, pass the prompts alone")
+        if isinstance(inputs, str):
+            raise ValueError("pass a list of prompts to draw, not one string")
+        if inputs and all(isinstance(p, str) for p in inputs):
+            return self.draw(list(inputs), **options)
+        return self.generate_interleaved(inputs, **options)
+
+    def _image_field(self) -> str:
+        """The batch field holding the images the model reads."""
+        return next((name for name, spec in self.fields().items() if spec.partition(":")[0] == "image"),
+                    self.config.image_field)
+
+    @torch.no_grad()
+    def write(self, batch: Mapping[str, object], prompts: Sequence[str | None] | None = None, *, method: str = "greedy",
+              top_p: float = 0.9, temperature: float = 1.0, max_new_tokens: int = 40,
+              generator: torch.Generator | None = None, use_cache: bool = True) -> list[str]:
+        """The caption of each image of ``batch`` (no prompt) or the answer to its question,
+        decoded greedy or with nucleus sampling; each sequence ``<bos> <boi> image <eoi> question
+        <eos>`` as the model was trained on."""
+        if method not in ("greedy", "nucleus"):
+            raise ValueError(f"an omni model decodes text greedy or nucleus, not {method!r}")
+        name = self._image_field()
+        images = batch.get(name)
+        if not isinstance(images, torch.Tensor):
+            raise ValueError(f"the batch has no {name!r} images to write about")
+        prompts = list(prompts) if prompts is not None else [None] * len(images)
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(prompts)} prompts for a batch of {len(images)} images")
+        tokens = self.image_tokens(images.to(self.device))
+        prefixes = [self.image_prompt(t, q) for t, q in zip(tokens, prompts, strict=True)]
+        ids = self.generate_text(prefixes, method=method, max_new_tokens=max_new_tokens, top_p=top_p,
+                                 temperature=temperature, generator=generator, use_cache=use_cache)
+        return [self.tokenizer.decode(seq) for seq in ids]
+
+    def prompt_ids(self, prompts: Sequence[str | None], device: torch.device | str = "cpu") -> torch.Tensor:
+        """The ids of each prefix :meth:`write` reads, ``<bos> <boi> image <eoi> question <eos>``,
+        left-padded ``(B, T)``, the image as ``<pad>`` placeholders: what a caller measures a
+        question against ``context_length`` with (the captioner's ``prompt_ids``)."""
+        tok = self.tokenizer
+        image = [tok.boi_id, *[tok.pad_id] * self.config.image_tokens, tok.eoi_id]
+        rows = [[tok.bos_id, *image, *(tok.encode(q, add_special_tokens=False) if q else []), tok.eos_id]
+                for q in prompts]
+        longest = max(len(r) for r in rows)
+        ids = torch.full((len(rows), longest), tok.pad_id, dtype=torch.long, device=device)
+        for i, row in enumerate(rows):
+            ids[i, longest - len(row):] = torch.tensor(row, device=device)
+        return ids
+
+    @torch.no_grad()
+    def draw(self, prompts: Sequence[str], *, guidance: float = 3.0, steps: int = 50, sampler: str = "ddim",
+             seed: int | None = 0, generator: torch.Generator | None = None, compose: bool = False,
+             top_p: float = 0.9, temperature: float = 1.0, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Images ``(B, 3, S, S)`` in [-1, 1], one for each prompt: :meth:`generate_image` after
+        ``<bos> prompt`` (cut to the caption length of training), drawn by the autoencoder. The
+        same ``seed`` draws the same images; ``steps`` and ``sampler`` concern latent images."""
+        if compose:
+            raise ValueError("compose: an omni model reads a prompt as one caption; drawing 'and'-joined parts as a "
+                             "conjunction is for text-to-image models")
+        if not prompts:
+            raise ValueError("no prompts to draw")
+        tok = self.tokenizer
+        budget = self.config.context_length - self.config.image_tokens - 6  # as examples_from_rows cuts captions
+        prefixes = [[[tok.bos_id, *tok.encode(p, add_special_tokens=False)[:budget]]] for p in prompts]
+        tokens = self.generate_image(prefixes, guidance=guidance, steps=steps, sampler=sampler, seed=seed,
+                                     generator=generator, top_p=top_p, temperature=temperature, progress=progress)
+        if progress and self.config.image == "vq":  # codes are sampled, not denoised: all steps are done
+            progress(steps)
+        return self.decode_images(tokens)
