@@ -11,7 +11,7 @@ from polymodal.errors import InputError
 from polymodal.modalities.text import TextTokenizer
 from polymodal.models.autoencoder import Autoencoder, AutoencoderConfig
 from polymodal.models.family import _Bad, check_settings
-from polymodal.models.omni import OmniConfig, OmniExample, OmniModel, examples_from_rows
+from polymodal.models.omni import OmniConfig, OmniExample, OmniModel, Routing, examples_from_rows
 
 TEXTS = ["a red circle in the top left", "a blue square in the center", "two green stars",
          "what colour is the circle?", "red", "blue", "what shape is it?", "square"] * 3
@@ -142,6 +142,22 @@ def test_mot_has_a_parameter_set_per_modality_at_the_flops_of_dense(tokenizer):
     after = m(seq)
     image = seq.modality[0] == 1
     assert torch.equal(before[0, ~image], after[0, ~image]) and not torch.allclose(before[0, image], after[0, image])
+
+
+def test_routing_groups_rows_by_modality_and_puts_them_back_gradients_included():
+    modality = torch.tensor([[0, 1, 1, 0, 0], [1, 0, 1, 1, 0]])
+    routing = Routing(modality, 2)
+    x = torch.randn(2, 5, 3, requires_grad=True)
+    rows = routing.sort(x)
+    assert torch.equal(rows[:5], x.detach()[modality == 0]) and torch.equal(rows[5:], x.detach()[modality == 1])
+    assert torch.equal(routing.unsort(rows), x)
+    weight = torch.randn(10, 3)
+    (routing.unsort(rows * weight) ** 2).sum().backward()
+    expected = 2 * x.detach() * routing.unsort(weight) ** 2  # the same loss without any moving
+    assert torch.allclose(x.grad, expected)
+    # dense: one parameter set, nothing moved
+    dense = Routing(modality, 1)
+    assert dense.sort(x).data_ptr() == x.data_ptr() and dense.unsort(dense.sort(x)).shape == x.shape
 
 
 # ---- losses and training --------------------------------------------------------------------

@@ -14,31 +14,60 @@ from polymodal.nn.layers import MLP, Attention, rotary
 # ---- the block: one parameter set per modality, attention over everything ------------------
 
 
+class _Permute(torch.autograd.Function):
+    """Rows of ``x`` in the order ``order``; the gradient goes back through the inverse order, a
+    second gather instead of the scatter-add that indexing's backward is."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
 class Routing:
     """Which positions of a ``(B, T)`` batch go through which parameter set: each position its
-    modality's (``mot``), or all through the one (``dense``, where nothing is moved)."""
+    modality's (``mot``), or all through the one (``dense``, where nothing is moved).
+
+    Between blocks the residual stream is kept as rows ``(B*T, C)`` sorted by modality
+    (:meth:`sort`), so each parameter set reads one contiguous slice of it; only attention, which
+    mixes positions, needs the batch's own layout (:meth:`unsort`), and its output is sorted
+    again. A block so moves its tokens twice, whatever the number of parameter sets."""
 
     def __init__(self, modality: torch.Tensor, experts: int):
         self.shape = modality.shape
         if experts == 1:
-            self.index = None
+            self.order = None
             return
         flat = modality.flatten()
-        self.index = [(flat == e).nonzero().squeeze(1) for e in range(experts)]  # positions of each modality
-        order = torch.cat(self.index)
-        self.inverse = torch.empty_like(order)
-        self.inverse[order] = torch.arange(len(order), device=order.device)
+        self.order = torch.argsort(flat, stable=True)  # positions of modality 0, then 1, ...
+        self.inverse = torch.empty_like(self.order)
+        self.inverse[self.order] = torch.arange(len(self.order), device=self.order.device)
+        self.sizes = torch.bincount(flat, minlength=experts).tolist()
 
-    def apply(self, experts: nn.ModuleList, fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
-              x: torch.Tensor) -> torch.Tensor:
-        """``fn(expert, x)`` with each position of ``x`` ``(B, T, ...)`` through its own expert;
-        every position computed once, so the FLOPs are those of one shared expert."""
-        if self.index is None:
-            return fn(experts[0], x)
-        flat = x.flatten(0, 1)  # (B*T, ...)
-        parts = [fn(expert, flat[index]) for expert, index in zip(experts, self.index, strict=True)]
-        out = torch.cat(parts)[self.inverse]
-        return out.view(*self.shape, *out.shape[1:])
+    def sort(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, T, ...)`` -> rows ``(B*T, ...)`` grouped by modality."""
+        flat = x.flatten(0, 1)
+        return flat if self.order is None else _Permute.apply(flat, self.order, self.inverse)
+
+    def unsort(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``(B*T, ...)`` grouped by modality -> ``(B, T, ...)``."""
+        if self.order is not None:
+            rows = _Permute.apply(rows, self.inverse, self.order)
+        return rows.view(*self.shape, *rows.shape[1:])
+
+    def each(self, experts: nn.ModuleList, fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+             rows: torch.Tensor) -> torch.Tensor:
+        """``fn(expert, rows)`` for sorted ``rows`` ``(B*T, ...)``, each modality's slice through its
+        own expert: every position computed once, so the FLOPs are those of one shared expert."""
+        if self.order is None:
+            return fn(experts[0], rows)
+        parts = [fn(expert, part) for expert, part in zip(experts, rows.split(self.sizes), strict=True) if len(part)]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 class ModalityWeights(nn.Module):
@@ -74,15 +103,16 @@ class OmniBlock(nn.Module):
         self.heads, self.rotary_base = heads, rotary_base
         self.experts = nn.ModuleList(ModalityWeights(width, heads, mlp_ratio, qk_norm) for _ in range(experts))
 
-    def forward(self, x: torch.Tensor, routing: Routing, mask: torch.Tensor, positions: torch.Tensor,
+    def forward(self, rows: torch.Tensor, routing: Routing, mask: torch.Tensor, positions: torch.Tensor,
                 cache=None) -> torch.Tensor:
-        """``x`` (B, T, C); ``mask`` (B, 1, T, S); ``positions`` (B, T); ``cache`` an AttentionCache."""
-        b, t, c = x.shape
-        qkv = routing.apply(self.experts, lambda e, y: e.qkv(y), x)  # (B, T, 3, H, D)
+        """``rows`` (B*T, C) of the residual stream, sorted by ``routing``; ``mask`` (B, 1, T, S);
+        ``positions`` (B, T); ``cache`` an AttentionCache. Returns the stream as it came, sorted."""
+        b, t = routing.shape
+        qkv = routing.unsort(routing.each(self.experts, lambda e, y: e.qkv(y), rows))  # (B, T, 3, H, D)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D) each
         q, k = rotary(q, positions, self.rotary_base), rotary(k, positions, self.rotary_base)
         if cache is not None:
             k, v = cache.append(k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, t, c)
-        x = x + routing.apply(self.experts, lambda e, y_: e.attn.out(y_), y)
-        return x + routing.apply(self.experts, lambda e, y_: e.mlp(e.norm2(y_)), x)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, t, -1)
+        rows = rows + routing.each(self.experts, lambda e, y_: e.attn.out(y_), routing.sort(y))
+        return rows + routing.each(self.experts, lambda e, y_: e.mlp(e.norm2(y_)), rows)

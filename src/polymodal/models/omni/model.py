@@ -316,10 +316,10 @@ class OmniModel(OmniGeneration, nn.Module):
             key_mask, segments = cache.add(key_mask, segments)
         mask = self.attention_mask(segments, key_mask, seq.ids.shape[1])  # (B, 1, T, S)
         routing = Routing(seq.modality, self.parameter_sets)
-        x = self.embed(seq)
+        rows = routing.sort(self.embed(seq))  # (B*T, W), grouped by modality between blocks
         for i, block in enumerate(self.blocks):
-            x = block(x, routing, mask, positions, cache.blocks[i].self_attn if cache is not None else None)
-        return routing.apply(self.norms, lambda norm, y: norm(y), x)
+            rows = block(rows, routing, mask, positions, cache.blocks[i].self_attn if cache is not None else None)
+        return routing.unsort(routing.each(self.norms, lambda norm, y: norm(y), rows))
 
     def attention_mask(self, segments: torch.Tensor, key_mask: torch.Tensor, query_len: int) -> torch.Tensor:
         """Who may attend to whom ``(B, 1, Tq, S)`` for keys with ``segments`` and ``key_mask`` ``(B, S)``,
