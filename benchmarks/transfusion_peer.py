@@ -104,6 +104,14 @@ def flops(loss_fn, model) -> float:
     return float(counter.get_total_flops())
 
 
+def report(results: dict, path: Path | None) -> None:
+    """Print ``results`` as JSON, and write them to ``path`` too when given."""
+    print(json.dumps(results, indent=2))
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="a shapes world (its captions are the text)")
@@ -158,10 +166,7 @@ def main() -> None:
                                                 / results["polymodal step s (median)"])
     results["sample ratio (peer / polymodal)"] = (results["transfusion-pytorch sample s (median)"]
                                                   / results["polymodal sample s (median)"])
-    print(json.dumps(results, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    report(results, args.json)
 
 
 if __name__ == "__main__":

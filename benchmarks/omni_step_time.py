@@ -1,0 +1,82 @@
+"""The training step time of omni models on real batches: what a recipe's step budget is worked
+out from. Each MODEL is a saved omni model folder, optionally with settings to change
+(``FOLDER:width=192,layout=mot``): a fresh model of that config (new weights; the folder's
+tokenizer and autoencoder) trains ``--steps`` steps of loss, backward and AdamW on batches of 64
+training items of ``--data``, their image tokens encoded beforehand as training caches them. The
+first two steps are left out; prints the median and fastest step and the parameters.
+
+    OMP_NUM_THREADS=2 python benchmarks/omni_step_time.py --data WORLD MODEL [MODEL ...] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+
+import torch
+
+
+def parsed(spec: str, config) -> dict:
+    """``key=value,...`` as typed settings of ``config``."""
+    kinds = {f.name: type(getattr(config, f.name)) for f in fields(config)}
+    out = {}
+    for part in filter(None, spec.split(",")):
+        key, _, value = part.partition("=")
+        if key not in kinds:
+            raise SystemExit(f"{key}: not an omni setting")
+        out[key] = kinds[key](value) if kinds[key] in (int, float) else value
+    return out
+
+
+def main() -> None:
+    from polymodal.models import load_model
+    from polymodal.models.family import split_items
+    from polymodal.models.omni import OmniModel
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("models", nargs="+", help="FOLDER or FOLDER:key=value,...")
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    results = {"threads": torch.get_num_threads(), "batch": args.batch}
+    items = None
+    for spec in args.models:
+        folder, _, changes = spec.partition(":")
+        base = load_model(folder)
+        if items is None:
+            items = split_items(args.data, ["image"], "train", base.input_size(), limit=args.batch * args.steps)
+        torch.manual_seed(0)
+        model = OmniModel(replace(base.config, **parsed(changes, base.config)), base.tokenizer, base.autoencoder).train()
+        params = [p for name, p in model.named_parameters() if not name.startswith("autoencoder.")]
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        batches = []
+        for i in range(args.steps):
+            chunk = items[i * args.batch : (i + 1) * args.batch]
+            batch = {"image": torch.stack([item["image"] for item in chunk]), "rows": [item["row"] for item in chunk]}
+            with torch.no_grad():
+                model.training_tokens(batch["image"], batch["rows"])
+            batches.append(batch)
+        times = []
+        for batch in batches:
+            start = time.perf_counter()
+            model.loss(batch)["loss"].backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - start)
+        kept = times[2:]
+        results[spec] = {"step s (median)": statistics.median(kept), "step s (fastest)": min(kept),
+                         "parameters": sum(p.numel() for p in params)}
+        print(spec, results[spec], flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
