@@ -14,7 +14,6 @@ modalities' parameters get their share. A step is the loss, backward and AdamW.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
