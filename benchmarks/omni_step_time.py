@@ -3,7 +3,7 @@ out from. Each MODEL is a saved omni model folder, optionally with settings to c
 (``FOLDER:width=192,layout=mot``): a fresh model of that config (new weights; the folder's
 tokenizer and autoencoder) trains ``--steps`` steps of loss, backward and AdamW on batches of 64
 training items of ``--data``, their image tokens encoded beforehand as training caches them. The
-first two steps are left out; prints the median and fastest step and the parameters.
+first two steps are left out; prints the median and fastest step and the parameters as JSON.
 
     OMP_NUM_THREADS=2 python benchmarks/omni_step_time.py --data WORLD MODEL [MODEL ...] [--json OUT]
 """
@@ -11,31 +11,20 @@ first two steps are left out; prints the median and fastest step and the paramet
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from dataclasses import fields, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-
-
-def parsed(spec: str, config) -> dict:
-    """``key=value,...`` as typed settings of ``config``."""
-    kinds = {f.name: type(getattr(config, f.name)) for f in fields(config)}
-    out = {}
-    for part in filter(None, spec.split(",")):
-        key, _, value = part.partition("=")
-        if key not in kinds:
-            raise SystemExit(f"{key}: not an omni setting")
-        out[key] = kinds[key](value) if kinds[key] in (int, float) else value
-    return out
+from transfusion_peer import report
 
 
 def main() -> None:
     from polymodal.models import load_model
     from polymodal.models.family import split_items
-    from polymodal.models.omni import OmniModel
+    from polymodal.models.omni import OmniConfig, OmniModel
+    from polymodal.train.recipe import apply_overrides
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+", help="FOLDER or FOLDER:key=value,...")
@@ -52,7 +41,8 @@ def main() -> None:
         if items is None:
             items = split_items(args.data, ["image"], "train", base.input_size(), limit=args.batch * args.steps)
         torch.manual_seed(0)
-        model = OmniModel(replace(base.config, **parsed(changes, base.config)), base.tokenizer, base.autoencoder).train()
+        config = OmniConfig.from_spec(apply_overrides(asdict(base.config), list(filter(None, changes.split(",")))))
+        model = OmniModel(config, base.tokenizer, base.autoencoder).train()
         params = [p for name, p in model.named_parameters() if not name.startswith("autoencoder.")]
         optimizer = torch.optim.AdamW(params, lr=1e-4)
         batches = []
@@ -72,10 +62,7 @@ def main() -> None:
         kept = times[2:]
         results[spec] = {"step s (median)": statistics.median(kept), "step s (fastest)": min(kept),
                          "parameters": sum(p.numel() for p in params)}
-        print(spec, results[spec], flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    report(results, args.json)
 
 
 if __name__ == "__main__":
