@@ -251,6 +251,42 @@ def test_cached_generation_equals_uncached(tokenizer, image, layout):
         torch.testing.assert_close(images[0], images[1])
 
 
+@pytest.mark.parametrize("layout", ["dense", "mot"])
+def test_adaln_scales_image_tokens_by_their_timestep_and_leaves_text_alone(tokenizer, layout):
+    plain = make(tokenizer, "latent", layout).eval()
+    m = make(tokenizer, "latent", layout, time_conditioning="adaln").eval()
+    missing, unexpected = m.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all("modulation" in name for name in missing)
+    example = caption_first(tokenizer, an_image("latent"), "a red circle in the top left")
+    seq = m.pack([example])
+    image = seq.modality[0] == 1
+    first = int(image.nonzero()[0])
+    with torch.no_grad():
+        torch.testing.assert_close(m(seq), plain(seq))  # the modulation starts at zero: the plain model
+        for name, p in m.named_parameters():
+            if "modulation" in name:
+                p.normal_(0, 0.3)
+        early, late = (m(seq.with_images(seq.clean, torch.tensor([t]))) for t in (50, 900))
+        plain_late = plain(seq.with_images(seq.clean, torch.tensor([900])))
+    torch.testing.assert_close(early[0, :first], late[0, :first])  # the prompt before the image: untouched
+    torch.testing.assert_close(late[0, :first], plain_late[0, :first])
+    assert not torch.allclose(late[0, image], plain_late[0, image])  # the image tokens: modulated
+    assert not torch.allclose(early[0, image], late[0, image])  # and by their own timestep
+    out = m.train().loss([example, caption_first(tokenizer, an_image("latent", 1))],
+                         generator=torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    m.eval()  # cached sampling and decoding still equal the uncached
+    draw = [m.text_prompt("a red circle"), m.text_prompt("two")]
+    images = [m.generate_image(draw, steps=3, seed=1, use_cache=use) for use in (True, False)]
+    torch.testing.assert_close(images[0], images[1])
+    prefixes = [m.image_prompt(an_image("latent")), m.image_prompt(an_image("latent", 1), "what colour is the circle?")]
+    assert m.generate_text(prefixes, max_new_tokens=5) == m.generate_text(prefixes, max_new_tokens=5, use_cache=False)
+    with pytest.raises(ValueError, match="time_conditioning"):
+        OmniConfig(image="vq", time_conditioning="adaln")
+
+
 def test_latent_images_are_guided_and_seeded(tokenizer):
     m = make(tokenizer, "latent").eval()
     with torch.no_grad():  # a model whose noise prediction reads the text, so guidance matters

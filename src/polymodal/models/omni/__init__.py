@@ -18,7 +18,9 @@ Two settings choose the design, and nothing else differs between them:
     ``diffusion_weight`` (lambda, 5 in the paper) times the diffusion loss (epsilon prediction,
     cosine schedule) on the image tokens. Attention is causal across the sequence and
     bidirectional inside each image: a causal image block took the paper's FID from 20.3 to 61.3
-    (Table 5).
+    (Table 5). ``time_conditioning: adaln`` also lets the timestep scale and shift every block's
+    norms on image tokens and scale their residual updates (DiT's adaLN, per image, zero at the
+    start; text tokens untouched); ``input`` (the paper's) adds it to the input tokens only.
 
 - ``layout``: how the parameters are shared.
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from polymodal.models.omni.sequence import IMAGE
 from polymodal.nn.layers import MLP, Attention, rotary
 
 # ---- the block: one parameter set per modality, attention over everything ------------------
@@ -38,16 +39,19 @@ class Routing:
     mixes positions, needs the batch's own layout (:meth:`unsort`), and its output is sorted
     again. A block so moves its tokens twice, whatever the number of parameter sets."""
 
-    def __init__(self, modality: torch.Tensor, experts: int):
+    def __init__(self, modality: torch.Tensor, experts: int, groups: int | None = None):
         self.shape = modality.shape
-        if experts == 1:
+        self.experts = experts
+        groups = experts if groups is None else groups  # a dense model groups its rows too when the
+        # image rows need something of their own (the timestep's modulation)
+        if groups == 1:
             self.order = None
             return
         flat = modality.flatten()
         self.order = torch.argsort(flat, stable=True)  # positions of modality 0, then 1, ...
         self.inverse = torch.empty_like(self.order)
         self.inverse[self.order] = torch.arange(len(self.order), device=self.order.device)
-        self.sizes = torch.bincount(flat, minlength=experts).tolist()
+        self.sizes = torch.bincount(flat, minlength=groups).tolist()
 
     def sort(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, T, ...)`` -> rows ``(B*T, ...)`` grouped by modality."""
@@ -60,13 +64,15 @@ class Routing:
             rows = _Permute.apply(rows, self.inverse, self.order)
         return rows.view(*self.shape, *rows.shape[1:])
 
-    def each(self, experts: nn.ModuleList, fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    def each(self, experts: nn.ModuleList, fn: Callable[[nn.Module, torch.Tensor, int], torch.Tensor],
              rows: torch.Tensor) -> torch.Tensor:
-        """``fn(expert, rows)`` for sorted ``rows`` ``(B*T, ...)``, each modality's slice through its
-        own expert: every position computed once, so the FLOPs are those of one shared expert."""
+        """``fn(expert, rows, modality)`` for sorted ``rows`` ``(B*T, ...)``, each modality's slice
+        through its own expert (or all through the one of a dense model): every position computed
+        once, so the FLOPs are those of one shared expert."""
         if self.order is None:
-            return fn(experts[0], rows)
-        parts = [fn(expert, part) for expert, part in zip(experts, rows.split(self.sizes), strict=True) if len(part)]
+            return fn(experts[0], rows, 0)
+        parts = [fn(experts[m if len(experts) > 1 else 0], part, m)
+                 for m, part in enumerate(rows.split(self.sizes)) if len(part)]
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
@@ -81,9 +87,12 @@ class ModalityWeights(nn.Module):
         self.norm2 = nn.LayerNorm(width)
         self.mlp = MLP(width, int(width * mlp_ratio))
 
-    def qkv(self, x: torch.Tensor) -> torch.Tensor:
-        """Queries, keys and values ``(..., 3, H, D)`` of tokens ``x`` ``(..., C)`` (QK-normed)."""
+    def qkv(self, x: torch.Tensor, modulate: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Queries, keys and values ``(..., 3, H, D)`` of tokens ``x`` ``(..., C)`` (QK-normed);
+        ``modulate`` scales and shifts the normalised tokens first."""
         h = self.norm1(x)
+        if modulate is not None:
+            h = modulate(h)
         heads = self.attn.heads
         q = self.attn.q(h).unflatten(-1, (heads, -1))  # (..., H, D)
         k, v = self.attn.kv(h).unflatten(-1, (2, heads, -1)).unbind(-3)
@@ -95,24 +104,49 @@ class ModalityWeights(nn.Module):
 class OmniBlock(nn.Module):
     """Pre-norm self-attention and MLP, each residual, with ``experts`` parameter sets: 1 shared by
     every position (dense), or one per modality (MoT). The attention itself is one SDPA over the
-    whole sequence, whatever parameters made its queries, keys and values."""
+    whole sequence, whatever parameters made its queries, keys and values.
+
+    With ``modulated`` (adaLN, as DiT's blocks), the image tokens' two norms are scaled and
+    shifted, and their two residual updates scaled, by their image's timestep: ``forward`` then
+    takes each image's condition ``(N, C)``. The projection starts at zero, so a new block is the
+    plain one; text tokens are never modulated."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: float, qk_norm: bool, experts: int,
-                 rotary_base: float = 10_000.0):
+                 rotary_base: float = 10_000.0, modulated: bool = False):
         super().__init__()
         self.heads, self.rotary_base = heads, rotary_base
         self.experts = nn.ModuleList(ModalityWeights(width, heads, mlp_ratio, qk_norm) for _ in range(experts))
+        self.modulation = None
+        if modulated:
+            self.modulation = nn.Linear(width, 6 * width)
+            nn.init.zeros_(self.modulation.weight)
+            nn.init.zeros_(self.modulation.bias)
 
     def forward(self, rows: torch.Tensor, routing: Routing, mask: torch.Tensor, positions: torch.Tensor,
-                cache=None) -> torch.Tensor:
+                cache=None, condition: torch.Tensor | None = None) -> torch.Tensor:
         """``rows`` (B*T, C) of the residual stream, sorted by ``routing``; ``mask`` (B, 1, T, S);
-        ``positions`` (B, T); ``cache`` an AttentionCache. Returns the stream as it came, sorted."""
+        ``positions`` (B, T); ``cache`` an AttentionCache; ``condition`` (N, C): each image's
+        timestep condition, in the order of the images' rows (modulated blocks only). Returns the
+        stream as it came, sorted."""
         b, t = routing.shape
-        qkv = routing.unsort(routing.each(self.experts, lambda e, y: e.qkv(y), rows))  # (B, T, 3, H, D)
+        shift1 = scale1 = gate1 = shift2 = scale2 = gate2 = None
+        if self.modulation is not None and condition is not None and len(condition):
+            shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(F.silu(condition)).chunk(6, -1)
+
+        def per_image(m: int, y: torch.Tensor, scale, shift=None) -> torch.Tensor:
+            if scale is None or m != IMAGE:
+                return y
+            n = len(scale)
+            y = y.view(n, -1, y.shape[-1]) * (1 + scale[:, None])  # an image's rows are consecutive
+            return (y if shift is None else y + shift[:, None]).view(-1, y.shape[-1])
+
+        qkv = routing.unsort(routing.each(
+            self.experts, lambda e, y, m: e.qkv(y, lambda h: per_image(m, h, scale1, shift1)), rows))  # (B, T, 3, H, D)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D) each
         q, k = rotary(q, positions, self.rotary_base), rotary(k, positions, self.rotary_base)
         if cache is not None:
             k, v = cache.append(k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, t, -1)
-        rows = rows + routing.each(self.experts, lambda e, y_: e.attn.out(y_), routing.sort(y))
-        return rows + routing.each(self.experts, lambda e, y_: e.mlp(e.norm2(y_)), rows)
+        rows = rows + routing.each(self.experts, lambda e, y_, m: per_image(m, e.attn.out(y_), gate1), routing.sort(y))
+        return rows + routing.each(
+            self.experts, lambda e, y_, m: per_image(m, e.mlp(per_image(m, e.norm2(y_), scale2, shift2)), gate2), rows)

@@ -77,9 +77,15 @@ class OmniModel(OmniGeneration, nn.Module):
         experts = 2 if c.layout == "mot" else 1
         self.token_embedding = nn.Embedding(self.vocab, c.width)
         self.image_position = nn.Parameter(torch.randn(c.image_tokens, c.width) * 0.02)  # the 2-D place of a cell
-        self.blocks = nn.ModuleList(OmniBlock(c.width, c.heads, c.mlp_ratio, c.qk_norm, experts, c.rotary_base)
-                                    for _ in range(c.depth))
+        self.modulated = c.image == "latent" and c.time_conditioning == "adaln"
+        self.blocks = nn.ModuleList(OmniBlock(c.width, c.heads, c.mlp_ratio, c.qk_norm, experts, c.rotary_base,
+                                              self.modulated) for _ in range(c.depth))
         self.norms = nn.ModuleList(nn.LayerNorm(c.width) for _ in range(experts))  # final, per modality in mot
+        self.final_modulation = None
+        if self.modulated:  # the last norm's scale and shift on image tokens, from the timestep; starts at 0
+            self.final_modulation = nn.Linear(c.width, 2 * c.width)
+            nn.init.zeros_(self.final_modulation.weight)
+            nn.init.zeros_(self.final_modulation.bias)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         self.diffusion = None
         if c.image == "latent":
@@ -315,11 +321,25 @@ class OmniModel(OmniGeneration, nn.Module):
         if cache is not None:
             key_mask, segments = cache.add(key_mask, segments)
         mask = self.attention_mask(segments, key_mask, seq.ids.shape[1])  # (B, 1, T, S)
-        routing = Routing(seq.modality, self.parameter_sets)
+        routing = Routing(seq.modality, self.parameter_sets, 2 if self.modulated else None)
+        condition = self.image_condition(seq) if self.modulated else None
         rows = routing.sort(self.embed(seq))  # (B*T, W), grouped by modality between blocks
         for i, block in enumerate(self.blocks):
-            rows = block(rows, routing, mask, positions, cache.blocks[i].self_attn if cache is not None else None)
-        return routing.unsort(routing.each(self.norms, lambda norm, y: norm(y), rows))
+            rows = block(rows, routing, mask, positions, cache.blocks[i].self_attn if cache is not None else None,
+                         condition)
+        return routing.unsort(routing.each(self.norms, lambda norm, y, m: self._final(norm(y), m, condition), rows))
+
+    def image_condition(self, seq: Interleaved) -> torch.Tensor:
+        """Each image's timestep condition ``(N, width)``, the images in the order of their tokens
+        (every image of a batch whole: all its cells, one after the other)."""
+        steps = seq.timesteps[seq.modality == IMAGE].view(-1, self.config.image_tokens)[:, 0]
+        return self.time_mlp(timestep_embedding(steps, self.config.width))
+
+    def _final(self, y: torch.Tensor, modality: int, condition: torch.Tensor | None) -> torch.Tensor:
+        if self.final_modulation is None or modality != IMAGE or condition is None or not len(condition):
+            return y
+        shift, scale = self.final_modulation(F.silu(condition)).chunk(2, -1)
+        return (y.view(len(condition), -1, y.shape[-1]) * (1 + scale[:, None]) + shift[:, None]).view_as(y)
 
     def attention_mask(self, segments: torch.Tensor, key_mask: torch.Tensor, query_len: int) -> torch.Tensor:
         """Who may attend to whom ``(B, 1, Tq, S)`` for keys with ``segments`` and ``key_mask`` ``(B, S)``,

@@ -22,6 +22,7 @@ from polymodal.nn.layers import KVCache
 IMAGE_KINDS = ("vq", "latent")
 LAYOUTS = ("dense", "mot")
 PATCHES = ("linear", "conv")
+TIME_CONDITIONINGS = ("input", "adaln")
 TEXT, IMAGE = 0, 1  # modality ids; in ``mot`` also the index of each block's parameter set
 AUTOENCODER_FOLDER = "autoencoder"  # subfolder of a saved model holding its autoencoder
 # Transfusion's diffusion: epsilon prediction, cosine schedule, a plain mean squared error. The
@@ -58,6 +59,9 @@ class OmniConfig:
     patch: str = "linear"  # latent: how cells become tokens and tokens predictions: linear (one map a
     # cell) | conv (two 3x3 convolutions over the latent grid each way, the paper's U-Net patch layers
     # in small: a token sees its neighbouring cells)
+    time_conditioning: str = "input"  # latent: how image tokens know their noise level: input (its
+    # embedding added to each token, as the paper) | adaln (also every block's norms on image tokens
+    # scaled and shifted and their residual updates scaled by it, as DiT's adaLN; text untouched)
     codebook_size: int = 512  # vq: codes of the VQ autoencoder (extra tokens of the vocabulary)
     latent_grid: int = 8  # side of an image's latent grid: latent_grid**2 tokens (8: 64 for a 32x32 image)
     latent_scale: float | None = None  # latent: latents are multiplied by this (None: 1; the builder
@@ -84,7 +88,8 @@ class OmniConfig:
 
     def __post_init__(self):
         for name, value, known in (("image", self.image, IMAGE_KINDS), ("layout", self.layout, LAYOUTS),
-                                   ("patch", self.patch, PATCHES)):
+                                   ("patch", self.patch, PATCHES),
+                                   ("time_conditioning", self.time_conditioning, TIME_CONDITIONINGS)):
             if value not in known:
                 raise ValueError(f"{name}: unknown {value!r}; choose from {list(known)}")
         for name in ("image_first_share", "caption_dropout", "vqa_share"):
@@ -93,6 +98,8 @@ class OmniConfig:
         for name in ("z_loss", "diffusion_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} is a loss weight, at least 0; got {getattr(self, name)}")
+        if self.time_conditioning == "adaln" and self.image != "latent":
+            raise ValueError("time_conditioning adaln needs image: latent (vq codes have no timestep)")
         if self.questions_per_sample < 1:
             raise ValueError(f"questions_per_sample must be at least 1, got {self.questions_per_sample}")
         if self.rotary_base <= 0:
