@@ -3,7 +3,9 @@ out from. Each MODEL is a saved omni model folder, optionally with settings to c
 (``FOLDER:width=192,layout=mot``): a fresh model of that config (new weights; the folder's
 tokenizer and autoencoder) trains ``--steps`` steps of loss, backward and AdamW on batches of 64
 training items of ``--data``, their image tokens encoded beforehand as training caches them. The
-first two steps are left out; prints the median and fastest step and the parameters as JSON.
+first two steps are left out; prints the median and fastest step, the parameters, and what a
+row holds (its real tokens, the batch's padded length, the share of images drawn from their
+caption rather than read) over the timed batches' examples, as JSON.
 
     OMP_NUM_THREADS=2 python benchmarks/omni_step_time.py --data WORLD MODEL [MODEL ...] [--json OUT]
 """
@@ -11,6 +13,7 @@ first two steps are left out; prints the median and fastest step and the paramet
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 from dataclasses import asdict
@@ -60,8 +63,17 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - start)
         kept = times[2:]
-        results[spec] = {"step s (median)": statistics.median(kept), "step s (fastest)": min(kept),
-                         "parameters": sum(p.numel() for p in params)}
+        real = padded = drawn = rows = 0
+        for i, batch in enumerate(batches):  # what the loss packs: examples drawn as training draws them
+            examples = model.examples(batch, random.Random(i))
+            seq = model.pack(examples)
+            real, padded = real + int(seq.key_mask.sum()), padded + seq.key_mask.numel()
+            drawn, rows = drawn + sum(e.max_timestep is None for e in examples), rows + len(examples)
+        median = statistics.median(kept)
+        results[spec] = {"step s (median)": median, "step s (fastest)": min(kept),
+                         "parameters": sum(p.numel() for p in params),
+                         "real tokens a row": real / rows, "padded tokens a row": padded / rows,
+                         "drawn share": drawn / rows, "real tokens a second": real / len(batches) / median}
     report(results, args.json)
 
 
