@@ -48,15 +48,16 @@ from polymodal.progress import console, progress_bar
 BUDGETS = {"clip": 430, "captions": 1200, "listen": 600, "judge": 300, "autoencoder": 1735, "drawing": 1250,
            "omni": 600}
 # The omni model (one Transformer that captions, answers and draws) is shown, not held to a floor: its
-# recipe at width 192 wrote validation captions with every object right 0.17 of the time after 1,400
-# steps (VQA 0.68; 0.34 and 0.74 after 1,600) and drew single objects with the right shape at chance,
-# far below the captioner and the drawing model, so the demo trains it 600 steps to show what it does
-# and prints its scores (BENCHMARKS.md, "More steps at width 192, and several questions an image").
+# recipe (width 128) wrote validation captions with every object right 0.28 of the time after 2,100
+# steps (VQA 0.72) and drew single objects with the right shape at chance, far below the captioner and
+# the drawing model, so the demo trains it 600 steps to show what it does and prints its scores
+# (BENCHMARKS.md, "Drawing: adaLN, and how many drawing examples a denoiser needs here").
 # Minutes of each stage in the quiet fresh-clone run of BENCHMARKS.md ("The demo on a quiet machine"):
 # 2 threads, nothing else running; training and evaluation together.
 REFERENCE_MINUTES = {"world": 1.0, "inspect": 0.3, "clip": 6.8, "eval": 0.1, "search": 0.1, "understand": 13.4,
                      "listen": 6.8, "judge": 1.8, "draw": 24.9,
-                     "omni": 13.0}  # omni: not yet timed inside the demo; 600 steps at about 1.1 s (width 192) and its scoring
+                     "omni": 10.0}  # omni: not yet timed inside the demo; 600 steps at about 0.78 s (width 128,
+# the trainer's overhead included) and its scoring
 REFERENCE_GFLOPS = 160.0  # fp32 matrix-multiply speed of the reference machine when quiet
 
 # (stage, metric on the test split, the bound it should clear, whether the bound is a ceiling): a
