@@ -10,9 +10,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from polymodal.models.omni.sequence import IMAGE
-from polymodal.nn.layers import MLP, Attention, rotary
+from polymodal.nn.layers import MLP, Attention, modulate, rotary
 
 # ---- the block: one parameter set per modality, attention over everything ------------------
+
+
+def modulate_images(rows: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+    """The rows ``(N*cells, C)`` of ``N`` whole images, each image's consecutive, scaled by
+    ``1 + scale`` and shifted by ``shift`` (each ``(N, C)``, one per image; no shift: a gate)."""
+    images = rows.view(len(scale), -1, rows.shape[-1])
+    return (images * (1 + scale[:, None]) if shift is None else modulate(images, shift, scale)).view_as(rows)
 
 
 class _Permute(torch.autograd.Function):
@@ -134,11 +141,7 @@ class OmniBlock(nn.Module):
             shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(F.silu(condition)).chunk(6, -1)
 
         def per_image(m: int, y: torch.Tensor, scale, shift=None) -> torch.Tensor:
-            if scale is None or m != IMAGE:
-                return y
-            n = len(scale)
-            y = y.view(n, -1, y.shape[-1]) * (1 + scale[:, None])  # an image's rows are consecutive
-            return (y if shift is None else y + shift[:, None]).view(-1, y.shape[-1])
+            return y if scale is None or m != IMAGE else modulate_images(y, scale, shift)
 
         qkv = routing.unsort(routing.each(
             self.experts, lambda e, y, m: e.qkv(y, lambda h: per_image(m, h, scale1, shift1)), rows))  # (B, T, 3, H, D)

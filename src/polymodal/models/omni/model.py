@@ -29,7 +29,7 @@ from polymodal.models.family import (
     saved_config,
 )
 from polymodal.models.folder import read_tokenizer, write_model_folder
-from polymodal.models.omni.blocks import OmniBlock, Routing
+from polymodal.models.omni.blocks import OmniBlock, Routing, modulate_images
 from polymodal.models.omni.generation import OmniGeneration
 from polymodal.models.omni.sequence import (
     AUTOENCODER_FOLDER,
@@ -274,17 +274,20 @@ class OmniModel(OmniGeneration, nn.Module):
 
     # ---- the Transformer ----
 
-    def embed(self, seq: Interleaved) -> torch.Tensor:
+    def embed(self, seq: Interleaved, condition: torch.Tensor | None = None) -> torch.Tensor:
         """Input vectors ``(B, T, width)``: text (and vq code) embeddings; latent cells projected
-        in with their timestep's embedding; every image token plus its cell's position."""
+        in with their image's timestep condition ``condition`` ``(N images, width)`` added (see
+        :meth:`image_condition`); every image token plus its cell's position."""
         x = self.token_embedding(seq.ids)  # (B, T, W)
         image = seq.modality == IMAGE
         if not image.any():
             return x
         place = self.image_position[seq.cell[image]]  # (N, W)
         if self.config.image == "latent":
-            t = timestep_embedding(seq.timesteps[image], self.config.width)
-            return x.index_put((image,), self.patch_in(seq.latents[image], seq.cell[image]) + self.time_mlp(t) + place)
+            if condition is None:
+                condition = self.image_condition(seq)
+            time = condition.repeat_interleave(self.config.image_tokens, 0)  # each image's, on all its cells
+            return x.index_put((image,), self.patch_in(seq.latents[image], seq.cell[image]) + time + place)
         return x.index_put((image,), x[image] + place)
 
     def patch_in(self, cells: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
@@ -322,11 +325,11 @@ class OmniModel(OmniGeneration, nn.Module):
             key_mask, segments = cache.add(key_mask, segments)
         mask = self.attention_mask(segments, key_mask, seq.ids.shape[1])  # (B, 1, T, S)
         routing = Routing(seq.modality, self.parameter_sets, 2 if self.modulated else None)
-        condition = self.image_condition(seq) if self.modulated else None
-        rows = routing.sort(self.embed(seq))  # (B*T, W), grouped by modality between blocks
+        condition = self.image_condition(seq) if self.config.image == "latent" else None  # once an image
+        rows = routing.sort(self.embed(seq, condition))  # (B*T, W), grouped by modality between blocks
         for i, block in enumerate(self.blocks):
             rows = block(rows, routing, mask, positions, cache.blocks[i].self_attn if cache is not None else None,
-                         condition)
+                         condition if self.modulated else None)
         return routing.unsort(routing.each(self.norms, lambda norm, y, m: self._final(norm(y), m, condition), rows))
 
     def image_condition(self, seq: Interleaved) -> torch.Tensor:
@@ -339,7 +342,7 @@ class OmniModel(OmniGeneration, nn.Module):
         if self.final_modulation is None or modality != IMAGE or condition is None or not len(condition):
             return y
         shift, scale = self.final_modulation(F.silu(condition)).chunk(2, -1)
-        return (y.view(len(condition), -1, y.shape[-1]) * (1 + scale[:, None]) + shift[:, None]).view_as(y)
+        return modulate_images(y, scale, shift)
 
     def attention_mask(self, segments: torch.Tensor, key_mask: torch.Tensor, query_len: int) -> torch.Tensor:
         """Who may attend to whom ``(B, 1, Tq, S)`` for keys with ``segments`` and ``key_mask`` ``(B, S)``,
