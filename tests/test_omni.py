@@ -287,6 +287,42 @@ def test_adaln_scales_image_tokens_by_their_timestep_and_leaves_text_alone(token
         OmniConfig(image="vq", time_conditioning="adaln")
 
 
+@pytest.mark.parametrize("time_conditioning", ["input", "adaln"])
+def test_text_condition_gives_each_image_the_mean_embedding_of_the_text_before_it(tokenizer, time_conditioning):
+    m = make(tokenizer, "latent", "mot", time_conditioning=time_conditioning, text_condition=True).eval()
+    for name, p in m.named_parameters():  # the modulation too, so adaln reads the condition from the start
+        if "modulation" in name:
+            torch.nn.init.normal_(p, 0, 0.3)
+    bos, eos = tokenizer.bos_id, tokenizer.eos_id
+    image = an_image("latent")
+    drawn = OmniExample([[bos, *words(tokenizer, "a red circle")], image, [eos, *words(tokenizer, "red")], image])
+    read = OmniExample([[bos], image, [eos, *words(tokenizer, "blue")]])
+    seq = m.pack([drawn, read])
+    context = m.text_context(seq)  # three images: the first two of row 0, then row 1's
+    table = m.token_embedding.weight
+    before = torch.tensor([bos, *words(tokenizer, "a red circle"), tokenizer.boi_id])
+    second = torch.cat([before, torch.tensor([tokenizer.eoi_id, eos, *words(tokenizer, "red"), tokenizer.boi_id])])
+    torch.testing.assert_close(context, torch.stack([table[before].mean(0), table[second].mean(0),
+                                                     table[[bos, tokenizer.boi_id]].mean(0)]))
+    with torch.no_grad():  # another prompt changes the image tokens, not the text before them
+        other = m.pack([OmniExample([[bos, *words(tokenizer, "a blue square")], image, [eos]])])
+        same = m.pack([OmniExample([[bos, *words(tokenizer, "a red circle")], image, [eos]])])
+        a, b = m(other)[other.modality == 1], m(same)[same.modality == 1]
+    assert not torch.allclose(a, b)
+    out = m.train().loss([drawn, read], generator=torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    assert m.text_to_condition.weight.grad.abs().sum() > 0
+    m.eval()  # cached sampling and decoding equal the uncached, the prompt's text kept in the cache
+    draw = [m.text_prompt("a red circle"), m.text_prompt("two")]
+    images = [m.generate_image(draw, steps=3, seed=1, use_cache=use) for use in (True, False)]
+    torch.testing.assert_close(images[0], images[1])
+    interleaved = [m.generate_interleaved([m.text_prompt("a red")], max_new_tokens=4, steps=2, use_cache=use)
+                   for use in (True, False)]
+    assert len(interleaved[0][0]) == len(interleaved[1][0])
+    with pytest.raises(ValueError, match="text_condition"):
+        OmniConfig(image="vq", text_condition=True)
+
+
 def test_latent_images_are_guided_and_seeded(tokenizer):
     m = make(tokenizer, "latent").eval()
     with torch.no_grad():  # a model whose noise prediction reads the text, so guidance matters

@@ -21,6 +21,9 @@ Two settings choose the design, and nothing else differs between them:
     (Table 5). ``time_conditioning: adaln`` also lets the timestep scale and shift every block's
     norms on image tokens and scale their residual updates (DiT's adaLN, per image, zero at the
     start; text tokens untouched); ``input`` (the paper's) adds it to the input tokens only.
+    ``text_condition`` adds the mean input embedding of the text before an image to that
+    condition (DiT's pooled text), so every image token gets its prompt in one vector as well as
+    through attention; the KV cache keeps the running sum of the cached text for it.
 
 - ``layout``: how the parameters are shared.
 

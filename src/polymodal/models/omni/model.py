@@ -90,6 +90,7 @@ class OmniModel(OmniGeneration, nn.Module):
         self.diffusion = None
         if c.image == "latent":
             self.time_mlp = nn.Sequential(nn.Linear(c.width, c.width), nn.SiLU(), nn.Linear(c.width, c.width))
+            self.text_to_condition = nn.Linear(c.width, c.width) if c.text_condition else None
             if c.patch == "conv":  # over the (C, g, g) grid of an image; the hidden width half the model's
                 inner = max(c.width // 2, c.latent_channels)
                 self.latent_in = nn.Sequential(nn.Conv2d(c.latent_channels, inner, 3, padding=1), nn.SiLU(),
@@ -325,18 +326,36 @@ class OmniModel(OmniGeneration, nn.Module):
             key_mask, segments = cache.add(key_mask, segments)
         mask = self.attention_mask(segments, key_mask, seq.ids.shape[1])  # (B, 1, T, S)
         routing = Routing(seq.modality, self.parameter_sets, 2 if self.modulated else None)
-        condition = self.image_condition(seq) if self.config.image == "latent" else None  # once an image
+        condition = self.image_condition(seq, cache) if self.config.image == "latent" else None  # once an image
         rows = routing.sort(self.embed(seq, condition))  # (B*T, W), grouped by modality between blocks
         for i, block in enumerate(self.blocks):
             rows = block(rows, routing, mask, positions, cache.blocks[i].self_attn if cache is not None else None,
                          condition if self.modulated else None)
         return routing.unsort(routing.each(self.norms, lambda norm, y, m: self._final(norm(y), m, condition), rows))
 
-    def image_condition(self, seq: Interleaved) -> torch.Tensor:
-        """Each image's timestep condition ``(N, width)``, the images in the order of their tokens
-        (every image of a batch whole: all its cells, one after the other)."""
+    def image_condition(self, seq: Interleaved, cache: OmniCache | None = None) -> torch.Tensor:
+        """Each image's condition ``(N, width)``, the images in the order of their tokens (every
+        image of a batch whole: all its cells, one after the other): its timestep's, and with
+        ``text_condition`` its text context's (:meth:`text_context`)."""
         steps = seq.timesteps[seq.modality == IMAGE].view(-1, self.config.image_tokens)[:, 0]
-        return self.time_mlp(timestep_embedding(steps, self.config.width))
+        condition = self.time_mlp(timestep_embedding(steps, self.config.width))
+        if self.text_to_condition is not None:
+            condition = condition + self.text_to_condition(self.text_context(seq, cache))
+        return condition
+
+    def text_context(self, seq: Interleaved, cache: OmniCache | None = None) -> torch.Tensor:
+        """The mean input embedding of the real text tokens before each image in its row ``(N, width)``
+        (the cached ones too, whose running sum the ``cache`` keeps): for a drawing, its prompt;
+        for an image read first, ``<bos>`` alone, as for a prompt dropped for guidance."""
+        text = ((seq.modality == TEXT) & seq.key_mask).unsqueeze(-1).to(self.token_embedding.weight.dtype)
+        sums = (self.token_embedding(seq.ids) * text).cumsum(1)  # (B, T, W)
+        counts = text.cumsum(1)  # (B, T, 1)
+        if cache is not None:
+            if cache.text_sum is not None:
+                sums, counts = sums + cache.text_sum[:, None], counts + cache.text_count[:, None]
+            cache.text_sum, cache.text_count = sums[:, -1], counts[:, -1]
+        first = (seq.modality == IMAGE) & (seq.cell == 0)  # each image's first token, in token order
+        return sums[first] / counts[first].clamp(min=1)
 
     def _final(self, y: torch.Tensor, modality: int, condition: torch.Tensor | None) -> torch.Tensor:
         if self.final_modulation is None or modality != IMAGE or condition is None or not len(condition):

@@ -62,6 +62,10 @@ class OmniConfig:
     time_conditioning: str = "input"  # latent: how image tokens know their noise level: input (its
     # embedding added to each token, as the paper) | adaln (also every block's norms on image tokens
     # scaled and shifted and their residual updates scaled by it, as DiT's adaLN; text untouched)
+    text_condition: bool = False  # latent: an image's condition (its timestep's, added to its tokens, and
+    # with adaln the blocks' modulation) also carries the mean input embedding of the text before it in
+    # its row, as DiT's pooled text: every image token gets its prompt in one vector, not only through
+    # attention
     codebook_size: int = 512  # vq: codes of the VQ autoencoder (extra tokens of the vocabulary)
     latent_grid: int = 8  # side of an image's latent grid: latent_grid**2 tokens (8: 64 for a 32x32 image)
     latent_scale: float | None = None  # latent: latents are multiplied by this (None: 1; the builder
@@ -100,6 +104,8 @@ class OmniConfig:
                 raise ValueError(f"{name} is a loss weight, at least 0; got {getattr(self, name)}")
         if self.time_conditioning == "adaln" and self.image != "latent":
             raise ValueError("time_conditioning adaln needs image: latent (vq codes have no timestep)")
+        if self.text_condition and self.image != "latent":
+            raise ValueError("text_condition needs image: latent (vq codes have no condition vector)")
         if self.questions_per_sample < 1:
             raise ValueError(f"questions_per_sample must be at least 1, got {self.questions_per_sample}")
         if self.rotary_base <= 0:
@@ -238,6 +244,8 @@ class OmniCache(KVCache):
     def __init__(self, depth: int):
         super().__init__(depth)
         self.segment_ids: torch.Tensor | None = None  # (B, S)
+        self.text_sum: torch.Tensor | None = None  # (B, W): the input embeddings of the cached text tokens, summed
+        self.text_count: torch.Tensor | None = None  # (B, 1): how many there are
 
     def add(self, key_mask: torch.Tensor, segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Remember new positions ``(B, T)``; return the mask and segment ids of every key ``(B, S + T)``."""
@@ -248,12 +256,15 @@ class OmniCache(KVCache):
         super().reorder(index)
         if self.segment_ids is not None:
             self.segment_ids = self.segment_ids[index]
+        if self.text_sum is not None:
+            self.text_sum, self.text_count = self.text_sum[index], self.text_count[index]
 
     def snapshot(self) -> tuple:
         """What :meth:`restore` needs (appending makes new tensors, so references suffice)."""
-        return [(b.self_attn.k, b.self_attn.v) for b in self.blocks], self.key_mask, self.segment_ids
+        return ([(b.self_attn.k, b.self_attn.v) for b in self.blocks], self.key_mask, self.segment_ids,
+                self.text_sum, self.text_count)
 
     def restore(self, state: tuple) -> None:
-        kv, self.key_mask, self.segment_ids = state
+        kv, self.key_mask, self.segment_ids, self.text_sum, self.text_count = state
         for block, (k, v) in zip(self.blocks, kv, strict=True):
             block.self_attn.k, block.self_attn.v = k, v
