@@ -1,6 +1,7 @@
-"""Does an omni model's denoiser read its prompt? For one-object images of ``--split``, each
-noised at a few timesteps (captions that name the colour and shape by a synonym left out), the error of the clean latent the model predicts after the image's own
-caption against after the same caption with its colour (or shape) word swapped for another.
+"""Does an omni model's denoiser read its prompt? For one-object images of ``--split`` (those
+whose caption names the colour and shape as the world does, not by a synonym), each noised at a
+few timesteps, the error of the clean latent the model predicts after the image's own caption
+against after the same caption with its colour (or shape) word swapped for another.
 A model that reads the word predicts worse after the wrong one; prints, per word kind and
 timestep, the mean errors and the share of images whose own caption did better, as JSON.
 
@@ -57,17 +58,19 @@ def main() -> None:
         return (clean - seq.clean).pow(2).mean((1, 2))
 
     own = [item["row"]["text"] for item in items]
+    timesteps = [int(t) for t in args.timesteps.split(",")]
+    right = {t: errors(own, t) for t in timesteps}  # the own captions' errors, the same for every word kind
     results = {"model": str(args.model), "images": len(items), "probes": []}
     for kind, choices in words.items():
         swapped = []
         for item, caption in zip(items, own, strict=True):
             word = item["row"]["objects"][0][kind]
             swapped.append(caption.replace(word, rng.choice([w for w in choices if w != word])))
-        for t in map(int, args.timesteps.split(",")):
-            right, wrong = errors(own, t), errors(swapped, t)
-            results["probes"].append({"word": kind, "timestep": t, "own caption": round(right.mean().item(), 4),
+        for t in timesteps:
+            wrong = errors(swapped, t)
+            results["probes"].append({"word": kind, "timestep": t, "own caption": round(right[t].mean().item(), 4),
                                       "swapped": round(wrong.mean().item(), 4),
-                                      "own better": round((right < wrong).float().mean().item(), 3)})
+                                      "own better": round((right[t] < wrong).float().mean().item(), 3)})
     text = json.dumps(results, indent=1)
     print(text)
     if args.json:
