@@ -49,6 +49,21 @@ def test_parity_ratio_of_power_laws():
     assert bench.parity_ratio(chameleon, chameleon)["ratio"] == pytest.approx(1.0)
 
 
+def test_parity_ratio_of_a_metric_where_lower_is_better():
+    flops = [1e9, 2e9, 4e9, 8e9]
+    chameleon = [(f, 400.0 * (f / 1e9) ** -0.5) for f in flops]  # a distance falling with FLOPs
+    # Transfusion's distance at F is Chameleon's at 4F: a quarter of the FLOPs for the same distance
+    transfusion = [(f, 400.0 * (4 * f / 1e9) ** -0.5) for f in flops]
+    result = bench.parity_ratio(transfusion, chameleon, higher_is_better=False)
+    assert result["ratio"] == pytest.approx(1 / 4, rel=1e-6)
+    assert result["extrapolated"]  # Chameleon's best distance (at 8e9) is above Transfusion's last
+    assert not bench.parity_ratio(chameleon[:2], chameleon, higher_is_better=False)["extrapolated"]
+    # read as higher-is-better, a falling distance has no parity
+    assert "does not grow" in bench.parity_ratio(transfusion, chameleon)["why"]
+    assert "does not fall" in bench.parity_ratio(chameleon, [(f, 1 / d) for f, d in chameleon],
+                                                  higher_is_better=False)["why"]
+
+
 def test_parity_ratio_says_why_there_is_none():
     flat = [(1e9, 0.5), (2e9, 0.4)]
     assert bench.parity_ratio([(1e9, 0.3)], flat)["ratio"] is None
@@ -120,7 +135,9 @@ def test_the_bench_trains_every_arm_on_one_budget_and_compares_them(parts, monke
     comparisons = results["comparisons"]
     assert set(comparisons["mot_step_matching_slope"]) == {"chameleon text", "chameleon image", "transfusion text",
                                                            "transfusion image"}
-    assert set(comparisons["transfusion_parity_flop_ratio"]) == {"caption", "image"}
+    # the bars' metrics and the paper's (CIDEr; the Frechet distance), from each snapshot's scores
+    assert set(comparisons["transfusion_parity_flop_ratio"]) == {"caption", "cider", "image", "frechet"}
+    assert all(s["frechet"] > 0 and s["cider"] is not None for r in runs.values() for s in r["snapshots"])
     assert (out / "losses.png").stat().st_size > 0 and (out / "guidance.png").stat().st_size > 0
     assert "parity FLOP ratio" in result.output
 
