@@ -363,6 +363,35 @@ def test_interleaved_generation_draws_in_place_then_writes_again(tokenizer):
     assert tokenizer.boi_id not in out[1]
 
 
+
+def test_interleaved_generation_puts_the_users_turn_after_each_drawn_image(tokenizer):
+    m = make(tokenizer, "latent").eval()
+    with torch.no_grad():  # as above: the model opens an image whenever it may
+        direction = torch.zeros(m.config.width)
+        direction[0] = 1.0
+        m.norms[0].weight.zero_()
+        m.norms[0].bias.copy_(direction)
+        m.token_embedding.weight[tokenizer.boi_id] = 10 * direction
+    asked = [tokenizer.eos_id]  # <eos>: "say what you drew"
+    seen = []
+    decode = m._decode_text
+
+    def spy(prefixes, *args):
+        seen.append([list(s) if not isinstance(s, torch.Tensor) else "image" for s in prefixes[0]])
+        return decode(prefixes, *args)
+
+    m._decode_text = spy
+    prompt = m.text_prompt("draw")
+    assert len(prompt[0]) + 2 * (GRID * GRID + 3) <= 48 < len(prompt[0]) + 3 * (GRID * GRID + 3)  # room for two
+    out = m.generate_interleaved([prompt], max_new_tokens=3, max_images=5, steps=2, after_image=asked)[0]
+    kinds = ["image" if isinstance(s, torch.Tensor) else "text" for s in out]
+    # two images, each followed by the user's turn; a third would not fit the context: text instead
+    assert kinds == ["image", "text", "image", "text", "text"] and out[1] == asked and out[3] == asked
+    assert seen[1][-2:] == ["image", asked]  # the model wrote on after the image and the user's turn
+    assert tokenizer.boi_id not in out[4] and len(out[4]) == 3  # the turns are not counted in max_new_tokens
+    with pytest.raises(ValueError, match="not a text token id"):
+        m.generate_interleaved([m.text_prompt("draw")], max_new_tokens=2, steps=2, after_image=[tokenizer.boi_id])
+
 # ---- examples from data rows ----------------------------------------------------------------
 
 

@@ -191,6 +191,39 @@ def test_generate_commands_caption_answer_and_draw(transfusion, parts, tmp_path)
     assert beam.exit_code == 2 and "greedy or nucleus" in beam.output
 
 
+
+def test_generate_interleaved_draws_in_place_and_says_what_it_drew(transfusion, tmp_path, monkeypatch):
+    from polymodal.models.omni.generation import OmniGeneration
+
+    decode, contexts = OmniGeneration._decode_text, []
+
+    def opens_an_image_first(self, prefixes, allow_images, *args):  # the tiny model's first word: <boi>
+        contexts.append(list(prefixes[0]))
+        if len(contexts) == 1:
+            return [[self.tokenizer.boi_id]]
+        return decode(self, prefixes, allow_images, *args)
+
+    monkeypatch.setattr(OmniGeneration, "_decode_text", opens_an_image_first)
+    out = tmp_path / "seq"
+    result = CliRunner().invoke(app, ["generate", "interleaved", str(transfusion), "a small red circle", "--describe",
+                                      "--steps", "2", "--max-tokens", "5", "--scale", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "[image 1:" in result.output
+    with Image.open(out / "image-1.png") as picture:
+        assert picture.size == (2 * SIZE, 2 * SIZE)
+    sequence = json.loads((out / "sequence.json").read_text())["sequence"]
+    assert sequence[:2] == [{"image": "image-1.png"}, {"asked": "describe the image"}] and "text" in sequence[2]
+    assert "[asked: describe the image]" in result.output
+    model = load_model(transfusion)
+    eos = model.tokenizer.eos_id
+    # after the drawn image, <eos> asks for its caption (as image-first rows read), then the model writes
+    assert isinstance(contexts[1][-2], torch.Tensor) and contexts[1][-1] == [eos]
+    both = CliRunner().invoke(app, ["generate", "interleaved", str(transfusion), "a red circle", "--describe",
+                                    "--ask", "what?"])
+    assert both.exit_code == 2 and "not both" in both.output
+    empty = CliRunner().invoke(app, ["generate", "interleaved", str(transfusion), " "])
+    assert empty.exit_code == 2 and "empty" in empty.output
+
 # ---- serving -----------------------------------------------------------------------------------
 
 

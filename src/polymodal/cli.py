@@ -432,6 +432,79 @@ def generate_text(
     console.print(escape(text), soft_wrap=True)
 
 
+@generate_app.command("interleaved")
+def generate_interleaved(
+    model: Annotated[Path, typer.Argument(help="A saved native multimodal (omni) model.")],
+    prompt: Annotated[str, typer.Argument(help="The text the sequence opens with (a caption-like prompt).")],
+    describe: Annotated[bool, typer.Option(help="After each drawn image, ask the model to say what it drew.")] = False,
+    ask: Annotated[str | None, typer.Option(help="After each drawn image, ask the model this about it.")] = None,
+    max_images: Annotated[int, typer.Option(help="Most images to draw.")] = 1,
+    max_tokens: Annotated[int, typer.Option(help="Most text tokens to write.")] = 40,
+    cfg: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale of the images (1: none).")] = 3.0,
+    steps: Annotated[int, typer.Option(help="Denoising steps of each latent image.")] = 50,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed writes and draws the same.")] = 0,
+    out: Annotated[Path, typer.Option(help="Folder for the drawn images (image-1.png, ...) and sequence.json.")] = Path(
+        "interleaved"),
+    scale: Annotated[int, typer.Option(help="Enlarge each written image this many times.")] = 4,
+):
+    """Interleaved output: the model continues the sequence with text, draws an image in place
+    where it writes <boi>, then writes again. The text is printed; each image is written to --out."""
+    import torch
+
+    from polymodal.modalities.image import to_pil
+    from polymodal.models import load_model
+
+    if describe and ask is not None:
+        raise fail(ValueError("give --describe or --ask, not both"))
+    if ask is not None and not ask.strip():
+        raise fail(ValueError("--ask is empty"))
+    for name, value in (("--max-images", max_images), ("--max-tokens", max_tokens), ("--steps", steps),
+                        ("--scale", scale)):
+        if value < 1:
+            raise fail(ValueError(f"{name} must be at least 1, got {value}"))
+    if not prompt.strip():
+        raise fail(ValueError("the prompt is empty"))
+    try:
+        omni = load_model(model, task="generate image")
+        if not hasattr(omni, "generate_interleaved"):
+            raise InputError(model, "this model does not write interleaved text and images (an omni model does)")
+        tok = omni.tokenizer
+        prefix = omni.text_prompt(prompt.strip())
+        if describe or ask is not None:
+            after = [tok.eos_id] if describe else [*tok.encode(ask.strip(), add_special_tokens=False), tok.eos_id]
+        else:
+            after = None
+        start = time.perf_counter()
+        with torch.no_grad():
+            segments = omni.generate_interleaved([prefix], max_new_tokens=max_tokens, max_images=max_images,
+                                                 guidance=cfg, steps=steps, seed=seed, after_image=after)[0]
+            pictures = [s for s in segments if isinstance(s, torch.Tensor)]
+            drawn = omni.decode_images(torch.stack(pictures)) if pictures else None
+    except (InputError, ValueError) as e:
+        raise fail(e) from None
+    out.mkdir(parents=True, exist_ok=True)
+    sequence, n = [], 0
+    for i, segment in enumerate(segments):
+        if isinstance(segment, torch.Tensor):
+            path = out / f"image-{n + 1}.png"
+            picture = to_pil((drawn[n] + 1) / 2)
+            picture.resize((picture.width * scale, picture.height * scale), resample=0).save(path)
+            sequence.append({"image": path.name})
+            console.print(escape(f"[image {n + 1}: {path}]"))
+            n += 1
+        elif after and i and isinstance(segments[i - 1], torch.Tensor) and segment == after:  # the turn we put there
+            sequence.append({"asked": ask.strip() if ask is not None else "describe the image"})
+            console.print(escape(f"[asked: {sequence[-1]['asked']}]"))
+        else:
+            text = tok.decode(segment)
+            sequence.append({"text": text})
+            console.print(escape(text), soft_wrap=True)
+    (out / "sequence.json").write_text(json.dumps({"prompt": prompt, "sequence": sequence}, indent=2) + "\n")
+    written = sum("text" in part for part in sequence)
+    console.print(f"{n} image{'s' * (n != 1)} and {written} written part{'s' * (written != 1)} "
+                  f"in {time.perf_counter() - start:.1f} s -> {out}")
+
+
 def file_batch(model, folder: Path, kind: str, path: Path) -> dict:
     """A batch of one file of a person's own, decoded as the model's data set would be (the model's
     image size and preprocessing; log-mel spectrograms for sound), into the field that reads ``kind``."""

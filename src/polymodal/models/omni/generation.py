@@ -161,19 +161,34 @@ class OmniGeneration:
     @torch.no_grad()
     def generate_interleaved(self, prefixes: Sequence[Sequence[Segment]], *, max_new_tokens: int = 40, max_images: int = 1,
                  method: str = "greedy", top_p: float = 0.9, temperature: float = 1.0, guidance: float = 3.0,
-                 steps: int = 50, seed: int | None = 0, use_cache: bool = True) -> list[list[Segment]]:
+                 steps: int = 50, seed: int | None = 0, use_cache: bool = True,
+                 after_image: Sequence[int] | None = None) -> list[list[Segment]]:
         """Interleaved output after each prefix: text until the model writes ``<boi>``, then an
         image drawn in place (:meth:`generate_image`, its prefix everything so far), then text
         again, until ``<eos>``, ``max_new_tokens`` text tokens or ``max_images`` images. Returns
-        each row's new segments (text ids and images)."""
+        each row's new segments (text ids and images).
+
+        ``after_image``: text ids put after each drawn image before the model writes again (a
+        turn of the user's in the sequence): ``[<eos>]`` asks for a caption of what was drawn, as
+        image-first training rows read ``<boi> image <eoi> <eos> caption``; ``question <eos>``
+        asks a question about it. They are among the returned segments, and not counted in
+        ``max_new_tokens``."""
         generator = torch.Generator(device=self.device).manual_seed(0 if seed is None else seed)
         boi = self.tokenizer.boi_id
+        after = list(after_image or [])
+        framed = self.config.image_tokens + 2  # an image with its <boi> and <eoi>
+
+        def length(segments) -> int:
+            return sum(framed if isinstance(s, torch.Tensor) else len(s) for s in segments)
+
         results = []
         for prefix in prefixes:
             context, out, written, drawn = list(prefix), [], 0, 0
             while written < max_new_tokens:
-                ids = self._decode_text([context], drawn < max_images, method, max_new_tokens - written, top_p,
-                                        temperature, generator, use_cache)[0]
+                # an image only where it, and the turn after it, still fit the context
+                room = length(context) + framed + len(after) <= self.config.context_length
+                ids = self._decode_text([context], drawn < max_images and room, method, max_new_tokens - written,
+                                        top_p, temperature, generator, use_cache)[0]
                 image = bool(ids) and ids[-1] == boi
                 text = ids[:-1] if image else ids
                 written += len(text)
@@ -187,6 +202,9 @@ class OmniGeneration:
                 out.append(picture)
                 context.append(picture)
                 drawn += 1
+                if after:
+                    out.append(list(after))
+                    context.append(list(after))
             results.append(out)
         return results
 
