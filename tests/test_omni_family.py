@@ -218,6 +218,13 @@ def test_generate_interleaved_draws_in_place_and_says_what_it_drew(transfusion, 
     eos = model.tokenizer.eos_id
     # after the drawn image, <eos> asks for its caption (as image-first rows read), then the model writes
     assert isinstance(contexts[1][-2], torch.Tensor) and contexts[1][-1] == [eos]
+    monkeypatch.undo()  # --draw: the first image right after the prompt, whatever the model would write
+    drawn = CliRunner().invoke(app, ["generate", "interleaved", str(transfusion), "a small red circle", "--draw",
+                                     "--ask", QUESTION, "--steps", "2", "--max-tokens", "3", "--out", str(tmp_path / "d")])
+    assert drawn.exit_code == 0, drawn.output
+    sequence = json.loads((tmp_path / "d" / "sequence.json").read_text())["sequence"]
+    assert sequence[:2] == [{"image": "image-1.png"}, {"asked": QUESTION}]
+    assert sum("image" in part for part in sequence) == 1  # --max-images 1: the forced one
     both = CliRunner().invoke(app, ["generate", "interleaved", str(transfusion), "a red circle", "--describe",
                                     "--ask", "what?"])
     assert both.exit_code == 2 and "not both" in both.output

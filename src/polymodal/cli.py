@@ -436,6 +436,8 @@ def generate_text(
 def generate_interleaved(
     model: Annotated[Path, typer.Argument(help="A saved native multimodal (omni) model.")],
     prompt: Annotated[str, typer.Argument(help="The text the sequence opens with (a caption-like prompt).")],
+    draw: Annotated[bool, typer.Option(
+        help="Draw the prompt at once: the first image follows the prompt, with no text written before it.")] = False,
     describe: Annotated[bool, typer.Option(help="After each drawn image, ask the model to say what it drew.")] = False,
     ask: Annotated[str | None, typer.Option(help="After each drawn image, ask the model this about it.")] = None,
     max_images: Annotated[int, typer.Option(help="Most images to draw.")] = 1,
@@ -476,8 +478,13 @@ def generate_interleaved(
             after = None
         start = time.perf_counter()
         with torch.no_grad():
-            segments = omni.generate_interleaved([prefix], max_new_tokens=max_tokens, max_images=max_images,
-                                                 guidance=cfg, steps=steps, seed=seed, after_image=after)[0]
+            segments = []
+            if draw:  # the prompt is what to draw: <boi> right after it
+                picture = omni.generate_image([prefix], guidance=cfg, steps=steps, seed=seed)[0]
+                segments = [picture, *([after] if after else [])]
+                prefix = [*prefix, *segments]
+            segments += omni.generate_interleaved([prefix], max_new_tokens=max_tokens, max_images=max_images - draw,
+                                                  guidance=cfg, steps=steps, seed=seed, after_image=after)[0]
             pictures = [s for s in segments if isinstance(s, torch.Tensor)]
             drawn = omni.decode_images(torch.stack(pictures)) if pictures else None
     except (InputError, ValueError) as e:
