@@ -391,6 +391,10 @@ def test_interleaved_generation_puts_the_users_turn_after_each_drawn_image(token
     assert tokenizer.boi_id not in out[4] and len(out[4]) == 3  # the turns are not counted in max_new_tokens
     with pytest.raises(ValueError, match="not a text token id"):
         m.generate_interleaved([m.text_prompt("draw")], max_new_tokens=2, steps=2, after_image=[tokenizer.boi_id])
+    plain = make(tokenizer, "latent").eval()  # an untrained model: open_image draws first whatever it would write
+    opened = plain.generate_interleaved([plain.text_prompt("draw")], max_new_tokens=2, steps=2, open_image=True,
+                                        after_image=asked)[0]
+    assert isinstance(opened[0], torch.Tensor) and opened[1] == asked
 
 # ---- examples from data rows ----------------------------------------------------------------
 

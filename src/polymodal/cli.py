@@ -478,13 +478,9 @@ def generate_interleaved(
             after = None
         start = time.perf_counter()
         with torch.no_grad():
-            segments = []
-            if draw:  # the prompt is what to draw: <boi> right after it
-                picture = omni.generate_image([prefix], guidance=cfg, steps=steps, seed=seed)[0]
-                segments = [picture, *([after] if after else [])]
-                prefix = [*prefix, *segments]
-            segments += omni.generate_interleaved([prefix], max_new_tokens=max_tokens, max_images=max_images - draw,
-                                                  guidance=cfg, steps=steps, seed=seed, after_image=after)[0]
+            segments = omni.generate_interleaved([prefix], max_new_tokens=max_tokens, max_images=max_images,
+                                                 guidance=cfg, steps=steps, seed=seed, after_image=after,
+                                                 open_image=draw)[0]
             pictures = [s for s in segments if isinstance(s, torch.Tensor)]
             drawn = omni.decode_images(torch.stack(pictures)) if pictures else None
     except (InputError, ValueError) as e:

@@ -210,7 +210,7 @@ def parity_ratio(transfusion: Sequence[tuple[float, float]], chameleon: Sequence
         return {"ratio": None, "why": f"Chameleon's metric does not {way} with FLOPs (slope {b:.3f})"}
     flops_t, metric_t = transfusion[-1]
     needed = math.exp((math.log(metric_t) - a) / b)
-    values = [m for _, m in chameleon if m is not None]
+    values = [m for _, m in chameleon if m > 0]  # the points the fit used (a missing score is 0)
     best = max(values) if higher_is_better else min(values)
     return {"ratio": flops_t / needed, "chameleon_flops": needed, "transfusion_flops": flops_t,
             "metric": metric_t, "fit_slope": b,

@@ -162,7 +162,7 @@ class OmniGeneration:
     def generate_interleaved(self, prefixes: Sequence[Sequence[Segment]], *, max_new_tokens: int = 40, max_images: int = 1,
                  method: str = "greedy", top_p: float = 0.9, temperature: float = 1.0, guidance: float = 3.0,
                  steps: int = 50, seed: int | None = 0, use_cache: bool = True,
-                 after_image: Sequence[int] | None = None) -> list[list[Segment]]:
+                 after_image: Sequence[int] | None = None, open_image: bool = False) -> list[list[Segment]]:
         """Interleaved output after each prefix: text until the model writes ``<boi>``, then an
         image drawn in place (:meth:`generate_image`, its prefix everything so far), then text
         again, until ``<eos>``, ``max_new_tokens`` text tokens or ``max_images`` images. Returns
@@ -172,7 +172,8 @@ class OmniGeneration:
         turn of the user's in the sequence): ``[<eos>]`` asks for a caption of what was drawn, as
         image-first training rows read ``<boi> image <eoi> <eos> caption``; ``question <eos>``
         asks a question about it. They are among the returned segments, and not counted in
-        ``max_new_tokens``."""
+        ``max_new_tokens``. ``open_image``: the prefix is what to draw, so the first image comes
+        right after it, with no text written before it."""
         generator = torch.Generator(device=self.device).manual_seed(0 if seed is None else seed)
         boi = self.tokenizer.boi_id
         after = list(after_image or [])
@@ -187,8 +188,12 @@ class OmniGeneration:
             while written < max_new_tokens:
                 # an image only where it, and the turn after it, still fit the context
                 room = length(context) + framed + len(after) <= self.config.context_length
-                ids = self._decode_text([context], drawn < max_images and room, method, max_new_tokens - written,
-                                        top_p, temperature, generator, use_cache)[0]
+                may_draw = drawn < max_images and room
+                if open_image and not out and may_draw:
+                    ids = [boi]
+                else:
+                    ids = self._decode_text([context], may_draw, method, max_new_tokens - written, top_p, temperature,
+                                            generator, use_cache)[0]
                 image = bool(ids) and ids[-1] == boi
                 text = ids[:-1] if image else ids
                 written += len(text)
