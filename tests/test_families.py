@@ -136,7 +136,7 @@ def test_generic_code_names_no_family():
     """The trainer, the command line and the demo go through the table: they import no family
     module, name no family class and compare with no family name."""
     root = Path(polymodal.__file__).parent
-    files = [*sorted((root / "train").glob("*.py")), root / "cli.py", root / "demo.py"]
+    files = [*sorted((root / "train").glob("*.py")), *sorted((root / "cli").glob("*.py")), root / "demo.py"]
     modules = "|".join(sorted({cls.__module__.rsplit(".", 1)[1] for cls in FAMILIES.values()}))
     classes = "|".join(sorted(cls.__name__ for cls in FAMILIES.values()))
     keys = "|".join(sorted(FAMILIES))

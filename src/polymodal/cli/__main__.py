@@ -1,0 +1,3 @@
+from polymodal.cli.main import app
+
+app()

@@ -1,0 +1,14 @@
+"""What the ``polymodal`` commands share."""
+
+from __future__ import annotations
+
+import typer
+from rich.markup import escape
+
+from polymodal.progress import console
+
+
+def fail(error: Exception) -> typer.Exit:
+    """The exit of a command given bad input: the error printed in red, exit status 2."""
+    console.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)
+    return typer.Exit(2)
