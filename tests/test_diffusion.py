@@ -63,6 +63,27 @@ def test_min_snr_weights():
     assert Diffusion(DiffusionConfig(prediction="v", weighting="min_snr")).weight(t)[2] < 1e-3
 
 
+def test_training_timesteps_keep_their_caps_and_logit_normal_favours_the_middle():
+    n = 20_000
+    caps = torch.tensor([999, 500]).repeat(n // 2)
+    uniform = Diffusion(DiffusionConfig())
+    # uniform under caps: the fraction of each cap, as drawn before caps could be passed
+    t = uniform.sample_timesteps(n, generator=torch.Generator().manual_seed(0), cap=caps)
+    expected = (torch.rand(n, generator=torch.Generator().manual_seed(0)) * (caps + 1)).long()
+    assert torch.equal(t, expected)
+    middle = Diffusion(DiffusionConfig(timesteps="logit_normal"))
+    for cap in (caps, 999):
+        t = middle.sample_timesteps(n, generator=torch.Generator().manual_seed(1), cap=cap)
+        assert t.dtype == torch.long and t.min() >= 0 and bool((t <= cap).all())
+    t = middle.sample_timesteps(n, generator=torch.Generator().manual_seed(2))
+    assert t.max() <= 999
+    inner = ((t >= 250) & (t < 750)).float().mean()  # sigmoid(z) in [1/4, 3/4]: |z| < ln 3, 0.73 of a normal
+    assert 0.70 < inner < 0.76  # uniform: 0.50
+    assert abs(t.float().mean() - 499.5) < 10  # symmetric about the middle
+    with pytest.raises(ValueError, match="timesteps"):
+        DiffusionConfig(timesteps="beta")
+
+
 @pytest.mark.parametrize("method", ["ddim", "ddpm"])
 def test_sampler_with_an_oracle_denoiser_lands_on_the_data(method):
     """With a denoiser that knows the answer (one clean sample), the sampler must end on it."""

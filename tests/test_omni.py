@@ -451,6 +451,20 @@ def test_questions_per_sample_puts_several_questions_after_one_image(tokenizer):
         OmniConfig(questions_per_sample=0)
 
 
+def test_sincos_image_positions_start_as_2d_codes(tokenizer):
+    from polymodal.nn.dit import sincos_2d
+
+    m = make(tokenizer, "latent", "mot", image_positions="sincos")
+    assert torch.equal(m.image_position.detach(), sincos_2d(GRID, 32))
+    assert m.image_position.requires_grad  # a starting point, still learned
+    # a cell's code is closer to its right-hand neighbour's than to a far cell's
+    codes = m.image_position.detach()
+    assert (codes[0] - codes[1]).norm() < (codes[0] - codes[-1]).norm()
+    assert make(tokenizer, "latent", "mot").image_position.abs().max() < 0.2  # learned: small random values
+    with pytest.raises(ValueError, match="image_positions: unknown"):
+        OmniConfig(image_positions="rope")
+
+
 def test_config_is_checked(tokenizer):
     with pytest.raises(ValueError, match="image: unknown"):
         OmniConfig(image="pixels")

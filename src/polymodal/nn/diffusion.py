@@ -32,6 +32,7 @@ SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # ours -> diffu
 PREDICTIONS = {"epsilon": "epsilon", "v": "v_prediction"}
 SAMPLERS = ("ddpm", "ddim")
 WEIGHTINGS = ("none", "min_snr", "min_snr_plus_one")
+TIMESTEPS = ("uniform", "logit_normal")
 
 
 @dataclass
@@ -43,10 +44,13 @@ class DiffusionConfig:
     min_snr_gamma: float = 5.0  # the SNR at which min_snr weighting saturates
     clip_sample: bool = True  # clamp predicted x0 to [-clip_sample_range, clip_sample_range] while sampling
     clip_sample_range: float = 1.0  # 1: pixels in [-1, 1]; latents need the bound of their own values
+    timesteps: str = "uniform"  # how training draws noise levels: uniform | logit_normal (the level's
+    # fraction of the schedule a sigmoid of a standard normal, as Esser et al. 2024: more of the middle
+    # levels, around SNR 1 on the cosine schedule, fewer nearly clean or pure-noise ones)
 
     def __post_init__(self):
         for name, value, known in (("schedule", self.schedule, SCHEDULES), ("prediction", self.prediction, PREDICTIONS),
-                                   ("weighting", self.weighting, WEIGHTINGS)):
+                                   ("weighting", self.weighting, WEIGHTINGS), ("timesteps", self.timesteps, TIMESTEPS)):
             if value not in known:
                 raise ValueError(f"diffusion {name}: unknown {value!r}; choose from {sorted(known)}")
         if not self.clip_sample_range > 0:
@@ -95,8 +99,19 @@ class Diffusion:
         # the prediction's squared error is (SNR + 1) (v) or SNR (epsilon) times the clean-sample error
         return x0_weight / (snr + 1) if self.config.prediction == "v" else x0_weight / snr
 
-    def sample_timesteps(self, batch: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
-        return torch.randint(0, self.config.train_steps, (batch,), device=device, generator=generator)
+    def sample_timesteps(self, batch: int, device=None, generator: torch.Generator | None = None,
+                         cap: torch.Tensor | int | None = None) -> torch.Tensor:
+        """Training noise levels ``(batch,)`` from 0 to ``cap`` (each sample's own, or one for all;
+        None: the whole schedule), drawn as the config's ``timesteps`` says."""
+        if cap is None and self.config.timesteps == "uniform":
+            return torch.randint(0, self.config.train_steps, (batch,), device=device, generator=generator)
+        top = self.config.train_steps - 1 if cap is None else cap
+        if self.config.timesteps == "uniform":
+            fraction = torch.rand(batch, device=device, generator=generator)
+        else:
+            fraction = torch.sigmoid(torch.randn(batch, device=device, generator=generator))
+        levels = (fraction * (top + 1)).long()  # fraction < 1, but a float sigmoid can round to 1
+        return torch.minimum(levels, torch.as_tensor(top, device=levels.device))
 
     def loss(self, prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The weighted mean squared error of ``prediction`` against the target, averaged over the batch."""

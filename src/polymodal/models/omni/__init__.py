@@ -49,7 +49,8 @@ After an image the text is ``prompt <eos> target <eos>`` as in the captioner (an
 a caption), so "caption this" and "answer this" are told apart by what follows ``<eoi>``. Every
 position carries a modality id (0 text, ``<boi>`` and ``<eoi>`` included; 1 image), a segment id
 (0 text, ``k`` on every token of the sequence's ``k``-th image) and, on image tokens, the index of
-its latent cell (a learned per-cell embedding gives the 2-D place; rotary positions give the
+its latent cell (a learned per-cell embedding gives the 2-D place, from small random values or,
+with ``image_positions: sincos``, from DiT's 2-D sine-cosine codes; rotary positions give the
 1-D one). Batches are padded on the right for training and on the left for generation (so all
 rows grow at the same place); a padding query still sees itself, so no attention row is empty
 (SDPA returns NaN on an empty row).

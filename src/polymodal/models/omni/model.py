@@ -46,6 +46,7 @@ from polymodal.models.omni.sequence import (
     examples_from_rows,
 )
 from polymodal.nn.diffusion import Diffusion
+from polymodal.nn.dit import sincos_2d
 from polymodal.nn.layers import segment_mask
 from polymodal.nn.unet import timestep_embedding
 
@@ -76,7 +77,8 @@ class OmniModel(OmniGeneration, nn.Module):
         self.vocab = self.text_vocab + (c.codebook_size if c.image == "vq" else 0)  # codes follow the text
         experts = 2 if c.layout == "mot" else 1
         self.token_embedding = nn.Embedding(self.vocab, c.width)
-        self.image_position = nn.Parameter(torch.randn(c.image_tokens, c.width) * 0.02)  # the 2-D place of a cell
+        self.image_position = nn.Parameter(  # the 2-D place of a cell, learned
+            sincos_2d(c.latent_grid, c.width) if c.image_positions == "sincos" else torch.randn(c.image_tokens, c.width) * 0.02)
         self.modulated = c.image == "latent" and c.time_conditioning == "adaln"
         self.blocks = nn.ModuleList(OmniBlock(c.width, c.heads, c.mlp_ratio, c.qk_norm, experts, c.rotary_base,
                                               self.modulated) for _ in range(c.depth))
@@ -411,7 +413,7 @@ class OmniModel(OmniGeneration, nn.Module):
         images = seq.clean is not None and len(seq.clean) > 0
         if images:  # each image at its own timestep: uniform up to its cap
             n, device = len(seq.clean), seq.clean.device
-            t = (torch.rand(n, device=device, generator=generator) * (seq.max_timestep + 1)).long()
+            t = self.diffusion.sample_timesteps(n, device, generator, cap=seq.max_timestep)
             noise = torch.randn(seq.clean.shape, device=device, generator=generator)
             seq = seq.with_images(self.diffusion.add_noise(seq.clean, noise, t), t)
         hidden = self.forward(seq)  # (B, T, W)

@@ -23,6 +23,7 @@ IMAGE_KINDS = ("vq", "latent")
 LAYOUTS = ("dense", "mot")
 PATCHES = ("linear", "conv")
 TIME_CONDITIONINGS = ("input", "adaln")
+IMAGE_POSITIONS = ("learned", "sincos")
 TEXT, IMAGE = 0, 1  # modality ids; in ``mot`` also the index of each block's parameter set
 AUTOENCODER_FOLDER = "autoencoder"  # subfolder of a saved model holding its autoencoder
 # Transfusion's diffusion: epsilon prediction, cosine schedule, a plain mean squared error. The
@@ -66,6 +67,8 @@ class OmniConfig:
     # with adaln the blocks' modulation) also carries the mean input embedding of the text before it in
     # its row, as DiT's pooled text: every image token gets its prompt in one vector, not only through
     # attention
+    image_positions: str = "learned"  # how a cell's learned 2-D place embedding starts: learned (small random
+    # values) | sincos (DiT's fixed 2-D sine-cosine codes, so neighbouring cells start out alike)
     codebook_size: int = 512  # vq: codes of the VQ autoencoder (extra tokens of the vocabulary)
     latent_grid: int = 8  # side of an image's latent grid: latent_grid**2 tokens (8: 64 for a 32x32 image)
     latent_scale: float | None = None  # latent: latents are multiplied by this (None: 1; the builder
@@ -92,7 +95,7 @@ class OmniConfig:
 
     def __post_init__(self):
         for name, value, known in (("image", self.image, IMAGE_KINDS), ("layout", self.layout, LAYOUTS),
-                                   ("patch", self.patch, PATCHES),
+                                   ("patch", self.patch, PATCHES), ("image_positions", self.image_positions, IMAGE_POSITIONS),
                                    ("time_conditioning", self.time_conditioning, TIME_CONDITIONINGS)):
             if value not in known:
                 raise ValueError(f"{name}: unknown {value!r}; choose from {list(known)}")
