@@ -2,6 +2,7 @@
 and Mixture-of-Transformers, at tiny sizes (seconds each)."""
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -485,6 +486,47 @@ def test_config_is_checked(tokenizer):
 
 
 # ---- saving ---------------------------------------------------------------------------------
+
+
+def test_alignment_teaches_image_tokens_a_teachers_features_and_is_not_saved(tokenizer, tmp_path):
+    from polymodal.models.detector import DetectorConfig, GridDetector
+
+    torch.manual_seed(0)
+    autoencoder = Autoencoder(AutoencoderConfig(kind="kl", channels=(8, 8, 8), latent_channels=CHANNELS, image_size=16))
+    teacher = GridDetector(DetectorConfig(image_size=16, widths=(4, 6), blocks=(1, 1), head_width=8, colour_width=4))
+    config = OmniConfig(image="latent", layout="mot", width=32, depth=2, heads=2, latent_grid=GRID,
+                        latent_channels=CHANNELS, context_length=48, autoencoder="somewhere/kl", image_size=16,
+                        align_encoder="somewhere/judge", align_depth=1)
+    m = OmniModel(config, tokenizer, autoencoder, teacher).train()
+    assert not m.teacher.training and not any(p.requires_grad for p in m.teacher.parameters())
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    rows = [{"text": "a red circle", "qa": []}, {"text": "two green stars", "qa": []},
+            {"text": "a blue square", "qa": [{"question": "what shape is it?", "answer": "square"}]}]
+    targets = m.alignment_targets(images, rows)
+    assert targets.shape == (3, GRID * GRID, 6)  # the teacher's 6 channels on each latent cell
+    batch = {"image": images, "rows": rows}
+    out = m.loss(batch, generator=torch.Generator().manual_seed(0))
+    assert 0 <= out["align_loss"] <= 2  # 1 - cosine similarity
+    unweighted = OmniModel(replace(config, align_weight=0.0), tokenizer, autoencoder, teacher).train()
+    unweighted.load_state_dict(m.state_dict())
+    plain = unweighted.loss(batch, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(out["loss"] - plain["loss"], 0.5 * out["align_loss"], atol=1e-5)
+    out["loss"].backward()
+    assert m.aligner[0].weight.grad.abs().sum() > 0  # the predictor learns
+    # examples given directly have no teacher's targets: the plain losses
+    assert "align_loss" not in m.loss(m.examples(batch, random.Random(0)), generator=torch.Generator().manual_seed(0))
+
+    m.eval().save_pretrained(tmp_path / "omni")
+    loaded = OmniModel.from_pretrained(tmp_path / "omni")
+    assert loaded.aligner is None and loaded.teacher is None
+    seq = m.pack([m.image_prompt(m.image_tokens(images)[0])])
+    assert torch.equal(m.logits(m(seq)), loaded.logits(loaded(seq)))
+    with pytest.raises(ValueError, match="no image feature map"):
+        OmniModel(config, tokenizer, autoencoder, torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="align_encoder needs image: latent"):
+        OmniConfig(image="vq", align_encoder="somewhere/judge")
+    with pytest.raises(ValueError, match="align_depth"):
+        OmniConfig(align_depth=7)
 
 
 def test_save_and_load_round_trip_with_the_autoencoder(tokenizer, tmp_path):

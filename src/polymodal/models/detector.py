@@ -134,6 +134,10 @@ class GridDetector(nn.Module):
             images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         return channels_last(images)
 
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        """The trunk's feature map ``(B, C, g, g)`` of images in [-1, 1] (half their side)."""
+        return self.stages(self.stem(self.prepare(images)))
+
     def cell_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-cell hidden features of the trunk (B, CELLS, head_width) and of the colour
         reader (B, CELLS, colour_width; the trunk's again when colour_from is "trunk")."""

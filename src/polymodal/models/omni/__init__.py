@@ -24,6 +24,12 @@ Two settings choose the design, and nothing else differs between them:
     ``text_condition`` adds the mean input embedding of the text before an image to that
     condition (DiT's pooled text), so every image token gets its prompt in one vector as well as
     through attention; the KV cache keeps the running sum of the cached text for it.
+    ``align_encoder`` (REPA, arXiv 2410.06940) names a trained model with an image feature map (a
+    detector): while training, a small MLP on the image tokens' hidden states after
+    ``align_depth`` blocks predicts that model's features of the *clean* image on each latent
+    cell, and ``align_weight`` times ``1 - cosine similarity`` joins the loss, so the denoiser's
+    early blocks learn what the picture holds (which shape is where) from a noised image and its
+    prompt. The encoder and the MLP are for training only: a saved model has neither.
 
 - ``layout``: how the parameters are shared.
 

@@ -60,9 +60,12 @@ class OmniModel(OmniGeneration, nn.Module):
     """``autoencoder``: the trained autoencoder whose codes or latents are the image tokens (the
     config's ``autoencoder`` names where it came from; the model keeps it frozen and saves it in
     its folder). Without one the model works on tokens only (``image_tokens`` / ``decode_images``
-    need it)."""
+    need it). ``teacher``: for training with ``align_encoder``, the frozen model (with a
+    ``feature_map``) whose features of the clean images the image tokens learn to predict; a
+    saved model keeps neither it nor the small MLP that predicts them."""
 
-    def __init__(self, config: OmniConfig, tokenizer: TextTokenizer, autoencoder: Autoencoder | None = None):
+    def __init__(self, config: OmniConfig, tokenizer: TextTokenizer, autoencoder: Autoencoder | None = None,
+                 teacher: nn.Module | None = None):
         super().__init__()
         self.config = c = config
         self.tokenizer = tokenizer
@@ -108,11 +111,23 @@ class OmniModel(OmniGeneration, nn.Module):
             self.diffusion = Diffusion(c.diffusion_config())
         self.parameter_sets = experts  # per block: 1 (dense) or one per modality (mot)
         self._token_cache: dict[str, torch.Tensor] = {}  # training image file -> its codes or latents
+        self.teacher = self.aligner = None
+        if teacher is not None:
+            if c.align_encoder is None or c.image != "latent":
+                raise ValueError("a teacher is for latent images with config.align_encoder set")
+            if not callable(getattr(teacher, "feature_map", None)):
+                raise ValueError(f"the align encoder ({c.align_encoder}) has no image feature map")
+            self.teacher = teacher.requires_grad_(False).eval()
+            with torch.no_grad():
+                channels = teacher.feature_map(torch.zeros(1, 3, c.image_size, c.image_size)).shape[1]
+            self.aligner = nn.Sequential(nn.Linear(c.width, 2 * c.width), nn.SiLU(), nn.Linear(2 * c.width, channels))
+        self._target_cache: dict[str, torch.Tensor] = {}  # training image file -> the teacher's cell features
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.autoencoder is not None:
-            self.autoencoder.eval()
+        for frozen in (self.autoencoder, self.teacher):
+            if frozen is not None:
+                frozen.eval()
         return self
 
     @property
@@ -154,19 +169,35 @@ class OmniModel(OmniGeneration, nn.Module):
         epoch, and encoding them every step cost the autoencoder's forward pass per image. Kept
         by the file each row's image came from (at most :data:`TOKEN_CACHE_LIMIT` of them); rows
         that name no file are encoded as they come."""
+        return self._per_file(self._token_cache, images, rows, self.image_tokens)
+
+    @torch.no_grad()
+    def alignment_targets(self, images: torch.Tensor, rows: Sequence[dict] | None) -> torch.Tensor:
+        """The teacher's features of each training image on the latent grid ``(B, cells, C)`` (its
+        feature map averaged over each latent cell's pixels), cached by file as :meth:`training_tokens`."""
+        g = self.config.latent_grid
+
+        def cells(x: torch.Tensor) -> torch.Tensor:
+            return F.adaptive_avg_pool2d(self.teacher.feature_map(x).float(), g).flatten(2).transpose(1, 2)
+
+        return self._per_file(self._target_cache, images, rows, cells)
+
+    def _per_file(self, cache: dict[str, torch.Tensor], images: torch.Tensor, rows: Sequence[dict] | None,
+                  encode) -> torch.Tensor:
+        """``encode(images)``, each image file's result kept in ``cache`` (see :meth:`training_tokens`)."""
         spec = self.fields().get(self.config.image_field, "image")
         column = spec.partition(":")[2] or DEFAULT_COLUMNS["image"]
         keys = [row.get(column) for row in rows] if rows is not None else [None] * len(images)
         if len(keys) != len(images) or any(not isinstance(k, str) for k in keys):
-            return self.image_tokens(images)
-        found = {i: self._token_cache[k] for i, k in enumerate(keys) if k in self._token_cache}
+            return encode(images)
+        found = {i: cache[k] for i, k in enumerate(keys) if k in cache}
         missing = [i for i in range(len(keys)) if i not in found]
         if missing:
-            fresh = self.image_tokens(images[missing]).cpu()
-            for i, tokens in zip(missing, fresh, strict=True):
-                found[i] = tokens
-                if len(self._token_cache) < TOKEN_CACHE_LIMIT:
-                    self._token_cache[keys[i]] = tokens
+            fresh = encode(images[missing]).cpu()
+            for i, value in zip(missing, fresh, strict=True):
+                found[i] = value
+                if len(cache) < TOKEN_CACHE_LIMIT:
+                    cache[keys[i]] = value
         return torch.stack([found[i] for i in range(len(keys))]).to(images.device)
 
     # ---- packing ----
@@ -318,9 +349,10 @@ class OmniModel(OmniGeneration, nn.Module):
         grids = x.reshape(len(x), g, g, -1).permute(0, 3, 1, 2)
         return layers(grids).permute(0, 2, 3, 1).reshape(len(x), g * g, -1)
 
-    def forward(self, seq: Interleaved, cache: OmniCache | None = None) -> torch.Tensor:
+    def forward(self, seq: Interleaved, cache: OmniCache | None = None, keep: int | None = None):
         """Final hidden states ``(B, T, width)`` of the positions of ``seq`` (with a ``cache``:
-        the positions after those it holds, attending to them too)."""
+        the positions after those it holds, attending to them too). With ``keep``, also those
+        after the first ``keep`` blocks: ``(final, kept)``."""
         before = cache.key_mask.long().sum(1, keepdim=True) if cache is not None and len(cache) else 0
         positions = (before + seq.key_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T); padding does not shift them
         key_mask, segments = seq.key_mask, seq.segment
@@ -330,10 +362,14 @@ class OmniModel(OmniGeneration, nn.Module):
         routing = Routing(seq.modality, self.parameter_sets, 2 if self.modulated else None)
         condition = self.image_condition(seq, cache) if self.config.image == "latent" else None  # once an image
         rows = routing.sort(self.embed(seq, condition))  # (B*T, W), grouped by modality between blocks
+        kept = None
         for i, block in enumerate(self.blocks):
             rows = block(rows, routing, mask, positions, cache.blocks[i].self_attn if cache is not None else None,
                          condition if self.modulated else None)
-        return routing.unsort(routing.each(self.norms, lambda norm, y, m: self._final(norm(y), m, condition), rows))
+            if keep == i + 1:
+                kept = routing.unsort(rows)
+        final = routing.unsort(routing.each(self.norms, lambda norm, y, m: self._final(norm(y), m, condition), rows))
+        return final if keep is None else (final, kept)
 
     def image_condition(self, seq: Interleaved, cache: OmniCache | None = None) -> torch.Tensor:
         """Each image's condition ``(N, width)``, the images in the order of their tokens (every
@@ -405,18 +441,25 @@ class OmniModel(OmniGeneration, nn.Module):
         """Next-token loss (with z-loss) and, for latent images, ``diffusion_weight`` times the
         diffusion loss. ``batch``: examples, or a data batch (images and rows, made into examples
         by :meth:`examples`). ``generator`` fixes the noise and timesteps (and the examples drawn)."""
+        targets = None
         if isinstance(batch, dict):
             rng = random.Random(None if generator is None else generator.initial_seed())
-            batch = self.examples(batch, rng)
+            if self.aligner is not None:
+                targets = self.alignment_targets(batch[self.config.image_field], batch["rows"])
+            batch = self.examples(batch, rng)  # one example a row, each with its row's image
         c = self.config
         seq = self.pack(batch)
         images = seq.clean is not None and len(seq.clean) > 0
-        if images:  # each image at its own timestep: uniform up to its cap
+        if images:  # each image at its own timestep, up to its cap
             n, device = len(seq.clean), seq.clean.device
             t = self.diffusion.sample_timesteps(n, device, generator, cap=seq.max_timestep)
             noise = torch.randn(seq.clean.shape, device=device, generator=generator)
             seq = seq.with_images(self.diffusion.add_noise(seq.clean, noise, t), t)
-        hidden = self.forward(seq)  # (B, T, W)
+        align = targets is not None and images
+        if align:
+            hidden, kept = self.forward(seq, keep=c.align_depth)  # (B, T, W) each
+        else:
+            hidden = self.forward(seq)  # (B, T, W)
         labels = self.targets(seq)
         scored = labels != -100
         logits = self.logits(hidden[scored]).float()  # (N, V): only positions with a label
@@ -435,6 +478,14 @@ class OmniModel(OmniGeneration, nn.Module):
             diffusion = self.diffusion.loss(prediction, seq.clean, noise, t)
             out["loss"] = out["loss"] + c.diffusion_weight * diffusion
             out["diffusion_loss"] = diffusion.detach()
+        if align:
+            if len(targets) != len(seq.clean):
+                raise ValueError(f"{len(targets)} alignment targets for {len(seq.clean)} images")
+            predicted = self.aligner(kept.flatten(0, 1)[seq.image_index])  # (N, cells, C)
+            similarity = F.cosine_similarity(predicted.float(), targets.to(predicted.device, torch.float), dim=-1)
+            aligned = (1 - similarity).mean()
+            out["loss"] = out["loss"] + c.align_weight * aligned
+            out["align_loss"] = aligned.detach()
         out["z_loss"] = z.detach()
         return out
 
@@ -472,7 +523,16 @@ class OmniModel(OmniGeneration, nn.Module):
                 spread = autoencoder.encode(build.images(512)).std().clamp(min=1e-6)
             config = replace(config, latent_scale=float(1.0 / spread))
         tokenizer = build.tokenizer(config.caption_column, questions=config.qa_column)
-        return cls(replace(config, vocab_size=tokenizer.vocab_size), tokenizer, autoencoder)
+        teacher = None
+        if config.align_encoder is not None:
+            # the registry of families, which holds this one
+            from polymodal.models import load_model
+
+            teacher = load_model(config.align_encoder)
+            if not callable(getattr(teacher, "feature_map", None)):
+                raise ValueError(f"model.align_encoder: {config.align_encoder} is a {type(teacher).__name__}, "
+                                 f"which has no image feature map (a detector has)")
+        return cls(replace(config, vocab_size=tokenizer.vocab_size), tokenizer, autoencoder, teacher)
 
     def fields(self) -> dict[str, str]:
         return dict(self.config.fields) or {self.config.image_field: "image"}
@@ -544,7 +604,9 @@ class OmniModel(OmniGeneration, nn.Module):
     # ---- saving ----
 
     def state_to_save(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("autoencoder.")}
+        """The Transformer's weights: not the autoencoder's (saved in its own folder), nor the
+        align encoder's and its predictor's (training only)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(("autoencoder.", "teacher.", "aligner."))}
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """``config.json``, the Transformer's weights, the tokenizer, and the autoencoder in

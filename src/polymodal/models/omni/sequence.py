@@ -69,6 +69,12 @@ class OmniConfig:
     # attention
     image_positions: str = "learned"  # how a cell's learned 2-D place embedding starts: learned (small random
     # values) | sincos (DiT's fixed 2-D sine-cosine codes, so neighbouring cells start out alike)
+    align_encoder: str | None = None  # latent: a saved model with an image feature map (a detector) whose
+    # features of each clean training image the image tokens' hidden states after ``align_depth``
+    # blocks are taught to predict, through a small MLP (REPA, Yu et al. 2024): the denoiser learns what
+    # is in the picture, not only its pixels. Training only: a saved model needs no encoder
+    align_depth: int = 2  # blocks before the aligned hidden states
+    align_weight: float = 0.5  # weight of the alignment loss (1 - cosine similarity, averaged over cells)
     codebook_size: int = 512  # vq: codes of the VQ autoencoder (extra tokens of the vocabulary)
     latent_grid: int = 8  # side of an image's latent grid: latent_grid**2 tokens (8: 64 for a 32x32 image)
     latent_scale: float | None = None  # latent: latents are multiplied by this (None: 1; the builder
@@ -107,6 +113,12 @@ class OmniConfig:
                 raise ValueError(f"{name} is a loss weight, at least 0; got {getattr(self, name)}")
         if self.time_conditioning == "adaln" and self.image != "latent":
             raise ValueError("time_conditioning adaln needs image: latent (vq codes have no timestep)")
+        if self.align_encoder is not None and self.image != "latent":
+            raise ValueError("align_encoder needs image: latent (the hidden states of noised images are aligned)")
+        if not 1 <= self.align_depth <= self.depth:
+            raise ValueError(f"align_depth must be from 1 to depth ({self.depth}), got {self.align_depth}")
+        if self.align_weight < 0:
+            raise ValueError(f"align_weight is a loss weight, at least 0; got {self.align_weight}")
         if self.text_condition and self.image != "latent":
             raise ValueError("text_condition needs image: latent (vq codes have no condition vector)")
         if self.questions_per_sample < 1:
