@@ -526,7 +526,8 @@ def test_alignment_teaches_image_tokens_a_teachers_features_and_is_not_saved(tok
     with pytest.raises(ValueError, match="align_encoder needs image: latent"):
         OmniConfig(image="vq", align_encoder="somewhere/judge")
     with pytest.raises(ValueError, match="align_depth"):
-        OmniConfig(align_depth=7)
+        OmniConfig(align_encoder="somewhere/judge", align_depth=7)
+    assert OmniConfig(depth=1).align_depth == 2  # unused without an encoder
 
 
 def test_save_and_load_round_trip_with_the_autoencoder(tokenizer, tmp_path):

@@ -115,7 +115,7 @@ class OmniConfig:
             raise ValueError("time_conditioning adaln needs image: latent (vq codes have no timestep)")
         if self.align_encoder is not None and self.image != "latent":
             raise ValueError("align_encoder needs image: latent (the hidden states of noised images are aligned)")
-        if not 1 <= self.align_depth <= self.depth:
+        if self.align_encoder is not None and not 1 <= self.align_depth <= self.depth:
             raise ValueError(f"align_depth must be from 1 to depth ({self.depth}), got {self.align_depth}")
         if self.align_weight < 0:
             raise ValueError(f"align_weight is a loss weight, at least 0; got {self.align_weight}")
