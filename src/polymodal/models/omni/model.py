@@ -116,7 +116,8 @@ class OmniModel(OmniGeneration, nn.Module):
             if c.align_encoder is None or c.image != "latent":
                 raise ValueError("a teacher is for latent images with config.align_encoder set")
             if not callable(getattr(teacher, "feature_map", None)):
-                raise ValueError(f"the align encoder ({c.align_encoder}) has no image feature map")
+                raise ValueError(f"model.align_encoder: {c.align_encoder} is a {type(teacher).__name__}, which has "
+                                 f"no image feature map (a detector has)")
             self.teacher = teacher.requires_grad_(False).eval()
             with torch.no_grad():
                 channels = teacher.feature_map(torch.zeros(1, 3, c.image_size, c.image_size)).shape[1]
@@ -528,10 +529,7 @@ class OmniModel(OmniGeneration, nn.Module):
             # the registry of families, which holds this one
             from polymodal.models import load_model
 
-            teacher = load_model(config.align_encoder)
-            if not callable(getattr(teacher, "feature_map", None)):
-                raise ValueError(f"model.align_encoder: {config.align_encoder} is a {type(teacher).__name__}, "
-                                 f"which has no image feature map (a detector has)")
+            teacher = load_model(config.align_encoder)  # the model checks that it has a feature map
         return cls(replace(config, vocab_size=tokenizer.vocab_size), tokenizer, autoencoder, teacher)
 
     def fields(self) -> dict[str, str]:
