@@ -161,6 +161,26 @@ def test_routing_groups_rows_by_modality_and_puts_them_back_gradients_included()
     assert dense.sort(x).data_ptr() == x.data_ptr() and dense.unsort(dense.sort(x)).shape == x.shape
 
 
+@pytest.mark.parametrize("experts", [1, 2])
+def test_routing_leaves_skipped_rows_out_of_every_parameter_set(experts):
+    modality = torch.tensor([[0, 1, 1, 0, 0], [1, 0, 1, 0, 0]])
+    padding = torch.tensor([[False, False, False, False, True], [False, False, False, True, True]])
+    routing = Routing(modality, experts, skip=padding)
+    x = torch.randn(2, 5, 3)
+    seen = []
+
+    def fn(expert, part, m):
+        seen.append((m, len(part)))
+        return part * 2 + m
+
+    out = routing.unsort(routing.each(torch.nn.ModuleList([torch.nn.Identity()] * experts), fn, routing.sort(x)))
+    assert sum(n for _, n in seen) == int((~padding).sum())  # padding went through nothing
+    assert torch.equal(out[padding], torch.zeros(3, 3))
+    real = ~padding
+    m = modality if experts == 2 else torch.zeros_like(modality)
+    torch.testing.assert_close(out[real], x[real] * 2 + m[real, None])
+
+
 # ---- losses and training --------------------------------------------------------------------
 
 
@@ -464,6 +484,57 @@ def test_sincos_image_positions_start_as_2d_codes(tokenizer):
     assert make(tokenizer, "latent", "mot").image_position.abs().max() < 0.2  # learned: small random values
     with pytest.raises(ValueError, match="image_positions: unknown"):
         OmniConfig(image_positions="rope")
+
+
+def test_2d_rotary_turns_image_cells_by_row_and_column_and_text_as_1d(tokenizer):
+    from polymodal.nn.layers import rotary
+
+    flat = make(tokenizer, "latent", "mot").eval()
+    grid = make(tokenizer, "latent", "mot", rotary="2d").eval()
+    grid.load_state_dict(flat.state_dict())  # no parameters of its own
+    text = flat.pack([flat.text_prompt("a red circle in the top left")])
+    torch.testing.assert_close(grid(text), flat(text))  # text alone: the same positions
+    seq = flat.pack([caption_first(tokenizer, an_image("latent"))])
+    assert not torch.allclose(grid(seq), flat(seq))
+    places = (seq.key_mask.long().cumsum(1) - 1)
+    pairs = grid.pair_positions(places, seq)[0]  # (T, D/2)
+    image = (seq.modality[0] == 1).nonzero().flatten()
+    start = int(image[0])
+    for cell, at in enumerate(image):
+        r, c = divmod(cell, GRID)
+        assert pairs[at, 0::3].eq(start).all()
+        assert pairs[at, 1::3].eq(start + r).all() and pairs[at, 2::3].eq(start + c).all()
+    assert torch.equal(pairs[0], places[0, 0].expand(pairs.shape[1]))  # <bos>: every pair at its place
+    # one query and key on every cell: their score depends on the cells' offset on the grid
+    v = torch.randn(1, 1, 1, 16).expand(1, 1, GRID * GRID, 16)
+    cells = pairs[image][None]  # (1, cells, 8)
+
+    def score(a, b, positions):
+        q, k = rotary(v, positions), rotary(v, positions)
+        return float(q[0, 0, a] @ k[0, 0, b])
+
+    at = lambda r, c: r * GRID + c  # noqa: E731
+    assert score(at(0, 0), at(1, 0), cells) == pytest.approx(score(at(2, 1), at(3, 1), cells), abs=1e-5)
+    assert score(at(0, GRID - 1), at(1, 0), cells) != pytest.approx(score(at(0, 0), at(0, 1), cells), abs=1e-3)
+    line = places[:, image]  # 1d: cell (0, last) and (1, 0) are neighbours in the raster line
+    assert score(at(0, GRID - 1), at(1, 0), line) == pytest.approx(score(at(0, 0), at(0, 1), line), abs=1e-5)
+    with pytest.raises(ValueError, match="rotary: unknown"):
+        OmniConfig(rotary="3d")
+    with pytest.raises(ValueError, match="head width of at least 6"):
+        OmniConfig(width=16, heads=4, rotary="2d")
+
+
+@pytest.mark.parametrize("image", ["vq", "latent"])
+def test_2d_rotary_cached_generation_equals_uncached(tokenizer, image):
+    m = make(tokenizer, image, "mot", rotary="2d").eval()
+    prefixes = [m.image_prompt(an_image(image)), m.image_prompt(an_image(image, 1), "what colour is the circle?")]
+    assert m.generate_text(prefixes, max_new_tokens=6) == m.generate_text(prefixes, max_new_tokens=6, use_cache=False)
+    draw = [m.text_prompt("a red circle"), m.text_prompt("two")]
+    images = [m.generate_image(draw, steps=3, seed=1, use_cache=use) for use in (True, False)]
+    if image == "vq":
+        assert torch.equal(images[0], images[1])
+    else:
+        torch.testing.assert_close(images[0], images[1])
 
 
 def test_config_is_checked(tokenizer):

@@ -101,14 +101,19 @@ def segment_mask(segment_ids: torch.Tensor, causal: bool = True, key_mask: torch
 
 
 def rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10_000.0) -> torch.Tensor:
-    """Rotate ``x`` ``(B, H, T, D)`` by its ``positions`` ``(T,)`` or ``(B, T)`` (RoPE).
+    """Rotate ``x`` ``(B, H, T, D)`` by its ``positions`` ``(T,)`` or ``(B, T)`` (RoPE), or by a
+    position for each of its channel pairs ``(B, T, D/2)`` (multi-axis RoPE: pairs given a row's
+    or a column's index turn with it, as 2-D images' tokens do).
 
     Channel ``i`` and ``i + D/2`` form a pair turned by ``position * base^(-2i/D)``, so the dot
     product of a rotated query and key depends on their positions only through the offset.
     """
     half = x.shape[-1] // 2
     freqs = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)  # (D/2,)
-    angles = positions.to(x.device, torch.float32)[..., None] * freqs  # (T, D/2) or (B, T, D/2)
+    positions = positions.to(x.device, torch.float32)
+    if positions.dim() == 3 and positions.shape[-1] != half:
+        raise ValueError(f"per-pair positions need {half} a token (head width {x.shape[-1]}), got {positions.shape[-1]}")
+    angles = positions * freqs if positions.dim() == 3 else positions[..., None] * freqs  # (T | B, T, D/2)
     if angles.dim() == 3:
         angles = angles[:, None]  # (B, 1, T, D/2)
     cos, sin = angles.cos(), angles.sin()

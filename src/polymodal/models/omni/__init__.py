@@ -57,7 +57,9 @@ position carries a modality id (0 text, ``<boi>`` and ``<eoi>`` included; 1 imag
 (0 text, ``k`` on every token of the sequence's ``k``-th image) and, on image tokens, the index of
 its latent cell (a learned per-cell embedding gives the 2-D place, from small random values or,
 with ``image_positions: sincos``, from DiT's 2-D sine-cosine codes; rotary positions give the
-1-D one). Batches are padded on the right for training and on the left for generation (so all
+1-D one, or with ``rotary: 2d`` the cell's row and column on two thirds of each head's channel
+pairs, so attention between cells sees their offset on the grid). Padding positions go through no
+parameter set (:class:`Routing`'s ``skip``): their rows are not computed at all. Batches are padded on the right for training and on the left for generation (so all
 rows grow at the same place); a padding query still sees itself, so no attention row is empty
 (SDPA returns NaN on an empty row).
 

@@ -39,26 +39,34 @@ class _Permute(torch.autograd.Function):
 
 class Routing:
     """Which positions of a ``(B, T)`` batch go through which parameter set: each position its
-    modality's (``mot``), or all through the one (``dense``, where nothing is moved).
+    modality's (``mot``), or all through the one (``dense``); ``skip`` positions (padding) through
+    none: their rows are left out of every projection and MLP, which give them zeros.
 
     Between blocks the residual stream is kept as rows ``(B*T, C)`` sorted by modality
-    (:meth:`sort`), so each parameter set reads one contiguous slice of it; only attention, which
-    mixes positions, needs the batch's own layout (:meth:`unsort`), and its output is sorted
-    again. A block so moves its tokens twice, whatever the number of parameter sets."""
+    (:meth:`sort`), skipped positions last, so each parameter set reads one contiguous slice of
+    it; only attention, which mixes positions, needs the batch's own layout (:meth:`unsort`), and
+    its output is sorted again. A block so moves its tokens twice, whatever the number of
+    parameter sets; a dense batch with nothing to skip is not moved at all."""
 
-    def __init__(self, modality: torch.Tensor, experts: int, groups: int | None = None):
+    def __init__(self, modality: torch.Tensor, experts: int, groups: int | None = None,
+                 skip: torch.Tensor | None = None):
         self.shape = modality.shape
         self.experts = experts
-        groups = experts if groups is None else groups  # a dense model groups its rows too when the
+        self.groups = experts if groups is None else groups  # a dense model groups its rows too when the
         # image rows need something of their own (the timestep's modulation)
-        if groups == 1:
+        flat = modality.flatten()
+        self.skipped = int(skip.sum()) if skip is not None else 0
+        if self.groups == 1 and not self.skipped:
             self.order = None
             return
-        flat = modality.flatten()
-        self.order = torch.argsort(flat, stable=True)  # positions of modality 0, then 1, ...
+        if self.skipped:
+            flat = torch.where(skip.flatten(), self.groups, flat if self.groups > 1 else torch.zeros_like(flat))
+        elif self.groups == 1:
+            flat = torch.zeros_like(flat)
+        self.order = torch.argsort(flat, stable=True)  # positions of modality 0, then 1, ..., skipped ones last
         self.inverse = torch.empty_like(self.order)
         self.inverse[self.order] = torch.arange(len(self.order), device=self.order.device)
-        self.sizes = torch.bincount(flat, minlength=groups).tolist()
+        self.sizes = torch.bincount(flat, minlength=self.groups + 1)[: self.groups + 1].tolist()
 
     def sort(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, T, ...)`` -> rows ``(B*T, ...)`` grouped by modality."""
@@ -74,12 +82,14 @@ class Routing:
     def each(self, experts: nn.ModuleList, fn: Callable[[nn.Module, torch.Tensor, int], torch.Tensor],
              rows: torch.Tensor) -> torch.Tensor:
         """``fn(expert, rows, modality)`` for sorted ``rows`` ``(B*T, ...)``, each modality's slice
-        through its own expert (or all through the one of a dense model): every position computed
-        once, so the FLOPs are those of one shared expert."""
+        through its own expert (or all through the one of a dense model), zeros for skipped rows:
+        every position computed at most once, so the FLOPs are those of one shared expert."""
         if self.order is None:
             return fn(experts[0], rows, 0)
-        parts = [fn(experts[m if len(experts) > 1 else 0], part, m)
-                 for m, part in enumerate(rows.split(self.sizes)) if len(part)]
+        *slices, skipped = rows.split(self.sizes)
+        parts = [fn(experts[m if len(experts) > 1 else 0], part, m) for m, part in enumerate(slices) if len(part)]
+        if self.skipped:
+            parts.append(parts[0].new_zeros(self.skipped, *parts[0].shape[1:]))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 

@@ -356,11 +356,13 @@ class OmniModel(OmniGeneration, nn.Module):
         after the first ``keep`` blocks: ``(final, kept)``."""
         before = cache.key_mask.long().sum(1, keepdim=True) if cache is not None and len(cache) else 0
         positions = (before + seq.key_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T); padding does not shift them
+        if self.config.rotary == "2d":
+            positions = self.pair_positions(positions, seq)
         key_mask, segments = seq.key_mask, seq.segment
         if cache is not None:
             key_mask, segments = cache.add(key_mask, segments)
         mask = self.attention_mask(segments, key_mask, seq.ids.shape[1])  # (B, 1, T, S)
-        routing = Routing(seq.modality, self.parameter_sets, 2 if self.modulated else None)
+        routing = Routing(seq.modality, self.parameter_sets, 2 if self.modulated else None, skip=~seq.key_mask)
         condition = self.image_condition(seq, cache) if self.config.image == "latent" else None  # once an image
         rows = routing.sort(self.embed(seq, condition))  # (B*T, W), grouped by modality between blocks
         kept = None
@@ -371,6 +373,20 @@ class OmniModel(OmniGeneration, nn.Module):
                 kept = routing.unsort(rows)
         final = routing.unsort(routing.each(self.norms, lambda norm, y, m: self._final(norm(y), m, condition), rows))
         return final if keep is None else (final, kept)
+
+    def pair_positions(self, positions: torch.Tensor, seq: Interleaved) -> torch.Tensor:
+        """The rotary position of each channel pair of each token ``(B, T, D/2)`` (``rotary: 2d``)
+        from the tokens' places in the sequence ``positions`` ``(B, T)``: a text token's pairs all
+        at its place; an image token's pairs in turn at its image's place (its first cell's), that
+        plus the cell's row, and that plus its column."""
+        g, half = self.config.latent_grid, self.config.width // self.config.heads // 2
+        image = seq.modality == IMAGE
+        cell = torch.where(image, seq.cell, 0)
+        start = positions - cell
+        axes = torch.stack([torch.where(image, start, positions), torch.where(image, start + cell // g, positions),
+                            torch.where(image, start + cell % g, positions)], -1)  # (B, T, 3)
+        axis = torch.arange(half, device=positions.device) % 3  # pairs take the axes in turn: each gets fast and slow ones
+        return axes[..., axis]
 
     def image_condition(self, seq: Interleaved, cache: OmniCache | None = None) -> torch.Tensor:
         """Each image's condition ``(N, width)``, the images in the order of their tokens (every

@@ -24,6 +24,7 @@ LAYOUTS = ("dense", "mot")
 PATCHES = ("linear", "conv")
 TIME_CONDITIONINGS = ("input", "adaln")
 IMAGE_POSITIONS = ("learned", "sincos")
+ROTARIES = ("1d", "2d")
 TEXT, IMAGE = 0, 1  # modality ids; in ``mot`` also the index of each block's parameter set
 AUTOENCODER_FOLDER = "autoencoder"  # subfolder of a saved model holding its autoencoder
 # Transfusion's diffusion: epsilon prediction, cosine schedule, a plain mean squared error. The
@@ -50,6 +51,10 @@ class OmniConfig:
     mlp_ratio: float = 4.0
     qk_norm: bool = True  # LayerNorm on each head's queries and keys (Chameleon's fix for diverging logits)
     rotary_base: float = 10_000.0  # rotary positions over the whole sequence
+    rotary: str = "1d"  # 1d (every token turned by its place in the sequence) | 2d (image tokens: of each
+    # head's channel pairs, every third turned by the image's place in the sequence, the others by the
+    # cell's row or its column, in turn, counted from there; text as 1d): attention between cells sees
+    # their offset on the grid, not in a raster line, as multi-axis RoPE in vision-language models
     context_length: int = 128  # longest sequence, image tokens and <boi>/<eoi> included
     vocab_size: int | None = None  # of the text tokenizer (None: whatever it has; the builder records it)
     z_loss: float = 1e-5  # weight of log^2 Z of the next-token logits (both image kinds)
@@ -102,6 +107,7 @@ class OmniConfig:
     def __post_init__(self):
         for name, value, known in (("image", self.image, IMAGE_KINDS), ("layout", self.layout, LAYOUTS),
                                    ("patch", self.patch, PATCHES), ("image_positions", self.image_positions, IMAGE_POSITIONS),
+                                   ("rotary", self.rotary, ROTARIES),
                                    ("time_conditioning", self.time_conditioning, TIME_CONDITIONINGS)):
             if value not in known:
                 raise ValueError(f"{name}: unknown {value!r}; choose from {list(known)}")
@@ -127,6 +133,9 @@ class OmniConfig:
             raise ValueError(f"rotary_base must be positive, got {self.rotary_base}")
         if (self.width // self.heads) % 2:
             raise ValueError(f"rotary positions need an even head width; {self.width} / {self.heads} heads is odd")
+        if self.rotary == "2d" and self.width // self.heads < 6:
+            raise ValueError(f"rotary 2d needs a head width of at least 6 (3 channel pairs); {self.width} / "
+                             f"{self.heads} heads is {self.width // self.heads}")
         if not 1 <= self.latent_grid <= 256:
             raise ValueError(f"latent_grid must be from 1 to 256, got {self.latent_grid}")
         if self.latent_scale is not None and self.latent_scale <= 0:
