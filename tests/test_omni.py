@@ -262,6 +262,8 @@ def test_cached_generation_equals_uncached(tokenizer, image, layout):
     nucleus = [m.generate_text(prefixes, method="nucleus", max_new_tokens=6, use_cache=use,
                                generator=torch.Generator().manual_seed(3)) for use in (True, False)]
     assert nucleus[0] == nucleus[1]
+    beams = [m.generate_text(prefixes, method="beam", beams=3, max_new_tokens=6, use_cache=use) for use in (True, False)]
+    assert beams[0] == beams[1] and len(beams[0]) == 3 and all(0 <= i < m.text_vocab for row in beams[0] for i in row)
     draw = [m.text_prompt("a red circle"), m.text_prompt("two")]
     images = [m.generate_image(draw, steps=3, seed=1, use_cache=use) for use in (True, False)]
     if image == "vq":

@@ -50,7 +50,7 @@ from polymodal.nn.layers import KVCache, Transformer
 from polymodal.nn.tower import Tower, copy_matching_encoders
 
 TASKS = ("caption", "vqa")
-DECODING = ("greedy", "beam", "nucleus")
+DECODING = decoding.METHODS
 
 
 @dataclass

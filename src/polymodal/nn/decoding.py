@@ -22,6 +22,7 @@ import torch
 from polymodal.nn.layers import KVCache
 
 Step = Callable[[torch.Tensor, KVCache | None], torch.Tensor]
+METHODS = ("greedy", "beam", "nucleus")  # the decodings a text-writing model offers by name
 
 
 def _sample(step: Step, ids: torch.Tensor, choose: Callable[[torch.Tensor], torch.Tensor], max_new: int,

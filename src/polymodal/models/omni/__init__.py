@@ -69,7 +69,7 @@ captioning learns from clean-ish images: the paper's Table 8), captions dropped 
 ``caption_dropout`` (for classifier-free guidance), and VQA as question and answer after the image.
 
 **Generation** (all with the KV cache of :mod:`polymodal.nn.layers`, which can be turned off
-for a check): :meth:`OmniModel.generate_text` (greedy or nucleus over the text vocabulary);
+for a check): :meth:`OmniModel.generate_text` (greedy, beam search or nucleus over the text vocabulary);
 :meth:`OmniModel.generate_image` (``vq``: codes sampled with top-p and classifier-free guidance
 against a dropped-caption pass, never greedy, which gives blank images; ``latent``: the diffusion
 sampler run on the image block in place, bidirectional inside it, the prefix cached once);

@@ -1,5 +1,5 @@
 """Prompts, decoding and sampling of the omni model (:class:`OmniGeneration`, a part of
-:class:`~polymodal.models.omni.model.OmniModel`): text decoded greedy or with nucleus sampling,
+:class:`~polymodal.models.omni.model.OmniModel`): text decoded greedy, by beam search or with nucleus sampling,
 images sampled as codes (vq) or denoised in place (latent), interleaved output, and each task's
 entry point (``write``, ``draw``, ``generate``). It reads the network through the model's own
 ``pack``, ``forward``, ``logits`` and ``patch_out``. The design: :mod:`polymodal.models.omni`."""
@@ -44,9 +44,14 @@ class OmniGeneration:
 
     def _decode_text(self, prefixes: Sequence[Sequence[Segment]], allow_images: bool, method: str,
                      max_new_tokens: int, top_p: float, temperature: float, generator: torch.Generator | None,
-                     use_cache: bool) -> list[list[int]]:
+                     use_cache: bool, beams: int = 4) -> list[list[int]]:
         tok = self.tokenizer
+        if method not in decoding.METHODS:
+            raise ValueError(f"unknown decoding {method!r}; choose from {list(decoding.METHODS)}")
+        if method == "beam" and beams < 1:
+            raise ValueError(f"beams must be at least 1, got {beams}")
         prompt = self.pack(prefixes, side="left")
+        rows = prompt.repeat_rows(beams) if method == "beam" else prompt  # beam search: row i's beams side by side
         t0 = prompt.ids.shape[1]
         bias = self._text_bias(allow_images)
         forced_eos = torch.full_like(bias, float("-inf"))
@@ -54,7 +59,7 @@ class OmniGeneration:
 
         def step(ids: torch.Tensor, cache: OmniCache | None) -> torch.Tensor:  # (B, t) -> (B, vocab)
             if cache is None or not len(cache):  # the prompt and everything generated so far
-                seq = prompt.cat(self._tokens(ids[:, t0:], TEXT))
+                seq = rows.cat(self._tokens(ids[:, t0:], TEXT))
             else:  # only the new token
                 seq = self._tokens(ids, TEXT)
             logits = self.logits(self.forward(seq, cache)[:, -1]) + bias
@@ -69,15 +74,17 @@ class OmniGeneration:
             return decoding.greedy(step, ids, **common)
         if method == "nucleus":
             return decoding.nucleus(step, ids, top_p=top_p, temperature=temperature, generator=generator, **common)
-        raise ValueError(f"unknown decoding {method!r}; choose from ['greedy', 'nucleus']")
+        return decoding.beam(step, ids, beams=beams, **common)
 
     @torch.no_grad()
     def generate_text(self, prefixes: Sequence[Sequence[Segment]], *, method: str = "greedy", max_new_tokens: int = 40,
                       top_p: float = 0.9, temperature: float = 1.0, generator: torch.Generator | None = None,
-                      use_cache: bool = True) -> list[list[int]]:
-        """The text token ids that follow each prefix, up to ``<eos>`` (not included): greedy or
-        nucleus, over text tokens only. With ``use_cache`` each step runs the new token only."""
-        return self._decode_text(prefixes, False, method, max_new_tokens, top_p, temperature, generator, use_cache)
+                      use_cache: bool = True, beams: int = 4) -> list[list[int]]:
+        """The text token ids that follow each prefix, up to ``<eos>`` (not included): greedy, beam
+        search (``beams`` beams a prefix, length-normalised) or nucleus, over text tokens only.
+        With ``use_cache`` each step runs the new token only."""
+        return self._decode_text(prefixes, False, method, max_new_tokens, top_p, temperature, generator, use_cache,
+                                 beams)
 
     @torch.no_grad()
     def generate_image(self, prefixes: Sequence[Sequence[Segment]], *, guidance: float = 3.0, top_p: float = 0.9,
@@ -247,12 +254,12 @@ class OmniGeneration:
     @torch.no_grad()
     def write(self, batch: Mapping[str, object], prompts: Sequence[str | None] | None = None, *, method: str = "greedy",
               top_p: float = 0.9, temperature: float = 1.0, max_new_tokens: int = 40,
-              generator: torch.Generator | None = None, use_cache: bool = True) -> list[str]:
+              generator: torch.Generator | None = None, use_cache: bool = True, beams: int = 4) -> list[str]:
         """The caption of each image of ``batch`` (no prompt) or the answer to its question,
-        decoded greedy or with nucleus sampling; each sequence ``<bos> <boi> image <eoi> question
-        <eos>`` as the model was trained on."""
-        if method not in ("greedy", "nucleus"):
-            raise ValueError(f"an omni model decodes text greedy or nucleus, not {method!r}")
+        decoded greedy, with beam search or with nucleus sampling; each sequence ``<bos> <boi>
+        image <eoi> question <eos>`` as the model was trained on."""
+        if method not in decoding.METHODS:
+            raise ValueError(f"an omni model decodes text {', '.join(decoding.METHODS)}, not {method!r}")
         name = self._image_field()
         images = batch.get(name)
         if not isinstance(images, torch.Tensor):
@@ -263,7 +270,7 @@ class OmniGeneration:
         tokens = self.image_tokens(images.to(self.device))
         prefixes = [self.image_prompt(t, q) for t, q in zip(tokens, prompts, strict=True)]
         ids = self.generate_text(prefixes, method=method, max_new_tokens=max_new_tokens, top_p=top_p,
-                                 temperature=temperature, generator=generator, use_cache=use_cache)
+                                 temperature=temperature, generator=generator, use_cache=use_cache, beams=beams)
         return [self.tokenizer.decode(seq) for seq in ids]
 
     def prompt_ids(self, prompts: Sequence[str | None], device: torch.device | str = "cpu") -> torch.Tensor:

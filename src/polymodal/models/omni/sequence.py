@@ -206,6 +206,14 @@ class Interleaved:
         return Interleaved(*(join(getattr(self, n), getattr(other, n)) for n in
                              ("ids", "modality", "segment", "cell", "key_mask", "latents", "timesteps")))
 
+    def repeat_rows(self, times: int) -> Interleaved:
+        """Each row ``times`` times in a row (beam search's rows); the training bookkeeping is dropped."""
+        def repeat(a):
+            return None if a is None else a.repeat_interleave(times, 0)
+
+        return Interleaved(*(repeat(getattr(self, n)) for n in
+                             ("ids", "modality", "segment", "cell", "key_mask", "latents", "timesteps")))
+
     def with_images(self, latents: torch.Tensor, timesteps: torch.Tensor) -> Interleaved:
         """The batch with its images' tokens set to ``latents`` ``(N, cells, C)`` at ``timesteps`` ``(N,)``."""
         b, t, c = self.latents.shape
