@@ -151,6 +151,24 @@ def test_eval_scores_under_the_captioners_and_text_to_images_keys(parts, transfu
     assert set(unjudged["test"]) == set(captioner["test"])
 
 
+def test_eval_decodes_captions_with_the_beams_asked_for(parts, transfusion, monkeypatch):
+    from polymodal.models.omni import OmniModel
+
+    asked = []
+    write = OmniModel.write
+
+    def spy(self, batch, prompts=None, **decoding):
+        asked.append((decoding.get("method"), decoding.get("beams")))
+        return write(self, batch, prompts, **decoding)
+
+    monkeypatch.setattr(OmniModel, "write", spy)
+    scores = evaluate(transfusion, parts / "world", ["test"], EvalOptions(decoding="beam", beams=2, limit=4))
+    assert ("beam", 2) in asked and 0.0 <= scores["test"]["scene-graph objects right"] <= 1.0
+    refused = CliRunner().invoke(app, ["eval", str(transfusion), "--data", str(parts / "world"), "--decoding", "beam",
+                                       "--beams", "0"])
+    assert refused.exit_code == 2 and "--beams must be at least 1" in refused.output
+
+
 # ---- generation from Python and the command line -------------------------------------------------
 
 
@@ -190,8 +208,11 @@ def test_generate_commands_caption_answer_and_draw(transfusion, parts, tmp_path)
     with Image.open(out) as grid:
         assert grid.width >= 2 * SIZE * 4
     beam = runner.invoke(app, ["generate", "text", str(transfusion), "--image", image, "--decoding", "beam",
-                               "--max-tokens", "6"])
+                               "--beams", "2", "--max-tokens", "6"])
     assert beam.exit_code == 0, beam.output
+    none = runner.invoke(app, ["generate", "text", str(transfusion), "--image", image, "--decoding", "beam",
+                               "--beams", "0"])
+    assert none.exit_code == 2 and "--beams must be at least 1" in none.output
 
 
 

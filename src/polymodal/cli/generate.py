@@ -65,6 +65,7 @@ def generate_text(
     audio: Annotated[Path | None, typer.Option(help="An audio file to caption or transcribe.")] = None,
     question: Annotated[str | None, typer.Option(help="Ask this about the file instead of captioning it.")] = None,
     decoding: Annotated[str, typer.Option(help="greedy, beam or nucleus.")] = "greedy",
+    beams: Annotated[int, typer.Option(help="Beams with --decoding beam.")] = 4,
     max_tokens: Annotated[int, typer.Option(help="Most tokens to write.")] = 40,
 ):
     """Caption an image or a sound, transcribe speech, or answer a question about a file of your
@@ -81,12 +82,15 @@ def generate_text(
         raise fail(ValueError("--question is empty"))
     if max_tokens < 1:
         raise fail(ValueError(f"--max-tokens must be at least 1, got {max_tokens}"))
+    if beams < 1:
+        raise fail(ValueError(f"--beams must be at least 1, got {beams}"))
     try:
         writer = load_model(model, task="answer" if question else "caption")
         batch = file_batch(writer, model, kind, path)
         with torch.no_grad():
+            chosen = {"beams": beams} if decoding == "beam" else {}
             text = writer.generate(batch, [question.strip()] if question else None, method=decoding,
-                                   max_new_tokens=max_tokens)[0]
+                                   max_new_tokens=max_tokens, **chosen)[0]
     except (InputError, ValueError) as e:
         raise fail(e) from None
     console.print(escape(text), soft_wrap=True)

@@ -191,6 +191,7 @@ def eval_command(
         help="Names of integer labels, by index: 'zero,one,two' or a file with one a line (default: classes.txt "
              "or labels.txt in the data folder).")] = None,
     decoding: Annotated[str, typer.Option(help="Captioners: greedy, beam or nucleus.")] = "greedy",
+    beams: Annotated[int, typer.Option(help="Captioners: beams a sample with --decoding beam.")] = 4,
     examples: Annotated[int, typer.Option(help="Captioners: keep this many generated examples in the JSON.")] = 0,
     judge: Annotated[Path | None, typer.Option(help="Text-to-image and autoencoders: the detector that judges the images.")] = None,
     clip: Annotated[Path | None, typer.Option(help="Text-to-image: a contrastive model for the CLIP score.")] = None,
@@ -222,8 +223,10 @@ def eval_command(
         else:
             check_splits(data, split or default_splits(model), named=bool(split))
             names = class_names(classes, data)
-            options = EvalOptions(limit=limit, class_names=names, decoding=decoding, examples=examples, judge=judge,
-                                  clip=clip, guidance=cfg, sample_steps=steps, per_category=per_category,
+            if beams < 1:
+                raise ValueError(f"--beams must be at least 1, got {beams}")
+            options = EvalOptions(limit=limit, class_names=names, decoding=decoding, beams=beams, examples=examples,
+                                  judge=judge, clip=clip, guidance=cfg, sample_steps=steps, per_category=per_category,
                                   compose=compose)
             results = evaluate(model, data, split, options)
     except (InputError, ValueError) as e:

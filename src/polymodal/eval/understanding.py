@@ -58,7 +58,7 @@ def hears_speech(model) -> bool:
 
 
 def captioner_metrics(model, items: list[dict], fields, *, references: int = 5, decoding: str = "greedy",
-                      examples: int = 0, dataset: DatasetMetrics | None = None) -> dict:
+                      examples: int = 0, dataset: DatasetMetrics | None = None, beams: int = 4) -> dict:
     """Caption metrics (when the model captions) and VQA accuracy (when it answers questions),
     with the metrics of its own that the items' data set brings (``dataset``, from
     :func:`polymodal.eval.datasets.dataset_metrics`; None: the generic ones only)."""
@@ -70,7 +70,8 @@ def captioner_metrics(model, items: list[dict], fields, *, references: int = 5, 
         return metrics
     rows = [item["row"] for item in items]
     if "caption" in model.config.tasks:
-        captions = generate_all(model, items, fields, method=decoding)
+        chosen = {"beams": beams} if decoding == "beam" else {}
+        captions = generate_all(model, items, fields, method=decoding, **chosen)
         metrics.update(bleu_cider([reference_captions(r, references, dataset) for r in rows], captions))
         if dataset is not None:
             metrics.update(dataset.caption_metrics(rows, captions))

@@ -354,7 +354,8 @@ class Captioner(nn.Module):
         dataset = dataset_metrics(data)
         return evaluate_splits(
             data, splits, fields, options.image_size or self.input_size(),
-            lambda items: captioner_metrics(self, items, fields, decoding=options.decoding, examples=options.examples,
+            lambda items: captioner_metrics(self, items, fields, decoding=options.decoding, beams=options.beams,
+                                            examples=options.examples,
                                             dataset=dataset),
             limit=options.limit, progress=options.progress)
 

@@ -119,6 +119,7 @@ class EvalOptions:
     class_names: list[str] | None = None  # names of integer labels, by index
     image_size: int | None = None  # decode images at this size instead of the model's own
     decoding: str = "greedy"  # text generation: greedy | beam | nucleus
+    beams: int = 4  # beams a sample, for decoding: beam
     examples: int = 0  # generated examples kept in the results
     judge: str | os.PathLike | None = None  # a detector that judges generated or reconstructed images
     clip: str | os.PathLike | None = None  # a contrastive model for a CLIP score

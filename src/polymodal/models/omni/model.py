@@ -605,7 +605,8 @@ class OmniModel(OmniGeneration, nn.Module):
         fields, dataset, writer = self.fields(), dataset_metrics(data), AsCaptioner(self)
         results = evaluate_splits(
             data, splits, fields, self.input_size(),
-            lambda items: captioner_metrics(writer, items, fields, decoding=options.decoding, examples=options.examples,
+            lambda items: captioner_metrics(writer, items, fields, decoding=options.decoding, beams=options.beams,
+                                            examples=options.examples,
                                             dataset=dataset),
             limit=options.limit, progress=options.progress)
         if options.judge is None:
