@@ -489,6 +489,7 @@ def test_sincos_image_positions_start_as_2d_codes(tokenizer):
 
 
 def test_2d_rotary_turns_image_cells_by_row_and_column_and_text_as_1d(tokenizer):
+    from polymodal.models.omni.sequence import pair_positions
     from polymodal.nn.layers import rotary
 
     flat = make(tokenizer, "latent", "mot").eval()
@@ -499,7 +500,7 @@ def test_2d_rotary_turns_image_cells_by_row_and_column_and_text_as_1d(tokenizer)
     seq = flat.pack([caption_first(tokenizer, an_image("latent"))])
     assert not torch.allclose(grid(seq), flat(seq))
     places = (seq.key_mask.long().cumsum(1) - 1)
-    pairs = grid.pair_positions(places, seq)[0]  # (T, D/2)
+    pairs = pair_positions(places, seq, GRID, 32 // 2)[0]  # (T, D/2): width 32, 2 heads
     image = (seq.modality[0] == 1).nonzero().flatten()
     start = int(image[0])
     for cell, at in enumerate(image):

@@ -88,9 +88,8 @@ def generate_text(
         writer = load_model(model, task="answer" if question else "caption")
         batch = file_batch(writer, model, kind, path)
         with torch.no_grad():
-            chosen = {"beams": beams} if decoding == "beam" else {}
             text = writer.generate(batch, [question.strip()] if question else None, method=decoding,
-                                   max_new_tokens=max_tokens, **chosen)[0]
+                                   max_new_tokens=max_tokens, beams=beams)[0]
     except (InputError, ValueError) as e:
         raise fail(e) from None
     console.print(escape(text), soft_wrap=True)

@@ -70,8 +70,7 @@ def captioner_metrics(model, items: list[dict], fields, *, references: int = 5, 
         return metrics
     rows = [item["row"] for item in items]
     if "caption" in model.config.tasks:
-        chosen = {"beams": beams} if decoding == "beam" else {}
-        captions = generate_all(model, items, fields, method=decoding, **chosen)
+        captions = generate_all(model, items, fields, method=decoding, beams=beams)
         metrics.update(bleu_cider([reference_captions(r, references, dataset) for r in rows], captions))
         if dataset is not None:
             metrics.update(dataset.caption_metrics(rows, captions))

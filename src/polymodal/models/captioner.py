@@ -355,8 +355,7 @@ class Captioner(nn.Module):
         return evaluate_splits(
             data, splits, fields, options.image_size or self.input_size(),
             lambda items: captioner_metrics(self, items, fields, decoding=options.decoding, beams=options.beams,
-                                            examples=options.examples,
-                                            dataset=dataset),
+                                            examples=options.examples, dataset=dataset),
             limit=options.limit, progress=options.progress)
 
     # ---- saving ----

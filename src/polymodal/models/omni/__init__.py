@@ -59,8 +59,9 @@ its latent cell (a learned per-cell embedding gives the 2-D place, from small ra
 with ``image_positions: sincos``, from DiT's 2-D sine-cosine codes; rotary positions give the
 1-D one, or with ``rotary: 2d`` the cell's row and column on two thirds of each head's channel
 pairs, so attention between cells sees their offset on the grid). Padding positions go through no
-parameter set (:class:`Routing`'s ``skip``): their rows are not computed at all. Batches are padded on the right for training and on the left for generation (so all
-rows grow at the same place); a padding query still sees itself, so no attention row is empty
+parameter set (:class:`Routing`'s ``skip``): their rows are not computed at all. Batches are
+padded on the right for training and on the left for generation (so all rows grow at the same
+place); a padding query still sees itself, so no attention row is empty
 (SDPA returns NaN on an empty row).
 
 :func:`examples_from_rows` makes training examples from the shapes world's rows: 80% of image
@@ -94,7 +95,8 @@ cache), :mod:`~polymodal.models.omni.blocks` (the block and its routing),
 """
 
 from polymodal.models.omni.blocks import ModalityWeights, OmniBlock, Routing
-from polymodal.models.omni.model import AsCaptioner, OmniModel, check_autoencoder
+from polymodal.models.omni.generation import AsCaptioner
+from polymodal.models.omni.model import OmniModel, check_autoencoder
 from polymodal.models.omni.sequence import (
            IMAGE,
            IMAGE_KINDS,

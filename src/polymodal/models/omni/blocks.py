@@ -54,15 +54,13 @@ class Routing:
         self.experts = experts
         self.groups = experts if groups is None else groups  # a dense model groups its rows too when the
         # image rows need something of their own (the timestep's modulation)
-        flat = modality.flatten()
         self.skipped = int(skip.sum()) if skip is not None else 0
         if self.groups == 1 and not self.skipped:
             self.order = None
             return
+        flat = modality.flatten() if self.groups > 1 else torch.zeros_like(modality.flatten())  # each row's group
         if self.skipped:
-            flat = torch.where(skip.flatten(), self.groups, flat if self.groups > 1 else torch.zeros_like(flat))
-        elif self.groups == 1:
-            flat = torch.zeros_like(flat)
+            flat = torch.where(skip.flatten(), self.groups, flat)
         self.order = torch.argsort(flat, stable=True)  # positions of modality 0, then 1, ..., skipped ones last
         self.inverse = torch.empty_like(self.order)
         self.inverse[self.order] = torch.arange(len(self.order), device=self.order.device)

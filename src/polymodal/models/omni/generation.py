@@ -1,7 +1,8 @@
 """Prompts, decoding and sampling of the omni model (:class:`OmniGeneration`, a part of
-:class:`~polymodal.models.omni.model.OmniModel`): text decoded greedy, by beam search or with nucleus sampling,
-images sampled as codes (vq) or denoised in place (latent), interleaved output, and each task's
-entry point (``write``, ``draw``, ``generate``). It reads the network through the model's own
+:class:`~polymodal.models.omni.model.OmniModel`): text decoded greedy, by beam search or with
+nucleus sampling, images sampled as codes (vq) or denoised in place (latent), interleaved output,
+each task's entry point (``write``, ``draw``, ``generate``), and :class:`AsCaptioner`, the model
+as the captioner's scoring reads it. It reads the network through the model's own
 ``pack``, ``forward``, ``logits`` and ``patch_out``. The design: :mod:`polymodal.models.omni`."""
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class OmniGeneration:
                      use_cache: bool, beams: int = 4) -> list[list[int]]:
         tok = self.tokenizer
         if method not in decoding.METHODS:
-            raise ValueError(f"unknown decoding {method!r}; choose from {list(decoding.METHODS)}")
+            raise ValueError(f"an omni model decodes text {', '.join(decoding.METHODS)}, not {method!r}")
         if method == "beam" and beams < 1:
             raise ValueError(f"beams must be at least 1, got {beams}")
         prompt = self.pack(prefixes, side="left")
@@ -258,8 +259,6 @@ class OmniGeneration:
         """The caption of each image of ``batch`` (no prompt) or the answer to its question,
         decoded greedy, with beam search or with nucleus sampling; each sequence ``<bos> <boi>
         image <eoi> question <eos>`` as the model was trained on."""
-        if method not in decoding.METHODS:
-            raise ValueError(f"an omni model decodes text {', '.join(decoding.METHODS)}, not {method!r}")
         name = self._image_field()
         images = batch.get(name)
         if not isinstance(images, torch.Tensor):
@@ -307,3 +306,25 @@ class OmniGeneration:
         if progress and self.config.image == "vq":  # codes are sampled, not denoised: all steps are done
             progress(steps)
         return self.decode_images(tokens)
+
+
+class AsCaptioner:
+    """An omni model as :func:`polymodal.eval.understanding.captioner_metrics` reads a captioner:
+    a ``config`` that says it captions and answers questions (``tasks``), in which columns, and
+    that it hears no speech (no audio ``encoders``); ``generate`` is the model's own
+    (:meth:`OmniModel.write` for a batch of images). So captions and answers are scored by the
+    captioner's code, not a copy of it."""
+
+    def __init__(self, model: OmniGeneration):
+        from types import SimpleNamespace
+
+        self.model = model
+        self.config = SimpleNamespace(tasks=("caption", "vqa"), encoders={}, caption_column=model.config.caption_column,
+                                      qa_column=model.config.qa_column)
+
+    def eval(self) -> AsCaptioner:
+        self.model.eval()
+        return self
+
+    def generate(self, batch: dict, prompts: Sequence[str | None] | None = None, **options) -> list[str]:
+        return self.model.write(batch, prompts, **options)

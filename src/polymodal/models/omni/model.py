@@ -30,7 +30,7 @@ from polymodal.models.family import (
 )
 from polymodal.models.folder import read_tokenizer, write_model_folder
 from polymodal.models.omni.blocks import OmniBlock, Routing, modulate_images
-from polymodal.models.omni.generation import OmniGeneration
+from polymodal.models.omni.generation import AsCaptioner, OmniGeneration
 from polymodal.models.omni.sequence import (
     AUTOENCODER_FOLDER,
     IMAGE,
@@ -44,6 +44,7 @@ from polymodal.models.omni.sequence import (
     OmniExample,
     Segment,
     examples_from_rows,
+    pair_positions,
 )
 from polymodal.nn.diffusion import Diffusion
 from polymodal.nn.dit import sincos_2d
@@ -357,7 +358,7 @@ class OmniModel(OmniGeneration, nn.Module):
         before = cache.key_mask.long().sum(1, keepdim=True) if cache is not None and len(cache) else 0
         positions = (before + seq.key_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T); padding does not shift them
         if self.config.rotary == "2d":
-            positions = self.pair_positions(positions, seq)
+            positions = pair_positions(positions, seq, self.config.latent_grid, self.config.width // self.config.heads)
         key_mask, segments = seq.key_mask, seq.segment
         if cache is not None:
             key_mask, segments = cache.add(key_mask, segments)
@@ -373,20 +374,6 @@ class OmniModel(OmniGeneration, nn.Module):
                 kept = routing.unsort(rows)
         final = routing.unsort(routing.each(self.norms, lambda norm, y, m: self._final(norm(y), m, condition), rows))
         return final if keep is None else (final, kept)
-
-    def pair_positions(self, positions: torch.Tensor, seq: Interleaved) -> torch.Tensor:
-        """The rotary position of each channel pair of each token ``(B, T, D/2)`` (``rotary: 2d``)
-        from the tokens' places in the sequence ``positions`` ``(B, T)``: a text token's pairs all
-        at its place; an image token's pairs in turn at its image's place (its first cell's), that
-        plus the cell's row, and that plus its column."""
-        g, half = self.config.latent_grid, self.config.width // self.config.heads // 2
-        image = seq.modality == IMAGE
-        cell = torch.where(image, seq.cell, 0)
-        start = positions - cell
-        axes = torch.stack([torch.where(image, start, positions), torch.where(image, start + cell // g, positions),
-                            torch.where(image, start + cell % g, positions)], -1)  # (B, T, 3)
-        axis = torch.arange(half, device=positions.device) % 3  # pairs take the axes in turn: each gets fast and slow ones
-        return axes[..., axis]
 
     def image_condition(self, seq: Interleaved, cache: OmniCache | None = None) -> torch.Tensor:
         """Each image's condition ``(N, width)``, the images in the order of their tokens (every
@@ -606,8 +593,7 @@ class OmniModel(OmniGeneration, nn.Module):
         results = evaluate_splits(
             data, splits, fields, self.input_size(),
             lambda items: captioner_metrics(writer, items, fields, decoding=options.decoding, beams=options.beams,
-                                            examples=options.examples,
-                                            dataset=dataset),
+                                            examples=options.examples, dataset=dataset),
             limit=options.limit, progress=options.progress)
         if options.judge is None:
             log.info("no judge given (--judge): the images it draws are not scored")
@@ -656,28 +642,6 @@ class OmniModel(OmniGeneration, nn.Module):
             return cls(config, tokenizer, Autoencoder(autoencoder_config) if autoencoder_config is not None else None)
 
         return load_saved(directory, build, parts=parts, saved=lambda m: m.state_to_save())
-
-
-class AsCaptioner:
-    """An omni model as :func:`polymodal.eval.understanding.captioner_metrics` reads a captioner:
-    a ``config`` that says it captions and answers questions (``tasks``), in which columns, and
-    that it hears no speech (no audio ``encoders``); ``generate`` is the model's own
-    (:meth:`OmniModel.write` for a batch of images). So captions and answers are scored by the
-    captioner's code, not a copy of it."""
-
-    def __init__(self, model: OmniModel):
-        from types import SimpleNamespace
-
-        self.model = model
-        self.config = SimpleNamespace(tasks=("caption", "vqa"), encoders={}, caption_column=model.config.caption_column,
-                                      qa_column=model.config.qa_column)
-
-    def eval(self) -> AsCaptioner:
-        self.model.eval()
-        return self
-
-    def generate(self, batch: dict, prompts: Sequence[str | None] | None = None, **decoding) -> list[str]:
-        return self.model.write(batch, prompts, **decoding)
 
 
 def check_autoencoder(config: OmniConfig, autoencoder: AutoencoderConfig, source: object) -> None:

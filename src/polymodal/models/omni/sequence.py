@@ -223,6 +223,20 @@ class Interleaved:
         return replace(self, latents=flat.view(b, t, c), timesteps=steps.view(b, t))
 
 
+def pair_positions(positions: torch.Tensor, seq: Interleaved, grid: int, head_width: int) -> torch.Tensor:
+    """The rotary position of each channel pair of each token ``(B, T, head_width / 2)``
+    (``rotary: 2d``) from the tokens' places in the sequence ``positions`` ``(B, T)``: a text
+    token's pairs all at its place; an image token's pairs in turn at its image's place (its first
+    cell's), that plus the cell's row on a ``grid`` x ``grid`` latent, and that plus its column."""
+    image = seq.modality == IMAGE
+    cell = torch.where(image, seq.cell, 0)
+    start = positions - cell
+    axes = torch.stack([torch.where(image, start, positions), torch.where(image, start + cell // grid, positions),
+                        torch.where(image, start + cell % grid, positions)], -1)  # (B, T, 3)
+    axis = torch.arange(head_width // 2, device=positions.device) % 3  # pairs take the axes in turn: each gets fast and slow ones
+    return axes[..., axis]
+
+
 def examples_from_rows(rows: Sequence[dict], images: torch.Tensor | Sequence[torch.Tensor], tokenizer: TextTokenizer,
                        config: OmniConfig, rng: random.Random | None = None) -> list[OmniExample]:
     """One training example per row of a shapes world (or any rows with captions and questions).
