@@ -248,6 +248,41 @@ def test_conv_patch_layers_see_neighbouring_cells_train_and_sample(tokenizer, la
     torch.testing.assert_close(images[0], images[1])
 
 
+def test_patch_size_2_makes_a_token_of_each_2x2_block_of_cells(tokenizer):
+    torch.manual_seed(0)
+    autoencoder = Autoencoder(AutoencoderConfig(kind="kl", channels=(8, 8, 8), latent_channels=CHANNELS, image_size=16))
+    config = OmniConfig(image="latent", layout="mot", width=32, depth=2, heads=2, latent_grid=GRID, patch_size=2,
+                        latent_channels=CHANNELS, context_length=48, autoencoder="somewhere/kl", image_size=16)
+    m = OmniModel(config, tokenizer, autoencoder)
+    assert (config.image_tokens, config.token_grid, config.token_channels) == (4, 2, 4 * CHANNELS)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    latents = autoencoder.encode(images) * m.latent_scale  # (2, C, 4, 4)
+    tokens = m.image_tokens(images)
+    assert tokens.shape == (2, 4 * CHANNELS, 2, 2)
+    # the top-right token holds the 2x2 block of cells at rows 0-1, columns 2-3, every channel
+    torch.testing.assert_close(tokens[0, :, 0, 1].view(CHANNELS, 2, 2), latents[0, :, 0:2, 2:4])
+    torch.testing.assert_close(m.decode_images(tokens), autoencoder.decode(latents).clamp(-1, 1))
+    seq = m.pack([m.image_prompt(tokens[0]), caption_first(tokenizer, tokens[1])])
+    assert int(seq.modality.eq(1).sum()) == 2 * 4  # four tokens an image
+    batch = {"image": images, "rows": [{"text": "a red circle", "qa": []}, {"text": "two green stars", "qa": []}]}
+    m.loss(batch, generator=torch.Generator().manual_seed(0))["loss"].backward()
+    assert m.latent_in.weight.grad.shape == (32, 4 * CHANNELS) and torch.isfinite(m.latent_in.weight.grad).all()
+    m.eval()
+    with torch.no_grad():
+        m.latent_out.weight.normal_(0, 0.1)
+    draw = [m.text_prompt("a red circle"), m.text_prompt("two")]
+    drawn = [m.generate_image(draw, steps=3, seed=1, use_cache=use) for use in (True, False)]
+    assert drawn[0].shape == (2, 4 * CHANNELS, 2, 2)
+    torch.testing.assert_close(drawn[0], drawn[1])
+    assert m.decode_images(drawn[0]).shape == (2, 3, 16, 16)
+    with pytest.raises(ValueError, match="a latent image is a \\(16, 2, 2\\)"):
+        m.pack([m.image_prompt(latents[0])])  # unpatched latents are named, not misread
+    with pytest.raises(ValueError, match="divide latent_grid"):
+        replace(config, patch_size=3)
+    with pytest.raises(ValueError, match="needs image: latent"):
+        OmniConfig(image="vq", latent_grid=GRID, patch_size=2)
+
+
 # ---- generation -----------------------------------------------------------------------------
 
 

@@ -14,7 +14,10 @@ Two settings choose the design, and nothing else differs between them:
     autoencoder, one token per latent cell, projected in with a timestep embedding added and
     projected out to the noise that was added to it (``patch: linear``: one map a cell; ``conv``:
     two 3x3 convolutions over the grid each way, the paper's U-Net patch layers in small, so a
-    token reads its neighbouring cells). The loss is the text next-token loss plus
+    token reads its neighbouring cells). ``patch_size: 2`` makes one token of each 2x2 block of
+    cells (its 4 x C values; the paper's patch size): an 8x8 grid is 16 tokens, not 64, so a
+    drawing costs less of every step and :meth:`OmniModel.image_tokens` gives ``(C p^2, g/p, g/p)``
+    grids. The loss is the text next-token loss plus
     ``diffusion_weight`` (lambda, 5 in the paper) times the diffusion loss (epsilon prediction,
     cosine schedule) on the image tokens. Attention is causal across the sequence and
     bidirectional inside each image: a causal image block took the paper's FID from 20.3 to 61.3

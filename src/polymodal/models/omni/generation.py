@@ -115,7 +115,7 @@ class OmniGeneration:
 
     def _sample_codes(self, prompt: Interleaved, b: int, guided: bool, guidance: float, top_p: float,
                       temperature: float, generator: torch.Generator, use_cache: bool) -> torch.Tensor:
-        t0, offset, g = prompt.ids.shape[1], self.text_vocab, self.config.latent_grid
+        t0, offset, g = prompt.ids.shape[1], self.text_vocab, self.config.token_grid
 
         def step(codes: torch.Tensor, cache: OmniCache | None) -> torch.Tensor:  # (B, t) of the guided rows
             if cache is None or not len(cache):
@@ -148,7 +148,7 @@ class OmniGeneration:
         cache = self.new_cache() if use_cache else None
         if cache is not None:
             self.forward(prompt, cache)  # the prefix, once
-        x = torch.randn((b, c.image_tokens, c.latent_channels), device=self.device, generator=generator)
+        x = torch.randn((b, c.image_tokens, c.token_channels), device=self.device, generator=generator)
         for i, t in enumerate(scheduler.timesteps):
             block = self._latent_block(torch.cat([x, x]) if guided else x, int(t), segment)
             if cache is not None:  # the block attends to the cached prefix; the cache forgets it again
@@ -164,7 +164,7 @@ class OmniGeneration:
             x = scheduler.step(noise, t, x, generator=generator).prev_sample
             if progress:
                 progress(i + 1)
-        return x.transpose(1, 2).reshape(b, c.latent_channels, c.latent_grid, c.latent_grid)
+        return x.transpose(1, 2).reshape(b, c.token_channels, c.token_grid, c.token_grid)
 
     @torch.no_grad()
     def generate_interleaved(self, prefixes: Sequence[Sequence[Segment]], *, max_new_tokens: int = 40, max_images: int = 1,

@@ -82,7 +82,7 @@ class OmniModel(OmniGeneration, nn.Module):
         experts = 2 if c.layout == "mot" else 1
         self.token_embedding = nn.Embedding(self.vocab, c.width)
         self.image_position = nn.Parameter(  # the 2-D place of a cell, learned
-            sincos_2d(c.latent_grid, c.width) if c.image_positions == "sincos" else torch.randn(c.image_tokens, c.width) * 0.02)
+            sincos_2d(c.token_grid, c.width) if c.image_positions == "sincos" else torch.randn(c.image_tokens, c.width) * 0.02)
         self.modulated = c.image == "latent" and c.time_conditioning == "adaln"
         self.blocks = nn.ModuleList(OmniBlock(c.width, c.heads, c.mlp_ratio, c.qk_norm, experts, c.rotary_base,
                                               self.modulated) for _ in range(c.depth))
@@ -98,14 +98,14 @@ class OmniModel(OmniGeneration, nn.Module):
             self.time_mlp = nn.Sequential(nn.Linear(c.width, c.width), nn.SiLU(), nn.Linear(c.width, c.width))
             self.text_to_condition = nn.Linear(c.width, c.width) if c.text_condition else None
             if c.patch == "conv":  # over the (C, g, g) grid of an image; the hidden width half the model's
-                inner = max(c.width // 2, c.latent_channels)
-                self.latent_in = nn.Sequential(nn.Conv2d(c.latent_channels, inner, 3, padding=1), nn.SiLU(),
+                inner = max(c.width // 2, c.token_channels)
+                self.latent_in = nn.Sequential(nn.Conv2d(c.token_channels, inner, 3, padding=1), nn.SiLU(),
                                                nn.Conv2d(inner, c.width, 3, padding=1))
                 self.latent_out = nn.Sequential(nn.Conv2d(c.width, inner, 3, padding=1), nn.SiLU(),
-                                                nn.Conv2d(inner, c.latent_channels, 3, padding=1))
+                                                nn.Conv2d(inner, c.token_channels, 3, padding=1))
             else:
-                self.latent_in = nn.Linear(c.latent_channels, c.width)
-                self.latent_out = nn.Linear(c.width, c.latent_channels)
+                self.latent_in = nn.Linear(c.token_channels, c.width)
+                self.latent_out = nn.Linear(c.width, c.token_channels)
             last = self.latent_out[-1] if c.patch == "conv" else self.latent_out
             nn.init.zeros_(last.weight)  # the prediction starts at 0
             nn.init.zeros_(last.bias)
@@ -144,7 +144,8 @@ class OmniModel(OmniGeneration, nn.Module):
 
     @torch.no_grad()
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """Images ``(B, 3, S, S)`` in [-1, 1] -> codes ``(B, g, g)`` (vq) or scaled latents ``(B, C, g, g)``."""
+        """Images ``(B, 3, S, S)`` in [-1, 1] -> codes ``(B, g, g)`` (vq) or scaled latents ``(B, C, g, g)``
+        (with ``patch_size`` p: each p x p block of cells as one cell of C p^2 channels, ``(B, C p^2, g/p, g/p)``)."""
         if self.autoencoder is None:
             raise ValueError("this model has no autoencoder: pass image tokens, not images")
         side = self.config.image_size
@@ -153,7 +154,9 @@ class OmniModel(OmniGeneration, nn.Module):
                              f"(set data.image_size: {side})")
         if self.config.image == "vq":
             return self.autoencoder.encode_codes(images)
-        return self.autoencoder.encode(images) * self.latent_scale
+        latents = self.autoencoder.encode(images) * self.latent_scale
+        p = self.config.patch_size
+        return F.pixel_unshuffle(latents, p) if p > 1 else latents
 
     @torch.no_grad()
     def decode_images(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -162,7 +165,9 @@ class OmniModel(OmniGeneration, nn.Module):
             raise ValueError("this model has no autoencoder to draw its image tokens with")
         if self.config.image == "vq":
             return self.autoencoder.decode_codes(tokens).clamp(-1, 1)
-        return self.autoencoder.decode(tokens / self.latent_scale).clamp(-1, 1)
+        p = self.config.patch_size
+        latents = F.pixel_shuffle(tokens, p) if p > 1 else tokens
+        return self.autoencoder.decode(latents / self.latent_scale).clamp(-1, 1)
 
     @torch.no_grad()
     def training_tokens(self, images: torch.Tensor, rows: Sequence[dict] | None) -> torch.Tensor:
@@ -176,8 +181,8 @@ class OmniModel(OmniGeneration, nn.Module):
     @torch.no_grad()
     def alignment_targets(self, images: torch.Tensor, rows: Sequence[dict] | None) -> torch.Tensor:
         """The teacher's features of each training image on the latent grid ``(B, cells, C)`` (its
-        feature map averaged over each latent cell's pixels), cached by file as :meth:`training_tokens`."""
-        g = self.config.latent_grid
+        feature map averaged over each token's pixels), cached by file as :meth:`training_tokens`."""
+        g = self.config.token_grid
 
         def cells(x: torch.Tensor) -> torch.Tensor:
             return F.adaptive_avg_pool2d(self.teacher.feature_map(x).float(), g).flatten(2).transpose(1, 2)
@@ -207,7 +212,7 @@ class OmniModel(OmniGeneration, nn.Module):
     def _image_tokens_of(self, image: torch.Tensor, where: str) -> torch.Tensor:
         """An image segment as its tokens: code ids ``(cells,)`` (vq) or latents ``(cells, C)``."""
         c = self.config
-        g = c.latent_grid
+        g = c.token_grid
         if c.image == "vq":
             if image.shape != (g, g) or image.dtype != torch.long:
                 raise ValueError(f"{where}: a vq image is a ({g}, {g}) grid of integer codes, got "
@@ -215,8 +220,8 @@ class OmniModel(OmniGeneration, nn.Module):
             if image.min() < 0 or image.max() >= c.codebook_size:
                 raise ValueError(f"{where}: codes must be in 0..{c.codebook_size - 1}")
             return image.flatten() + self.text_vocab
-        if image.shape != (c.latent_channels, g, g) or not image.is_floating_point():
-            raise ValueError(f"{where}: a latent image is a ({c.latent_channels}, {g}, {g}) float grid, got "
+        if image.shape != (c.token_channels, g, g) or not image.is_floating_point():
+            raise ValueError(f"{where}: a latent image is a ({c.token_channels}, {g}, {g}) float grid, got "
                              f"{tuple(image.shape)} {image.dtype}")
         return image.flatten(1).T.float()  # (cells, C), row-major cells
 
@@ -270,7 +275,7 @@ class OmniModel(OmniGeneration, nn.Module):
         ids, modality, segment, cell = (table(tok.pad_id, torch.long), table(TEXT, torch.long),
                                         table(0, torch.long), table(0, torch.long))
         key_mask = table(False, torch.bool)
-        latents = torch.zeros(b, t, c.latent_channels) if latent else None
+        latents = torch.zeros(b, t, c.token_channels) if latent else None
         image_index, clean, caps = [], [], []
         for i, (r_ids, r_modality, r_segment, r_cell, r_images) in enumerate(rows):
             lo = 0 if side == "right" else t - len(r_ids)
@@ -298,7 +303,7 @@ class OmniModel(OmniGeneration, nn.Module):
         latent = self.config.image == "latent"
         return Interleaved(ids, torch.full_like(ids, modality), torch.full_like(ids, segment), cells,
                            ids != self.tokenizer.pad_id if modality == TEXT else torch.ones_like(ids, dtype=torch.bool),
-                           ids.new_zeros(b, t, self.config.latent_channels, dtype=torch.float) if latent else None,
+                           ids.new_zeros(b, t, self.config.token_channels, dtype=torch.float) if latent else None,
                            torch.zeros_like(ids) if latent else None)
 
     def _latent_block(self, x: torch.Tensor, t: int, segment: int) -> Interleaved:
@@ -346,8 +351,8 @@ class OmniModel(OmniGeneration, nn.Module):
 
     def _over_grid(self, layers: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``layers`` (convolutions) over images given as their cells ``(N, cells, D)``, laid out
-        on the latent grid: ``(N, cells, D')``."""
-        g = self.config.latent_grid
+        on the grid of tokens: ``(N, cells, D')``."""
+        g = self.config.token_grid
         grids = x.reshape(len(x), g, g, -1).permute(0, 3, 1, 2)
         return layers(grids).permute(0, 2, 3, 1).reshape(len(x), g * g, -1)
 
@@ -358,7 +363,7 @@ class OmniModel(OmniGeneration, nn.Module):
         before = cache.key_mask.long().sum(1, keepdim=True) if cache is not None and len(cache) else 0
         positions = (before + seq.key_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T); padding does not shift them
         if self.config.rotary == "2d":
-            positions = pair_positions(positions, seq, self.config.latent_grid, self.config.width // self.config.heads)
+            positions = pair_positions(positions, seq, self.config.token_grid, self.config.width // self.config.heads)
         key_mask, segments = seq.key_mask, seq.segment
         if cache is not None:
             key_mask, segments = cache.add(key_mask, segments)

@@ -81,7 +81,10 @@ class OmniConfig:
     align_depth: int = 2  # blocks before the aligned hidden states
     align_weight: float = 0.5  # weight of the alignment loss (1 - cosine similarity, averaged over cells)
     codebook_size: int = 512  # vq: codes of the VQ autoencoder (extra tokens of the vocabulary)
-    latent_grid: int = 8  # side of an image's latent grid: latent_grid**2 tokens (8: 64 for a 32x32 image)
+    latent_grid: int = 8  # side of an image's latent grid (the autoencoder's; 8: 64 cells for a 32x32 image)
+    patch_size: int = 1  # latent: cells a token takes along each side (2: a token holds a 2x2 block of
+    # cells, C x 4 values; an 8x8 grid becomes 16 tokens), the paper's patch size: a quarter of the
+    # image tokens for the same picture, so a drawing costs less of every step
     latent_scale: float | None = None  # latent: latents are multiplied by this (None: 1; the builder
     # measures 1 / the standard deviation of the training latents, so diffusion sees unit variance)
     image_first_share: float = 0.2  # share of image-caption pairs with the image first (captioning)
@@ -138,6 +141,10 @@ class OmniConfig:
                              f"{self.heads} heads is {self.width // self.heads}")
         if not 1 <= self.latent_grid <= 256:
             raise ValueError(f"latent_grid must be from 1 to 256, got {self.latent_grid}")
+        if self.patch_size < 1 or self.latent_grid % self.patch_size:
+            raise ValueError(f"patch_size must be at least 1 and divide latent_grid {self.latent_grid}; got {self.patch_size}")
+        if self.patch_size > 1 and self.image != "latent":
+            raise ValueError("patch_size above 1 needs image: latent (vq codes are one token a cell)")
         if self.latent_scale is not None and self.latent_scale <= 0:
             raise ValueError(f"latent_scale must be positive, got {self.latent_scale}")
         shortest = self.image_tokens + 8  # an image, its frame and a few text tokens
@@ -151,7 +158,17 @@ class OmniConfig:
     @property
     def image_tokens(self) -> int:
         """Tokens of one image (without its ``<boi>`` and ``<eoi>``)."""
-        return self.latent_grid**2
+        return self.token_grid**2
+
+    @property
+    def token_grid(self) -> int:
+        """Side of an image's grid of tokens: the latent grid over the patch size."""
+        return self.latent_grid // self.patch_size
+
+    @property
+    def token_channels(self) -> int:
+        """Values of one latent image token: the latent channels of its ``patch_size``-square cells."""
+        return self.latent_channels * self.patch_size**2
 
     def diffusion_config(self) -> DiffusionConfig:
         return DiffusionConfig(**{**DIFFUSION_DEFAULTS, **self.diffusion})
