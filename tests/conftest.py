@@ -6,6 +6,21 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# For a child process's script: ``peak_bytes()``, the most resident memory its own program has held
+# (VmHWM). Not ``ru_maxrss``: Linux carries a process's high-water mark across exec, so a child of
+# a big test process would report its parent's peak (a child of a 1.5 GB parent read 1,513 MB where
+# VmHWM read 13 MB).
+PEAK_BYTES = """
+def peak_bytes():
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):  # not Linux: the high-water mark is the best there is
+        import resource, sys
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+"""
+
 
 @pytest.fixture(scope="session")
 def small_world(tmp_path_factory):

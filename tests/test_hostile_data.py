@@ -4,7 +4,7 @@ memory or time, or to end a run.
 The bar (``test_every_command_survives_the_hostile_corpus``): ``data inspect``, ``data shard``
 and a short ``train`` — in memory and streamed, from the folder and from shards — each finish,
 name every bad sample with its reason, never open the sentinel outside the folder (an audit hook
-records every file the process opens), and stay under 2 GB of peak memory (``ru_maxrss`` of a
+records every file the process opens), and stay under 2 GB of peak memory (its VmHWM, of a
 fresh process). The other tests check one class of input each, in this process, in seconds.
 """
 
@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import PEAK_BYTES
 from PIL import Image, ImageDraw
 
 from polymodal.data.dataset import DecodeOptions, MultimodalDataset
@@ -514,8 +515,8 @@ def test_odd_sample_rates_resample_with_a_bounded_filter_and_absurd_ones_are_ref
 
 # ---- the bar: each command in a fresh process, its peak memory and every file it opens ------------------
 
-RUNNER = textwrap.dedent("""
-    import json, logging, os, resource, sys
+RUNNER = PEAK_BYTES + textwrap.dedent("""
+    import json, logging, os, sys
     watched, result, commands = json.loads(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
     opened = []
 
@@ -541,7 +542,7 @@ RUNNER = textwrap.dedent("""
         outcome = CliRunner().invoke(app, args)
         runs.append({"args": args, "exit_code": outcome.exit_code, "error": repr(outcome.exception),
                      "output": outcome.output[-3000:], "messages": messages[start:], "opened": opened[first_open:]})
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_bytes()
     json.dump({"runs": runs, "opened": opened, "peak": peak}, open(result, "w"))
 """)
 

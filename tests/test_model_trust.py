@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import PEAK_BYTES
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -405,8 +406,8 @@ def test_generate_image_exits_2_with_one_line(corpus, tmp_path, name):
     assert not (tmp_path / "x.png").exists()
 
 
-LOAD_ALL = """
-import json, resource, sys
+LOAD_ALL = PEAK_BYTES + """
+import json, sys
 from polymodal.errors import InputError
 from polymodal.models import load_model
 errors = {}
@@ -416,13 +417,13 @@ for name, folder in json.loads(sys.argv[1]).items():
         errors[name] = None
     except InputError as e:
         errors[name] = str(e)
-print(json.dumps({"errors": errors, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"errors": errors, "peak_mb": peak_bytes() / 2**20}))
 """
 
 
 @pytest.mark.slow  # a fresh Python with torch: 10-45 s on a busy 2-core machine
 def test_the_whole_corpus_loads_in_one_process_within_a_gigabyte(corpus):
-    """ru_maxrss is the process's peak: had any case allocated what it asked for (a depth of a
+    """The process's peak resident memory (VmHWM): had any case allocated what it asked for (a depth of a
     million blocks, a 16384-pixel position table), the peak would show it."""
     out = subprocess.run([sys.executable, "-c", LOAD_ALL, json.dumps({k: str(v) for k, v in corpus.items()})],
                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
