@@ -78,6 +78,7 @@ def test_transfusion_trains_from_its_recipe_and_loads_for_every_task(transfusion
 def test_chameleon_and_mot_train_from_their_recipes(parts, recipe, kind, image, layout):
     model = load_model(train(recipe, parts / f"ae-{kind}", parts / recipe))
     assert (model.config.image, model.config.layout) == (image, layout)
+    assert model.config.image_tokens == (4 if image == "latent" else 16)  # mot: a token a 2x2 block of cells
     drawn = model.generate(["a red circle"], steps=2, seed=1)
     assert drawn.shape == (1, 3, SIZE, SIZE) and drawn.abs().max() <= 1.0
     assert torch.equal(drawn, model.generate(["a red circle"], steps=2, seed=1))  # seeded
