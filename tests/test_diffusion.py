@@ -3,7 +3,12 @@ import math
 import pytest
 import torch
 
-from polymodal.nn.diffusion import Diffusion, DiffusionConfig
+from polymodal.nn.diffusion import (
+    Diffusion,
+    DiffusionConfig,
+    check_guidance_interval,
+    guidance_scale,
+)
 from polymodal.nn.dit import DiT, DiTConfig
 from polymodal.nn.unet import SpatialTransformer, UNet, UNetConfig, position_code
 
@@ -189,3 +194,18 @@ def test_attention_blocks_know_where_they_are(positions):
     code = position_code(8, 8, 16, torch.device("cpu"))
     assert code.shape == (64, 16)
     assert len({tuple(row.tolist()) for row in code.round(decimals=4)}) == 64  # every position its own code
+
+
+def test_a_guidance_interval_guides_only_the_timesteps_inside_it():
+    assert check_guidance_interval(None) is None
+    assert check_guidance_interval("0, 500") == (0, 500) and check_guidance_interval((10, 10)) == (10, 10)
+    interval = (100, 500)
+    assert [guidance_scale(3.0, t, interval) for t in (999, 501, 500, 300, 100, 99, 0)] == [1, 1, 3, 3, 3, 1, 1]
+    assert guidance_scale(3.0, torch.tensor(999), None) == 3.0  # no interval: every step
+    for bad, match in (("500,0", "low <= high"), ("0,1000", "< 1000"), ("-1,5", "0 <= low"), ("a,b", "LOW,HIGH"),
+                       ("1,2,3", "two whole"), ((0.5, 3), "whole")):
+        with pytest.raises(ValueError, match=match):
+            check_guidance_interval(bad)
+    assert check_guidance_interval("0,99", train_steps=100) == (0, 99)
+    with pytest.raises(ValueError, match="< 100"):
+        check_guidance_interval("0,100", train_steps=100)

@@ -51,6 +51,24 @@ def test_eval_scores_a_text_to_image_model_by_category(setup):
         assert 0.0 <= test[key] <= 1.0 or key == "frechet distance"
 
 
+def test_eval_and_generate_take_a_guidance_interval(setup):
+    out = setup["root"] / "t2i-interval.json"
+    result = invoke("eval", setup["run"] / "model", "--data", setup["world"], "--judge", setup["judge"],
+                    "--split", "test", "--per-category", 1, "--steps", 2, "--cfg-interval", "0,500", "--json", out)
+    assert result.exit_code == 0, result.output
+    assert "overall" in json.loads(out.read_text())["test"]
+    grid = setup["root"] / "interval.png"
+    drawn = invoke("generate", "image", setup["run"] / "model", "a red circle", "--n", 2, "--steps", 2,
+                   "--cfg-interval", "0,500", "--out", grid)
+    assert drawn.exit_code == 0, drawn.output
+    assert grid.is_file()
+    for command in (["eval", setup["run"] / "model", "--data", setup["world"], "--judge", setup["judge"]],
+                    ["generate", "image", setup["run"] / "model", "a red circle", "--out", setup["root"] / "x.png"]):
+        bad = invoke(*command, "--cfg-interval", "500,0")
+        assert bad.exit_code == 2 and "guidance interval" in bad.output and "Traceback" not in bad.output
+    assert not (setup["root"] / "x.png").exists()
+
+
 def test_eval_of_a_text_to_image_model_needs_a_judge(setup):
     result = invoke("eval", setup["run"] / "model", "--data", setup["world"])
     assert result.exit_code == 2 and "--judge" in result.output

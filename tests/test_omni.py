@@ -668,3 +668,21 @@ def test_save_and_load_round_trip_with_the_autoencoder(tokenizer, tmp_path):
     (tmp_path / "omni" / "config.json").write_text(config.replace('"codebook_size": 16', '"codebook_size": 32'))
     with pytest.raises(InputError, match="codebook_size"):
         OmniModel.from_pretrained(tmp_path / "omni")
+
+
+def test_a_guidance_interval_guides_only_the_latent_steps_inside_it(tokenizer):
+    m = make(tokenizer, "latent").eval()
+    with torch.no_grad():  # a noise prediction that reads the text, so guidance matters
+        m.latent_out.weight.normal_(0, 0.5)
+    draw = [m.text_prompt("a red circle"), m.text_prompt("two")]  # 4 DDIM steps: timesteps 999, 749, 499, 249
+    guided = m.generate_image(draw, steps=4, seed=0, guidance=3.0)
+    assert torch.equal(m.generate_image(draw, steps=4, seed=0, guidance=3.0, guidance_interval=(0, 999)), guided)
+    unguided = m.generate_image(draw, steps=4, seed=0, guidance=1.0)
+    torch.testing.assert_close(m.generate_image(draw, steps=4, seed=0, guidance=3.0, guidance_interval=(800, 900)),
+                               unguided, atol=1e-4, rtol=0)
+    low = m.generate_image(draw, steps=4, seed=0, guidance=3.0, guidance_interval="0,500")
+    assert not torch.allclose(low, guided, atol=1e-3) and not torch.allclose(low, unguided, atol=1e-3)
+    with pytest.raises(ValueError, match="guidance interval"):
+        m.generate_image(draw, steps=2, guidance_interval=(0, 1000))
+    with pytest.raises(ValueError, match="latent images"):
+        make(tokenizer, "vq").eval().generate_image(draw, guidance_interval=(0, 500))

@@ -245,7 +245,8 @@ def test_generate_interleaved_draws_in_place_and_says_what_it_drew(transfusion, 
     assert isinstance(contexts[1][-2], torch.Tensor) and contexts[1][-1] == [eos]
     monkeypatch.undo()  # --draw: the first image right after the prompt, whatever the model would write
     drawn = CliRunner().invoke(app, ["generate", "interleaved", str(transfusion), "a small red circle", "--draw",
-                                     "--ask", QUESTION, "--steps", "2", "--max-tokens", "3", "--out", str(tmp_path / "d")])
+                                     "--ask", QUESTION, "--steps", "2", "--max-tokens", "3", "--cfg-interval", "0,500",
+                                     "--out", str(tmp_path / "d")])
     assert drawn.exit_code == 0, drawn.output
     sequence = json.loads((tmp_path / "d" / "sequence.json").read_text())["sequence"]
     assert sequence[:2] == [{"image": "image-1.png"}, {"asked": QUESTION}]
@@ -255,6 +256,8 @@ def test_generate_interleaved_draws_in_place_and_says_what_it_drew(transfusion, 
     assert both.exit_code == 2 and "not both" in both.output
     empty = CliRunner().invoke(app, ["generate", "interleaved", str(transfusion), " "])
     assert empty.exit_code == 2 and "empty" in empty.output
+    late = CliRunner().invoke(app, ["generate", "interleaved", str(transfusion), "a red circle", "--cfg-interval", "0,1000"])
+    assert late.exit_code == 2 and "guidance interval" in late.output
 
 # ---- serving -----------------------------------------------------------------------------------
 

@@ -240,3 +240,20 @@ def test_training_latents_are_encoded_once_per_sample(tokenizer, tmp_path):
     assert calls == [1]  # only the new sample
     m.training_latents(b["image"][:2], [{"text": "no id"}, rows[0]])  # rows without ids: encoded as they come
     assert calls == [1, 2]
+
+
+def test_a_guidance_interval_guides_only_the_steps_inside_it(tokenizer):
+    m = make(tokenizer).eval()
+    with torch.no_grad():
+        for p in m.denoiser.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    prompts = PROMPTS[:2]  # 4 DDIM steps: timesteps 999, 749, 499, 249
+    guided = m.generate(prompts, steps=4, seed=3, guidance=3.0)
+    assert torch.equal(m.generate(prompts, steps=4, seed=3, guidance=3.0, guidance_interval=(0, 999)), guided)
+    unguided = m.generate(prompts, steps=4, seed=3, guidance=1.0)
+    none_inside = m.generate(prompts, steps=4, seed=3, guidance=3.0, guidance_interval=(500, 700))
+    torch.testing.assert_close(none_inside, unguided, atol=1e-5, rtol=0)
+    low = m.generate(prompts, steps=4, seed=3, guidance=3.0, guidance_interval="0,500")
+    assert not torch.allclose(low, guided, atol=1e-4) and not torch.allclose(low, unguided, atol=1e-4)
+    with pytest.raises(ValueError, match="guidance interval"):
+        m.generate(prompts, steps=4, guidance_interval=(600, 100))

@@ -24,6 +24,9 @@ def generate_image(
     prompt: Annotated[str, typer.Argument(help="What to draw.")],
     n: Annotated[int, typer.Option("--n", help="Images to draw.")] = 8,
     cfg: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale (1: none).")] = 3.0,
+    cfg_interval: Annotated[str | None, typer.Option(
+        "--cfg-interval", help="Guide only at timesteps LOW,HIGH (0-999; high is noisy), e.g. 0,500 (default: every "
+                               "step).")] = None,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 50,
     sampler: Annotated[str, typer.Option(help="ddim (deterministic) or ddpm (ancestral).")] = "ddim",
     seed: Annotated[int, typer.Option(help="Random seed; the same seed draws the same images.")] = 0,
@@ -40,20 +43,24 @@ def generate_image(
 
     from polymodal.modalities.image import image_grid
     from polymodal.models import load_model
+    from polymodal.nn.diffusion import check_guidance_interval
 
     try:
         if n < 1:
             raise ValueError(f"--n must be at least 1, got {n}")
+        interval = check_guidance_interval(cfg_interval)
         generator = load_model(model, task="generate image")
         start = time.perf_counter()
         with progress_bar("denoising", steps) as update, torch.no_grad():
             images = generator.generate([prompt] * n, guidance=cfg, steps=steps, sampler=sampler, seed=seed,
-                                        compose=compose, progress=update)
+                                        compose=compose, progress=update,
+                                        **({} if interval is None else {"guidance_interval": interval}))
     except (InputError, ValueError) as e:
         raise fail(e) from None
     out = out or Path(re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60] + ".png")
     out.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, columns=columns, scale=scale, title=f"{prompt}  (cfg {cfg:g}{', composed' if compose else ''}, {steps} {sampler} steps, seed {seed})"
+    guided = f"cfg {cfg:g}" + (f" at t {interval[0]}-{interval[1]}" if interval else "")
+    image_grid(images, columns=columns, scale=scale, title=f"{prompt}  ({guided}{', composed' if compose else ''}, {steps} {sampler} steps, seed {seed})"
                ).save(out)
     console.print(f"{n} images in {time.perf_counter() - start:.1f} s -> {out}")
 
@@ -106,6 +113,9 @@ def generate_interleaved(
     max_images: Annotated[int, typer.Option(help="Most images to draw.")] = 1,
     max_tokens: Annotated[int, typer.Option(help="Most text tokens to write.")] = 40,
     cfg: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale of the images (1: none).")] = 3.0,
+    cfg_interval: Annotated[str | None, typer.Option(
+        "--cfg-interval", help="Guide only at timesteps LOW,HIGH (0-999; high is noisy), e.g. 0,500 (default: every "
+                               "step).")] = None,
     steps: Annotated[int, typer.Option(help="Denoising steps of each latent image.")] = 50,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed writes and draws the same.")] = 0,
     out: Annotated[Path, typer.Option(help="Folder for the drawn images (image-1.png, ...) and sequence.json.")] = Path(
@@ -118,6 +128,7 @@ def generate_interleaved(
 
     from polymodal.modalities.image import to_pil
     from polymodal.models import load_model
+    from polymodal.nn.diffusion import check_guidance_interval
 
     if describe and ask is not None:
         raise fail(ValueError("give --describe or --ask, not both"))
@@ -130,6 +141,7 @@ def generate_interleaved(
     if not prompt.strip():
         raise fail(ValueError("the prompt is empty"))
     try:
+        interval = check_guidance_interval(cfg_interval)
         omni = load_model(model, task="generate image")
         if not hasattr(omni, "generate_interleaved"):
             raise InputError(model, "this model does not write interleaved text and images (an omni model does)")
@@ -143,7 +155,7 @@ def generate_interleaved(
         with torch.no_grad():
             segments = omni.generate_interleaved([prefix], max_new_tokens=max_tokens, max_images=max_images,
                                                  guidance=cfg, steps=steps, seed=seed, after_image=after,
-                                                 open_image=draw)[0]
+                                                 open_image=draw, guidance_interval=interval)[0]
             pictures = [s for s in segments if isinstance(s, torch.Tensor)]
             drawn = omni.decode_images(torch.stack(pictures)) if pictures else None
     except (InputError, ValueError) as e:

@@ -196,6 +196,9 @@ def eval_command(
     judge: Annotated[Path | None, typer.Option(help="Text-to-image and autoencoders: the detector that judges the images.")] = None,
     clip: Annotated[Path | None, typer.Option(help="Text-to-image: a contrastive model for the CLIP score.")] = None,
     cfg: Annotated[float, typer.Option("--cfg", help="Text-to-image: guidance scale.")] = 3.0,
+    cfg_interval: Annotated[str | None, typer.Option(
+        "--cfg-interval", help="Text-to-image: guide only at timesteps LOW,HIGH (0-999; high is noisy), e.g. 0,500 "
+                               "(default: every step).")] = None,
     steps: Annotated[int, typer.Option(help="Text-to-image: denoising steps.")] = 50,
     per_category: Annotated[int, typer.Option(help="Text-to-image: prompts per GenEval category and split.")] = 50,
     compose: Annotated[bool, typer.Option(
@@ -211,6 +214,7 @@ def eval_command(
     prompts), the judge's accuracy on real images, Frechet distance and CLIP score. Autoencoders:
     reconstruction error, and with --judge the judge's accuracy on the reconstructions."""
     from polymodal.models import EvalOptions, default_splits, evaluate
+    from polymodal.nn.diffusion import check_guidance_interval
     from polymodal.speech.evaluate import DEFAULT_SPLITS, evaluate_recogniser, is_recogniser_spec
 
     try:
@@ -227,7 +231,7 @@ def eval_command(
                 raise ValueError(f"--beams must be at least 1, got {beams}")
             options = EvalOptions(limit=limit, class_names=names, decoding=decoding, beams=beams, examples=examples,
                                   judge=judge, clip=clip, guidance=cfg, sample_steps=steps, per_category=per_category,
-                                  compose=compose)
+                                  compose=compose, guidance_interval=check_guidance_interval(cfg_interval))
             results = evaluate(model, data, split, options)
     except (InputError, ValueError) as e:
         raise fail(e) from None

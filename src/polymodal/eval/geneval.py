@@ -388,14 +388,18 @@ def scene_generator(prompts: Sequence[dict], size: int = 32) -> Callable[[list[s
 
 @torch.no_grad()
 def generator_function(model, guidance: float, steps: int, batch: int = 100,
-                       progress: Callable[[int], None] | None = None, compose: bool = False):
+                       progress: Callable[[int], None] | None = None, compose: bool = False,
+                       guidance_interval: tuple[int, int] | str | None = None):
     """``generate(prompts, seed)`` for :func:`evaluate_generator`, in chunks of ``batch``;
-    ``compose``: "and"-joined prompts are drawn as conjunctions (``TextToImage.generate``)."""
+    ``compose``: "and"-joined prompts are drawn as conjunctions (``TextToImage.generate``);
+    ``guidance_interval``: the timesteps guided (default: every step)."""
+    extra = {} if guidance_interval is None else {"guidance_interval": guidance_interval}
+
     def generate(prompts: list[str], seed: int) -> torch.Tensor:
         out = []
         for k, start in enumerate(range(0, len(prompts), batch)):
             out.append(model.generate(prompts[start : start + batch], guidance=guidance, steps=steps, seed=seed * 1000 + k,
-                                      compose=compose))
+                                      compose=compose, **extra))
             if progress:
                 progress(len(out[-1]))
         return torch.cat(out)

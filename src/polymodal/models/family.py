@@ -124,6 +124,7 @@ class EvalOptions:
     judge: str | os.PathLike | None = None  # a detector that judges generated or reconstructed images
     clip: str | os.PathLike | None = None  # a contrastive model for a CLIP score
     guidance: float = 3.0  # classifier-free guidance scale
+    guidance_interval: tuple[int, int] | str | None = None  # timesteps (low, high) guided; None: every step
     sample_steps: int = 50  # denoising steps
     per_category: int = 50  # prompts per GenEval-style category and split
     seed: int = 0

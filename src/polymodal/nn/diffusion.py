@@ -20,6 +20,9 @@ pure noise). With epsilon prediction on the cosine schedule that first step divi
 20,000, so it is clamped to ``clip_sample_range`` (pixels: 1; latents: the range of their values).
 The sampling loop itself, with classifier-free guidance, lives in the model
 (:meth:`polymodal.models.text_to_image.TextToImage.generate`) so it stays short and visible.
+Guidance may be limited to an interval of noise levels (Kynkaanniemi et al. 2024, "Applying
+guidance in a limited interval"): :func:`guidance_scale` is the scale at each sampler step,
+``guidance`` inside the interval and 1 (the conditional prediction alone) outside it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,34 @@ PREDICTIONS = {"epsilon": "epsilon", "v": "v_prediction"}
 SAMPLERS = ("ddpm", "ddim")
 WEIGHTINGS = ("none", "min_snr", "min_snr_plus_one")
 TIMESTEPS = ("uniform", "logit_normal")
+
+
+def check_guidance_interval(interval, train_steps: int = 1000) -> tuple[int, int] | None:
+    """``interval`` as ``(low, high)`` timesteps (``None``: guidance at every step), checked: two
+    whole numbers with ``0 <= low <= high < train_steps``. A string ``"low,high"`` is read too."""
+    if interval is None:
+        return None
+    if isinstance(interval, str):
+        parts = [p.strip() for p in interval.split(",")]
+        try:
+            interval = tuple(int(p) for p in parts)
+        except ValueError:
+            raise ValueError(f"guidance interval {interval!r}: give two timesteps as LOW,HIGH, e.g. 0,500") from None
+    if len(interval) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in interval):
+        raise ValueError(f"guidance interval {interval!r}: give two whole timesteps (low, high)")
+    low, high = interval
+    if not 0 <= low <= high < train_steps:
+        raise ValueError(f"guidance interval ({low}, {high}): need 0 <= low <= high < {train_steps}, the "
+                         "schedule's timesteps (high noise near the top)")
+    return low, high
+
+
+def guidance_scale(guidance: float, t: int, interval: tuple[int, int] | None) -> float:
+    """The classifier-free guidance scale at timestep ``t``: ``guidance`` where ``interval`` (checked
+    by :func:`check_guidance_interval`) holds ``t`` or is ``None``, else 1 (no guidance)."""
+    if interval is None or interval[0] <= int(t) <= interval[1]:
+        return guidance
+    return 1.0
 
 
 @dataclass

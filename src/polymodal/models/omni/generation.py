@@ -13,6 +13,7 @@ import torch
 
 from polymodal.models.omni.sequence import IMAGE, TEXT, Interleaved, OmniCache, Segment
 from polymodal.nn import decoding
+from polymodal.nn.diffusion import check_guidance_interval, guidance_scale
 
 
 class OmniGeneration:
@@ -91,6 +92,7 @@ class OmniGeneration:
     def generate_image(self, prefixes: Sequence[Sequence[Segment]], *, guidance: float = 3.0, top_p: float = 0.9,
                        temperature: float = 1.0, steps: int = 50, sampler: str = "ddim", seed: int | None = 0,
                        generator: torch.Generator | None = None, use_cache: bool = True,
+                       guidance_interval: tuple[int, int] | str | None = None,
                        progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """An image after each prefix (``<boi>`` is added): codes ``(B, g, g)`` (vq) or scaled
         latents ``(B, C, g, g)`` (latent); :meth:`decode_images` draws them.
@@ -100,18 +102,25 @@ class OmniGeneration:
         logits (vq) or the predicted noise (latent); 1.0 is no guidance. vq samples every code
         with top-p (greedy codes give blank images); latent runs ``steps`` steps of ``sampler``
         on the whole image block at once, the prefix computed once into the KV cache; ``progress(i)``
-        is told each finished denoising step."""
+        is told each finished denoising step. ``guidance_interval`` (latent): ``(low, high)``
+        timesteps outside which guidance is 1 (:func:`~polymodal.nn.diffusion.guidance_scale`);
+        default: every step."""
         if not prefixes:
             raise ValueError("no prefixes to draw after")
         if generator is None:
             generator = torch.Generator(device=self.device).manual_seed(0 if seed is None else seed)
+        if self.config.image == "vq" and guidance_interval is not None:
+            raise ValueError("a guidance interval is a range of diffusion timesteps: it is for latent images; "
+                             "a vq model samples its codes")
+        interval = (check_guidance_interval(guidance_interval, self.diffusion.config.train_steps)
+                    if self.config.image == "latent" else None)
         tok, b = self.tokenizer, len(prefixes)
         guided = guidance != 1.0
         rows = [*prefixes, *[[[tok.bos_id]]] * b * guided]  # each prefix, then as many unconditional ones
         prompt = self.pack(rows, side="left", open_image=True)
         if self.config.image == "vq":
             return self._sample_codes(prompt, b, guided, guidance, top_p, temperature, generator, use_cache)
-        return self._denoise(prompt, b, guided, guidance, steps, sampler, generator, use_cache, progress)
+        return self._denoise(prompt, b, guided, guidance, interval, steps, sampler, generator, use_cache, progress)
 
     def _sample_codes(self, prompt: Interleaved, b: int, guided: bool, guidance: float, top_p: float,
                       temperature: float, generator: torch.Generator, use_cache: bool) -> torch.Tensor:
@@ -139,7 +148,8 @@ class OmniGeneration:
                                  temperature=temperature, generator=generator, cache=cache)
         return torch.tensor(codes, dtype=torch.long, device=self.device).view(b, g, g)
 
-    def _denoise(self, prompt: Interleaved, b: int, guided: bool, guidance: float, steps: int, sampler: str,
+    def _denoise(self, prompt: Interleaved, b: int, guided: bool, guidance: float, interval: tuple[int, int] | None,
+                 steps: int, sampler: str,
                  generator: torch.Generator, use_cache: bool,
                  progress: Callable[[int], None] | None = None) -> torch.Tensor:
         c = self.config
@@ -160,7 +170,7 @@ class OmniGeneration:
             noise = self.patch_out(hidden)  # (B | 2B, cells, C)
             if guided:
                 cond, uncond = noise.chunk(2)
-                noise = uncond + guidance * (cond - uncond)
+                noise = uncond + guidance_scale(guidance, t, interval) * (cond - uncond)
             x = scheduler.step(noise, t, x, generator=generator).prev_sample
             if progress:
                 progress(i + 1)
@@ -170,7 +180,8 @@ class OmniGeneration:
     def generate_interleaved(self, prefixes: Sequence[Sequence[Segment]], *, max_new_tokens: int = 40, max_images: int = 1,
                  method: str = "greedy", top_p: float = 0.9, temperature: float = 1.0, guidance: float = 3.0,
                  steps: int = 50, seed: int | None = 0, use_cache: bool = True,
-                 after_image: Sequence[int] | None = None, open_image: bool = False) -> list[list[Segment]]:
+                 after_image: Sequence[int] | None = None, open_image: bool = False,
+                 guidance_interval: tuple[int, int] | str | None = None) -> list[list[Segment]]:
         """Interleaved output after each prefix: text until the model writes ``<boi>``, then an
         image drawn in place (:meth:`generate_image`, its prefix everything so far), then text
         again, until ``<eos>``, ``max_new_tokens`` text tokens or ``max_images`` images. Returns
@@ -211,7 +222,8 @@ class OmniGeneration:
                 if not image:
                     break
                 picture = self.generate_image([context], guidance=guidance, top_p=top_p, temperature=temperature,
-                                              steps=steps, generator=generator, use_cache=use_cache)[0]
+                                              steps=steps, generator=generator, use_cache=use_cache,
+                                              guidance_interval=guidance_interval)[0]
                 out.append(picture)
                 context.append(picture)
                 drawn += 1
@@ -289,7 +301,8 @@ class OmniGeneration:
     @torch.no_grad()
     def draw(self, prompts: Sequence[str], *, guidance: float = 3.0, steps: int = 50, sampler: str = "ddim",
              seed: int | None = 0, generator: torch.Generator | None = None, compose: bool = False,
-             top_p: float = 0.9, temperature: float = 1.0, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+             top_p: float = 0.9, temperature: float = 1.0, guidance_interval: tuple[int, int] | str | None = None,
+             progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """Images ``(B, 3, S, S)`` in [-1, 1], one for each prompt: :meth:`generate_image` after
         ``<bos> prompt`` (cut to the caption length of training), drawn by the autoencoder. The
         same ``seed`` draws the same images; ``steps`` and ``sampler`` concern latent images."""
@@ -302,7 +315,8 @@ class OmniGeneration:
         budget = self.config.context_length - self.config.image_tokens - 6  # as examples_from_rows cuts captions
         prefixes = [[[tok.bos_id, *tok.encode(p, add_special_tokens=False)[:budget]]] for p in prompts]
         tokens = self.generate_image(prefixes, guidance=guidance, steps=steps, sampler=sampler, seed=seed,
-                                     generator=generator, top_p=top_p, temperature=temperature, progress=progress)
+                                     generator=generator, top_p=top_p, temperature=temperature,
+                                     guidance_interval=guidance_interval, progress=progress)
         if progress and self.config.image == "vq":  # codes are sampled, not denoised: all steps are done
             progress(steps)
         return self.decode_images(tokens)
