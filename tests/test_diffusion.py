@@ -6,8 +6,8 @@ import torch
 from polymodal.nn.diffusion import (
     Diffusion,
     DiffusionConfig,
+    Guidance,
     check_guidance_interval,
-    guidance_scale,
 )
 from polymodal.nn.dit import DiT, DiTConfig
 from polymodal.nn.unet import SpatialTransformer, UNet, UNetConfig, position_code
@@ -199,9 +199,14 @@ def test_attention_blocks_know_where_they_are(positions):
 def test_a_guidance_interval_guides_only_the_timesteps_inside_it():
     assert check_guidance_interval(None) is None
     assert check_guidance_interval("0, 500") == (0, 500) and check_guidance_interval((10, 10)) == (10, 10)
-    interval = (100, 500)
-    assert [guidance_scale(3.0, t, interval) for t in (999, 501, 500, 300, 100, 99, 0)] == [1, 1, 3, 3, 3, 1, 1]
-    assert guidance_scale(3.0, torch.tensor(999), None) == 3.0  # no interval: every step
+    steps = (999, 501, 500, 300, 100, 99, 0)
+    assert [Guidance.of(3.0, (100, 500)).at(t) for t in steps] == [1, 1, 3, 3, 3, 1, 1]
+    assert [Guidance.of(4.0, "100,500", outside=1.5).at(t) for t in steps] == [1.5, 1.5, 4, 4, 4, 1.5, 1.5]
+    assert Guidance.of(3.0).at(torch.tensor(999)) == 3.0  # no interval: every step
+    assert Guidance.of(3.0).active and not Guidance.of(1.0).active and not Guidance.of(1.0, (0, 500)).active
+    assert Guidance.of(1.0, (0, 500), outside=2.0).active  # guided outside the interval only
+    with pytest.raises(ValueError, match="needs the interval"):
+        Guidance.of(3.0, None, outside=1.5)
     for bad, match in (("500,0", "low <= high"), ("0,1000", "< 1000"), ("-1,5", "0 <= low"), ("a,b", "LOW,HIGH"),
                        ("1,2,3", "two whole"), ((0.5, 3), "whole")):
         with pytest.raises(ValueError, match=match):

@@ -59,13 +59,15 @@ def test_eval_and_generate_take_a_guidance_interval(setup):
     assert "overall" in json.loads(out.read_text())["test"]
     grid = setup["root"] / "interval.png"
     drawn = invoke("generate", "image", setup["run"] / "model", "a red circle", "--n", 2, "--steps", 2,
-                   "--cfg-interval", "0,500", "--out", grid)
+                   "--cfg", 4, "--cfg-interval", "0,400", "--cfg-outside", 1.5, "--out", grid)
     assert drawn.exit_code == 0, drawn.output
     assert grid.is_file()
     for command in (["eval", setup["run"] / "model", "--data", setup["world"], "--judge", setup["judge"]],
                     ["generate", "image", setup["run"] / "model", "a red circle", "--out", setup["root"] / "x.png"]):
         bad = invoke(*command, "--cfg-interval", "500,0")
         assert bad.exit_code == 2 and "guidance interval" in bad.output and "Traceback" not in bad.output
+        alone = invoke(*command, "--cfg-outside", 1.5)
+        assert alone.exit_code == 2 and "needs the interval" in alone.output
     assert not (setup["root"] / "x.png").exists()
 
 

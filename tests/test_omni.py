@@ -682,6 +682,8 @@ def test_a_guidance_interval_guides_only_the_latent_steps_inside_it(tokenizer):
                                unguided, atol=1e-4, rtol=0)
     low = m.generate_image(draw, steps=4, seed=0, guidance=3.0, guidance_interval="0,500")
     assert not torch.allclose(low, guided, atol=1e-3) and not torch.allclose(low, unguided, atol=1e-3)
+    outside = m.generate_image(draw, steps=4, seed=0, guidance=1.0, guidance_interval=(800, 900), guidance_outside=3.0)
+    torch.testing.assert_close(outside, guided, atol=1e-4, rtol=0)  # 3 at every step but none
     with pytest.raises(ValueError, match="guidance interval"):
         m.generate_image(draw, steps=2, guidance_interval=(0, 1000))
     with pytest.raises(ValueError, match="latent images"):

@@ -255,5 +255,8 @@ def test_a_guidance_interval_guides_only_the_steps_inside_it(tokenizer):
     torch.testing.assert_close(none_inside, unguided, atol=1e-5, rtol=0)
     low = m.generate(prompts, steps=4, seed=3, guidance=3.0, guidance_interval="0,500")
     assert not torch.allclose(low, guided, atol=1e-4) and not torch.allclose(low, unguided, atol=1e-4)
+    # the scale outside the interval: 3 outside an interval of no step is 3 everywhere
+    outside = m.generate(prompts, steps=4, seed=3, guidance=1.0, guidance_interval=(500, 700), guidance_outside=3.0)
+    torch.testing.assert_close(outside, guided, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="guidance interval"):
         m.generate(prompts, steps=4, guidance_interval=(600, 100))

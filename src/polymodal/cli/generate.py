@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from polymodal.cli.common import fail
+from polymodal.cli.common import fail, guidance_options
 from polymodal.errors import InputError
 from polymodal.progress import console, progress_bar
 
@@ -25,8 +25,10 @@ def generate_image(
     n: Annotated[int, typer.Option("--n", help="Images to draw.")] = 8,
     cfg: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale (1: none).")] = 3.0,
     cfg_interval: Annotated[str | None, typer.Option(
-        "--cfg-interval", help="Guide only at timesteps LOW,HIGH (0-999; high is noisy), e.g. 0,500 (default: every "
-                               "step).")] = None,
+        "--cfg-interval", help="Guide at --cfg only at timesteps LOW,HIGH (0-999; high is noisy), e.g. 0,400 "
+                               "(default: every step).")] = None,
+    cfg_outside: Annotated[float, typer.Option(
+        "--cfg-outside", help="The guidance scale at the timesteps outside --cfg-interval.")] = 1.0,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 50,
     sampler: Annotated[str, typer.Option(help="ddim (deterministic) or ddpm (ancestral).")] = "ddim",
     seed: Annotated[int, typer.Option(help="Random seed; the same seed draws the same images.")] = 0,
@@ -43,23 +45,22 @@ def generate_image(
 
     from polymodal.modalities.image import image_grid
     from polymodal.models import load_model
-    from polymodal.nn.diffusion import check_guidance_interval
 
     try:
         if n < 1:
             raise ValueError(f"--n must be at least 1, got {n}")
-        interval = check_guidance_interval(cfg_interval)
+        schedule = guidance_options(cfg, cfg_interval, cfg_outside)
         generator = load_model(model, task="generate image")
         start = time.perf_counter()
         with progress_bar("denoising", steps) as update, torch.no_grad():
             images = generator.generate([prompt] * n, guidance=cfg, steps=steps, sampler=sampler, seed=seed,
-                                        compose=compose, progress=update,
-                                        **({} if interval is None else {"guidance_interval": interval}))
+                                        compose=compose, progress=update, **schedule)
     except (InputError, ValueError) as e:
         raise fail(e) from None
     out = out or Path(re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60] + ".png")
     out.parent.mkdir(parents=True, exist_ok=True)
-    guided = f"cfg {cfg:g}" + (f" at t {interval[0]}-{interval[1]}" if interval else "")
+    interval = schedule.get("guidance_interval")
+    guided = f"cfg {cfg:g}" + (f" at t {interval[0]}-{interval[1]}, {cfg_outside:g} elsewhere" if interval else "")
     image_grid(images, columns=columns, scale=scale, title=f"{prompt}  ({guided}{', composed' if compose else ''}, {steps} {sampler} steps, seed {seed})"
                ).save(out)
     console.print(f"{n} images in {time.perf_counter() - start:.1f} s -> {out}")
@@ -114,8 +115,10 @@ def generate_interleaved(
     max_tokens: Annotated[int, typer.Option(help="Most text tokens to write.")] = 40,
     cfg: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale of the images (1: none).")] = 3.0,
     cfg_interval: Annotated[str | None, typer.Option(
-        "--cfg-interval", help="Guide only at timesteps LOW,HIGH (0-999; high is noisy), e.g. 0,500 (default: every "
-                               "step).")] = None,
+        "--cfg-interval", help="Guide at --cfg only at timesteps LOW,HIGH (0-999; high is noisy), e.g. 0,400 "
+                               "(default: every step).")] = None,
+    cfg_outside: Annotated[float, typer.Option(
+        "--cfg-outside", help="The guidance scale at the timesteps outside --cfg-interval.")] = 1.0,
     steps: Annotated[int, typer.Option(help="Denoising steps of each latent image.")] = 50,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed writes and draws the same.")] = 0,
     out: Annotated[Path, typer.Option(help="Folder for the drawn images (image-1.png, ...) and sequence.json.")] = Path(
@@ -128,7 +131,6 @@ def generate_interleaved(
 
     from polymodal.modalities.image import to_pil
     from polymodal.models import load_model
-    from polymodal.nn.diffusion import check_guidance_interval
 
     if describe and ask is not None:
         raise fail(ValueError("give --describe or --ask, not both"))
@@ -141,7 +143,7 @@ def generate_interleaved(
     if not prompt.strip():
         raise fail(ValueError("the prompt is empty"))
     try:
-        interval = check_guidance_interval(cfg_interval)
+        schedule = guidance_options(cfg, cfg_interval, cfg_outside)
         omni = load_model(model, task="generate image")
         if not hasattr(omni, "generate_interleaved"):
             raise InputError(model, "this model does not write interleaved text and images (an omni model does)")
@@ -155,7 +157,7 @@ def generate_interleaved(
         with torch.no_grad():
             segments = omni.generate_interleaved([prefix], max_new_tokens=max_tokens, max_images=max_images,
                                                  guidance=cfg, steps=steps, seed=seed, after_image=after,
-                                                 open_image=draw, guidance_interval=interval)[0]
+                                                 open_image=draw, **schedule)[0]
             pictures = [s for s in segments if isinstance(s, torch.Tensor)]
             drawn = omni.decode_images(torch.stack(pictures)) if pictures else None
     except (InputError, ValueError) as e:

@@ -13,7 +13,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from polymodal.cli.common import fail
+from polymodal.cli.common import fail, guidance_options
 from polymodal.cli.generate import generate_app
 from polymodal.errors import InputError
 from polymodal.progress import console, progress_bar
@@ -197,8 +197,10 @@ def eval_command(
     clip: Annotated[Path | None, typer.Option(help="Text-to-image: a contrastive model for the CLIP score.")] = None,
     cfg: Annotated[float, typer.Option("--cfg", help="Text-to-image: guidance scale.")] = 3.0,
     cfg_interval: Annotated[str | None, typer.Option(
-        "--cfg-interval", help="Text-to-image: guide only at timesteps LOW,HIGH (0-999; high is noisy), e.g. 0,500 "
-                               "(default: every step).")] = None,
+        "--cfg-interval", help="Text-to-image: guide at --cfg only at timesteps LOW,HIGH (0-999; high is noisy), "
+                               "e.g. 0,400 (default: every step).")] = None,
+    cfg_outside: Annotated[float, typer.Option(
+        "--cfg-outside", help="Text-to-image: the guidance scale at the timesteps outside --cfg-interval.")] = 1.0,
     steps: Annotated[int, typer.Option(help="Text-to-image: denoising steps.")] = 50,
     per_category: Annotated[int, typer.Option(help="Text-to-image: prompts per GenEval category and split.")] = 50,
     compose: Annotated[bool, typer.Option(
@@ -214,7 +216,6 @@ def eval_command(
     prompts), the judge's accuracy on real images, Frechet distance and CLIP score. Autoencoders:
     reconstruction error, and with --judge the judge's accuracy on the reconstructions."""
     from polymodal.models import EvalOptions, default_splits, evaluate
-    from polymodal.nn.diffusion import check_guidance_interval
     from polymodal.speech.evaluate import DEFAULT_SPLITS, evaluate_recogniser, is_recogniser_spec
 
     try:
@@ -231,7 +232,7 @@ def eval_command(
                 raise ValueError(f"--beams must be at least 1, got {beams}")
             options = EvalOptions(limit=limit, class_names=names, decoding=decoding, beams=beams, examples=examples,
                                   judge=judge, clip=clip, guidance=cfg, sample_steps=steps, per_category=per_category,
-                                  compose=compose, guidance_interval=check_guidance_interval(cfg_interval))
+                                  compose=compose, **guidance_options(cfg, cfg_interval, cfg_outside))
             results = evaluate(model, data, split, options)
     except (InputError, ValueError) as e:
         raise fail(e) from None

@@ -389,11 +389,13 @@ def scene_generator(prompts: Sequence[dict], size: int = 32) -> Callable[[list[s
 @torch.no_grad()
 def generator_function(model, guidance: float, steps: int, batch: int = 100,
                        progress: Callable[[int], None] | None = None, compose: bool = False,
-                       guidance_interval: tuple[int, int] | str | None = None):
+                       guidance_interval: tuple[int, int] | str | None = None, guidance_outside: float = 1.0):
     """``generate(prompts, seed)`` for :func:`evaluate_generator`, in chunks of ``batch``;
     ``compose``: "and"-joined prompts are drawn as conjunctions (``TextToImage.generate``);
-    ``guidance_interval``: the timesteps guided (default: every step)."""
-    extra = {} if guidance_interval is None else {"guidance_interval": guidance_interval}
+    ``guidance_interval``: the timesteps guided at ``guidance`` (default: every step), the others
+    at ``guidance_outside``."""
+    extra = {} if guidance_interval is None else {"guidance_interval": guidance_interval,
+                                                  "guidance_outside": guidance_outside}
 
     def generate(prompts: list[str], seed: int) -> torch.Tensor:
         out = []

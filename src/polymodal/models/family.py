@@ -125,6 +125,7 @@ class EvalOptions:
     clip: str | os.PathLike | None = None  # a contrastive model for a CLIP score
     guidance: float = 3.0  # classifier-free guidance scale
     guidance_interval: tuple[int, int] | str | None = None  # timesteps (low, high) guided; None: every step
+    guidance_outside: float = 1.0  # the scale at the timesteps outside guidance_interval
     sample_steps: int = 50  # denoising steps
     per_category: int = 50  # prompts per GenEval-style category and split
     seed: int = 0

@@ -50,12 +50,7 @@ from polymodal.models.family import (
     saved_encoder_spec,
 )
 from polymodal.models.folder import read_tokenizer, write_model_folder
-from polymodal.nn.diffusion import (
-    Diffusion,
-    DiffusionConfig,
-    check_guidance_interval,
-    guidance_scale,
-)
+from polymodal.nn.diffusion import Diffusion, DiffusionConfig, Guidance
 from polymodal.nn.encoders import build_encoder, config_from_spec
 from polymodal.nn.tower import Tower
 
@@ -267,13 +262,13 @@ class TextToImage(nn.Module):
     def generate(self, prompts: list[str], *, guidance: float = 3.0, steps: int = 50, sampler: str = "ddim",
                  seed: int | None = 0, generator: torch.Generator | None = None,
                  compose: bool = False, guidance_interval: tuple[int, int] | str | None = None,
-                 progress=None) -> torch.Tensor:
+                 guidance_outside: float = 1.0, progress=None) -> torch.Tensor:
         """Images ``(B, 3, S, S)`` in [-1, 1] for ``prompts``: ``steps`` denoising steps from pure
         noise, conditional and unconditional predictions mixed by ``guidance``; with ``compose``,
         each prompt's "and"-joined parts are guided as a conjunction (see the module doc).
-        ``guidance_interval``: ``(low, high)`` timesteps outside which guidance is 1
-        (:func:`~polymodal.nn.diffusion.guidance_scale`; default: every step). The same ``seed``
-        gives the same images."""
+        ``guidance_interval``: ``(low, high)`` timesteps outside which the scale is
+        ``guidance_outside`` (:class:`~polymodal.nn.diffusion.Guidance`; default: ``guidance`` at
+        every step). The same ``seed`` gives the same images."""
         if not prompts:
             raise ValueError("no prompts to draw")
         device = next(self.parameters()).device
@@ -284,9 +279,9 @@ class TextToImage(nn.Module):
         parts = [split_conjunction(p) if compose else [p] for p in prompts]
         owner = torch.tensor([i for i, ps in enumerate(parts) for _ in ps], device=device)  # prompt of each part
         conditions = [q for ps in parts for q in ps]
-        guided_pass = guidance != 1.0 or len(conditions) > b  # a conjunction needs the unconditional pass
+        schedule = Guidance.of(guidance, guidance_interval, guidance_outside, self.diffusion.config.train_steps)
+        guided_pass = schedule.active or len(conditions) > b  # a conjunction needs the unconditional pass
         context, mask, pooled = self.condition(conditions + [None] * b * guided_pass, device)  # cond, then uncond
-        interval = check_guidance_interval(guidance_interval, self.diffusion.config.train_steps)
         scheduler = self.diffusion.sampler(sampler, steps)
         x = torch.randn((b, self.channels, self.latent_size, self.latent_size), device=device, generator=generator)
         for i, t in enumerate(scheduler.timesteps):
@@ -296,7 +291,7 @@ class TextToImage(nn.Module):
             if guided_pass:
                 cond, uncond = out[: len(conditions)], out[len(conditions) :]
                 directions = torch.zeros_like(uncond).index_add_(0, owner, cond - uncond[owner])
-                out = uncond + guidance_scale(guidance, t, interval) * directions
+                out = uncond + schedule.at(t) * directions
             x = scheduler.step(out, t, x, generator=generator).prev_sample
             if progress:
                 progress(i + 1)
@@ -374,7 +369,8 @@ class TextToImage(nn.Module):
         if "objects" not in next(iter(rows.values()))[0]:
             raise InputError(data, "rows have no 'objects' scene graph: GenEval-style prompts need a shapes world")
         generate = generator_function(self, options.guidance, options.sample_steps, progress=options.progress,
-                                      compose=options.compose, guidance_interval=options.guidance_interval)
+                                      compose=options.compose, guidance_interval=options.guidance_interval,
+                                      guidance_outside=options.guidance_outside)
         return evaluate_generator(generate, judge, rows, per_category=options.per_category, seed=options.seed,
                                   clip=contrastive, real_images_by_split=real)
 

@@ -21,8 +21,10 @@ pure noise). With epsilon prediction on the cosine schedule that first step divi
 The sampling loop itself, with classifier-free guidance, lives in the model
 (:meth:`polymodal.models.text_to_image.TextToImage.generate`) so it stays short and visible.
 Guidance may be limited to an interval of noise levels (Kynkaanniemi et al. 2024, "Applying
-guidance in a limited interval"): :func:`guidance_scale` is the scale at each sampler step,
-``guidance`` inside the interval and 1 (the conditional prediction alone) outside it.
+guidance in a limited interval"): :meth:`Guidance.at` is the scale at each sampler step,
+``guidance`` inside the interval and, outside it, 1 (the conditional prediction alone) or a
+weaker scale of its own: guidance that is weak while the picture's layout forms and strong
+while its shapes sharpen.
 """
 
 from __future__ import annotations
@@ -58,12 +60,34 @@ def check_guidance_interval(interval, train_steps: int = 1000) -> tuple[int, int
     return low, high
 
 
-def guidance_scale(guidance: float, t: int, interval: tuple[int, int] | None) -> float:
-    """The classifier-free guidance scale at timestep ``t``: ``guidance`` where ``interval`` (checked
-    by :func:`check_guidance_interval`) holds ``t`` or is ``None``, else 1 (no guidance)."""
-    if interval is None or interval[0] <= int(t) <= interval[1]:
-        return guidance
-    return 1.0
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance over a sampler's steps: ``scale`` at the timesteps of ``interval``
+    (``(low, high)``; ``None``: every step) and ``outside`` at the others (1: none)."""
+
+    scale: float = 3.0
+    interval: tuple[int, int] | None = None
+    outside: float = 1.0
+
+    @classmethod
+    def of(cls, scale: float, interval=None, outside: float = 1.0, train_steps: int = 1000) -> Guidance:
+        """Checked settings: ``interval`` as :func:`check_guidance_interval` reads it, and ``outside``
+        only with an interval (without one, ``scale`` is used at every step)."""
+        interval = check_guidance_interval(interval, train_steps)
+        if interval is None and outside != 1.0:
+            raise ValueError(f"a guidance scale outside the interval ({outside:g}) needs the interval too")
+        return cls(float(scale), interval, float(outside))
+
+    def at(self, t) -> float:
+        """The scale at timestep ``t``."""
+        if self.interval is None or self.interval[0] <= int(t) <= self.interval[1]:
+            return self.scale
+        return self.outside
+
+    @property
+    def active(self) -> bool:
+        """Whether any step mixes in the unconditional prediction (a scale other than 1)."""
+        return self.scale != 1.0 or (self.interval is not None and self.outside != 1.0)
 
 
 @dataclass

@@ -13,7 +13,7 @@ import torch
 
 from polymodal.models.omni.sequence import IMAGE, TEXT, Interleaved, OmniCache, Segment
 from polymodal.nn import decoding
-from polymodal.nn.diffusion import check_guidance_interval, guidance_scale
+from polymodal.nn.diffusion import Guidance
 
 
 class OmniGeneration:
@@ -92,7 +92,7 @@ class OmniGeneration:
     def generate_image(self, prefixes: Sequence[Sequence[Segment]], *, guidance: float = 3.0, top_p: float = 0.9,
                        temperature: float = 1.0, steps: int = 50, sampler: str = "ddim", seed: int | None = 0,
                        generator: torch.Generator | None = None, use_cache: bool = True,
-                       guidance_interval: tuple[int, int] | str | None = None,
+                       guidance_interval: tuple[int, int] | str | None = None, guidance_outside: float = 1.0,
                        progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """An image after each prefix (``<boi>`` is added): codes ``(B, g, g)`` (vq) or scaled
         latents ``(B, C, g, g)`` (latent); :meth:`decode_images` draws them.
@@ -103,8 +103,8 @@ class OmniGeneration:
         with top-p (greedy codes give blank images); latent runs ``steps`` steps of ``sampler``
         on the whole image block at once, the prefix computed once into the KV cache; ``progress(i)``
         is told each finished denoising step. ``guidance_interval`` (latent): ``(low, high)``
-        timesteps outside which guidance is 1 (:func:`~polymodal.nn.diffusion.guidance_scale`);
-        default: every step."""
+        timesteps outside which the scale is ``guidance_outside``
+        (:class:`~polymodal.nn.diffusion.Guidance`); default: ``guidance`` at every step."""
         if not prefixes:
             raise ValueError("no prefixes to draw after")
         if generator is None:
@@ -112,15 +112,15 @@ class OmniGeneration:
         if self.config.image == "vq" and guidance_interval is not None:
             raise ValueError("a guidance interval is a range of diffusion timesteps: it is for latent images; "
                              "a vq model samples its codes")
-        interval = (check_guidance_interval(guidance_interval, self.diffusion.config.train_steps)
-                    if self.config.image == "latent" else None)
+        steps_of_noise = self.diffusion.config.train_steps if self.config.image == "latent" else 1000
+        schedule = Guidance.of(guidance, guidance_interval, guidance_outside, steps_of_noise)
         tok, b = self.tokenizer, len(prefixes)
-        guided = guidance != 1.0
+        guided = schedule.active
         rows = [*prefixes, *[[[tok.bos_id]]] * b * guided]  # each prefix, then as many unconditional ones
         prompt = self.pack(rows, side="left", open_image=True)
         if self.config.image == "vq":
             return self._sample_codes(prompt, b, guided, guidance, top_p, temperature, generator, use_cache)
-        return self._denoise(prompt, b, guided, guidance, interval, steps, sampler, generator, use_cache, progress)
+        return self._denoise(prompt, b, schedule, steps, sampler, generator, use_cache, progress)
 
     def _sample_codes(self, prompt: Interleaved, b: int, guided: bool, guidance: float, top_p: float,
                       temperature: float, generator: torch.Generator, use_cache: bool) -> torch.Tensor:
@@ -148,11 +148,10 @@ class OmniGeneration:
                                  temperature=temperature, generator=generator, cache=cache)
         return torch.tensor(codes, dtype=torch.long, device=self.device).view(b, g, g)
 
-    def _denoise(self, prompt: Interleaved, b: int, guided: bool, guidance: float, interval: tuple[int, int] | None,
-                 steps: int, sampler: str,
+    def _denoise(self, prompt: Interleaved, b: int, schedule: Guidance, steps: int, sampler: str,
                  generator: torch.Generator, use_cache: bool,
                  progress: Callable[[int], None] | None = None) -> torch.Tensor:
-        c = self.config
+        c, guided = self.config, schedule.active
         scheduler = self.diffusion.sampler(sampler, steps)
         segment = int(prompt.segment.max()) + 1  # a new image of every row
         cache = self.new_cache() if use_cache else None
@@ -170,7 +169,7 @@ class OmniGeneration:
             noise = self.patch_out(hidden)  # (B | 2B, cells, C)
             if guided:
                 cond, uncond = noise.chunk(2)
-                noise = uncond + guidance_scale(guidance, t, interval) * (cond - uncond)
+                noise = uncond + schedule.at(t) * (cond - uncond)
             x = scheduler.step(noise, t, x, generator=generator).prev_sample
             if progress:
                 progress(i + 1)
@@ -181,7 +180,8 @@ class OmniGeneration:
                  method: str = "greedy", top_p: float = 0.9, temperature: float = 1.0, guidance: float = 3.0,
                  steps: int = 50, seed: int | None = 0, use_cache: bool = True,
                  after_image: Sequence[int] | None = None, open_image: bool = False,
-                 guidance_interval: tuple[int, int] | str | None = None) -> list[list[Segment]]:
+                 guidance_interval: tuple[int, int] | str | None = None,
+                 guidance_outside: float = 1.0) -> list[list[Segment]]:
         """Interleaved output after each prefix: text until the model writes ``<boi>``, then an
         image drawn in place (:meth:`generate_image`, its prefix everything so far), then text
         again, until ``<eos>``, ``max_new_tokens`` text tokens or ``max_images`` images. Returns
@@ -223,7 +223,8 @@ class OmniGeneration:
                     break
                 picture = self.generate_image([context], guidance=guidance, top_p=top_p, temperature=temperature,
                                               steps=steps, generator=generator, use_cache=use_cache,
-                                              guidance_interval=guidance_interval)[0]
+                                              guidance_interval=guidance_interval,
+                                              guidance_outside=guidance_outside)[0]
                 out.append(picture)
                 context.append(picture)
                 drawn += 1
@@ -302,7 +303,7 @@ class OmniGeneration:
     def draw(self, prompts: Sequence[str], *, guidance: float = 3.0, steps: int = 50, sampler: str = "ddim",
              seed: int | None = 0, generator: torch.Generator | None = None, compose: bool = False,
              top_p: float = 0.9, temperature: float = 1.0, guidance_interval: tuple[int, int] | str | None = None,
-             progress: Callable[[int], None] | None = None) -> torch.Tensor:
+             guidance_outside: float = 1.0, progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """Images ``(B, 3, S, S)`` in [-1, 1], one for each prompt: :meth:`generate_image` after
         ``<bos> prompt`` (cut to the caption length of training), drawn by the autoencoder. The
         same ``seed`` draws the same images; ``steps`` and ``sampler`` concern latent images."""
@@ -316,7 +317,8 @@ class OmniGeneration:
         prefixes = [[[tok.bos_id, *tok.encode(p, add_special_tokens=False)[:budget]]] for p in prompts]
         tokens = self.generate_image(prefixes, guidance=guidance, steps=steps, sampler=sampler, seed=seed,
                                      generator=generator, top_p=top_p, temperature=temperature,
-                                     guidance_interval=guidance_interval, progress=progress)
+                                     guidance_interval=guidance_interval, guidance_outside=guidance_outside,
+                                     progress=progress)
         if progress and self.config.image == "vq":  # codes are sampled, not denoised: all steps are done
             progress(steps)
         return self.decode_images(tokens)
