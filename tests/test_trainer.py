@@ -94,6 +94,33 @@ def weights(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
+def test_the_optimiser_is_fused_adamw_and_steps_as_the_plain_one():
+    model = Regression()
+    module = TrainModule(model, lr=0.05, weight_decay=0.1, max_steps=3)
+    fused = module.configure_optimizers()
+    assert isinstance(fused, torch.optim.AdamW) and fused.defaults["fused"]
+    twin = Regression()
+    twin.load_state_dict(model.state_dict())
+    plain = TrainModule(twin, lr=0.05, weight_decay=0.1, max_steps=3).configure_optimizers()
+    for group in plain.param_groups:
+        group["fused"] = None  # the same groups and settings, stepped tensor by tensor
+    start = weights(model)
+    for step in range(3):
+        for m in (model, twin):
+            m.zero_grad()
+            m.loss({"x": torch.linspace(-1, 1, 24).view(4, 6) * (step + 1), "y": torch.ones(4)})["loss"].backward()
+        fused.step()
+        plain.step()
+    assert not torch.allclose(weights(model), start)
+    torch.testing.assert_close(weights(model), weights(twin))
+
+
+def test_a_cpu_batch_is_handed_over_as_it_is():
+    module = TrainModule(Regression(), lr=0.05, weight_decay=0.0, max_steps=3)
+    batch = {"x": torch.ones(2, 3), "rows": [{"objects": [{"shape": "star"}]}] * 2}
+    assert module.transfer_batch_to_device(batch, torch.device("cpu"), 0) is batch
+
+
 # ---- clipping and accumulation ------------------------------------------------------------------
 
 

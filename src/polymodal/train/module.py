@@ -133,9 +133,19 @@ class TrainModule(L.LightningModule):
             if not p.requires_grad:
                 continue
             (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
+        # the fused kernel: one pass over all parameters (on 2 CPU cores a 5.5M-parameter step took 4 ms
+        # against 20 ms for the loop over tensors); the same update
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in decay + no_decay)
         return torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.lr, betas=self.betas)
+            lr=self.lr, betas=self.betas, fused=fused or None)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        """The batch on ``device``. On the CPU it is there already: Lightning's walk over every
+        value of every row (the scene graphs and texts of ``rows``) cost about 30 ms a step."""
+        if torch.device(device).type == "cpu":
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["training_seconds"] = self.training_minutes() * 60
