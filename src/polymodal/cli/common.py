@@ -16,10 +16,8 @@ def fail(error: Exception) -> typer.Exit:
 
 def guidance_options(cfg: float, interval: str | None, outside: float) -> dict:
     """``--cfg-interval`` and ``--cfg-outside`` as keyword arguments of a drawing model's
-    ``generate`` (none without an interval), checked: a ``ValueError`` names what is wrong."""
+    ``generate``, checked: a ``ValueError`` names what is wrong."""
     from polymodal.nn.diffusion import Guidance
 
     schedule = Guidance.of(cfg, interval, outside)
-    if schedule.interval is None:
-        return {}
     return {"guidance_interval": schedule.interval, "guidance_outside": schedule.outside}

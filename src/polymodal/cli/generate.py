@@ -59,7 +59,7 @@ def generate_image(
         raise fail(e) from None
     out = out or Path(re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60] + ".png")
     out.parent.mkdir(parents=True, exist_ok=True)
-    interval = schedule.get("guidance_interval")
+    interval = schedule["guidance_interval"]
     guided = f"cfg {cfg:g}" + (f" at t {interval[0]}-{interval[1]}, {cfg_outside:g} elsewhere" if interval else "")
     image_grid(images, columns=columns, scale=scale, title=f"{prompt}  ({guided}{', composed' if compose else ''}, {steps} {sampler} steps, seed {seed})"
                ).save(out)

@@ -394,14 +394,12 @@ def generator_function(model, guidance: float, steps: int, batch: int = 100,
     ``compose``: "and"-joined prompts are drawn as conjunctions (``TextToImage.generate``);
     ``guidance_interval``: the timesteps guided at ``guidance`` (default: every step), the others
     at ``guidance_outside``."""
-    extra = {} if guidance_interval is None else {"guidance_interval": guidance_interval,
-                                                  "guidance_outside": guidance_outside}
-
     def generate(prompts: list[str], seed: int) -> torch.Tensor:
         out = []
         for k, start in enumerate(range(0, len(prompts), batch)):
             out.append(model.generate(prompts[start : start + batch], guidance=guidance, steps=steps, seed=seed * 1000 + k,
-                                      compose=compose, **extra))
+                                      compose=compose, guidance_interval=guidance_interval,
+                                      guidance_outside=guidance_outside))
             if progress:
                 progress(len(out[-1]))
         return torch.cat(out)
