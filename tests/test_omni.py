@@ -483,6 +483,49 @@ def test_examples_from_rows_mixes_directions_questions_and_dropped_captions(toke
     assert kinds["dropped"] == pytest.approx(0.1 * 0.8 * pairs, abs=50)
 
 
+def test_recaption_rewrites_drawn_captions_from_the_scene_graph_and_leaves_read_ones(tokenizer):
+    from polymodal.data.scene import SceneObject, check_caption, parse_claims
+
+    scene = [{"shape": "circle", "colour": "red", "size": "large", "row": 0, "col": 0},
+             {"shape": "star", "colour": "blue", "size": "small", "row": 2, "col": 1}]
+    objects = [SceneObject.from_dict(o) for o in scene]
+    stored = "a large red circle in the top left and a small blue star at the bottom"
+    rows = [{"text": stored, "objects": scene}] * 400 + [{"text": "a red circle"}] * 100  # the last: no scene graph
+    images = [torch.zeros(4, GRID, GRID)] * 500
+    config = OmniConfig(latent_grid=GRID, context_length=200, vqa_share=0.0, caption_dropout=0.0, recaption=0.5)
+    examples = examples_from_rows(rows, images, tokenizer, config, random.Random(0))
+    bos, eos = tokenizer.bos_id, tokenizer.eos_id
+    rewritten, without_sizes, without_places = 0, 0, 0
+    for ex, row in zip(examples, rows, strict=True):
+        first, _, after = ex.segments
+        if first == [bos]:  # read after the image: the stored caption, always
+            assert after == [eos, *words(tokenizer, row["text"]), eos]
+            continue
+        text = tokenizer.decode(first[1:])
+        if "objects" not in row:
+            assert text == "a red circle"
+            continue
+        assert check_caption(text, objects) == [], text  # true of the scene, every object named
+        mentions = parse_claims(text).mentions
+        assert sum(m.count or 1 for m in mentions) == 2, text
+        if text != stored:
+            rewritten += 1
+            without_sizes += all(m.size is None for m in mentions)
+            without_places += all(m.cell is None for m in mentions)
+    drawn = sum(ex.segments[0] != [bos] for ex in examples[:400])
+    assert rewritten == pytest.approx(0.5 * drawn, abs=45)
+    assert without_sizes == pytest.approx(0.5 * rewritten, abs=40)
+    assert without_places > 0.4 * rewritten  # relation sentences give no places either
+    # off (the default), the stored captions are drawn from
+    plain = examples_from_rows(rows[:50], images[:50], tokenizer, replace(config, recaption=0.0), random.Random(0))
+    assert all(ex.segments[0] in ([bos], [bos, *words(tokenizer, stored)]) for ex in plain)
+    with pytest.raises(ValueError, match="recaption"):
+        OmniConfig(recaption=1.5)
+    with pytest.raises(ValueError, match="not a scene graph"):
+        examples_from_rows([{"id": "r7", "text": stored, "objects": [{"shape": "circle"}]}] * 20, images[:20],
+                           tokenizer, replace(config, recaption=1.0, image_first_share=0.0), random.Random(0))
+
+
 def test_questions_per_sample_puts_several_questions_after_one_image(tokenizer):
     qa = [{"question": f"what colour is the {s}?", "answer": c}
           for s, c in (("circle", "red"), ("square", "blue"), ("star", "green"))]

@@ -90,3 +90,25 @@ def test_fusion_labels_are_balanced_and_negatives_are_near_misses(tmp_path):
     counts = Counter(r["count"] for r in rows)
     assert set(counts) == {1, 2, 3}
     assert {o["shape"] for r in rows for o in r["objects"]} == {"circle", "square", "triangle", "star", "cross"}
+
+
+def test_captions_without_sizes_or_places_name_every_object_and_only_true_things():
+    import numpy as np
+
+    from polymodal.data.scene import parse_claims
+    from polymodal.data.shapes import caption, sample_scene
+
+    seen = set()
+    for seed in range(200):
+        objects = sample_scene(np.random.default_rng(seed), "train", 64)
+        for sizes in (True, False):
+            for places in (True, False):
+                text = caption(np.random.default_rng(seed + 1), objects, sizes=sizes, places=places)
+                assert check_caption(text, objects) == [], text
+                mentions = parse_claims(text).mentions
+                assert sum(m.count or 1 for m in mentions) == len(objects), text  # every object named
+                assert sizes or all(m.size is None for m in mentions), text
+                assert places or all(m.cell is None for m in mentions), text
+                seen.add((sizes, places, any(m.size for m in mentions), any(m.cell is not None for m in mentions)))
+    # the full captions do give sizes and places
+    assert (True, True, True, True) in seen and (False, False, False, False) in seen

@@ -202,19 +202,30 @@ def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def caption(rng: np.random.Generator, objects: list[SceneObject]) -> str:
-    """One English description of the scene; every claim in it is true of ``objects``."""
-    full = [f"{object_phrase(rng, o)} {position_phrase(rng, o)}" for o in objects]
+def caption(rng: np.random.Generator, objects: list[SceneObject], sizes: bool = True, places: bool = True) -> str:
+    """One English description of the scene; every claim in it is true of ``objects``. It names
+    every object; without ``sizes`` it leaves out their sizes, without ``places`` their cells
+    (relations between two objects are kept: they are not places). With both (the world's
+    captions) the same ``rng`` gives the same caption as it always has."""
+    def phrase(o: SceneObject) -> str:
+        return object_phrase(rng, o, with_size=sizes)
+
+    full = [f"{phrase(o)} {position_phrase(rng, o)}" if places else phrase(o) for o in objects]
     n = len(objects)
     if n == 1:
         o = objects[0]
+
+        def counted_one() -> str:
+            words = ([_word(rng, SIZE_WORDS, o.size)] if sizes else []) + [
+                _word(rng, COLOUR_WORDS, o.colour), _word(rng, SHAPE_WORDS, o.shape)]
+            return " ".join(["one", *words] + ([position_phrase(rng, o)] if places else []))
+
         templates = [
             lambda: full[0],
             lambda: f"there is {full[0]}",
-            lambda: f"{position_phrase(rng, o)} there is {object_phrase(rng, o)}",
+            *([lambda: f"{position_phrase(rng, o)} there is {phrase(o)}"] if places else []),
             lambda: f"a picture of {full[0]}",
-            lambda: f"one {_word(rng, SIZE_WORDS, o.size)} {_word(rng, COLOUR_WORDS, o.colour)} "
-                    f"{_word(rng, SHAPE_WORDS, o.shape)} {position_phrase(rng, o)}",
+            counted_one,
         ]
         return _choose(rng, templates)()
     relation_pairs = [(a, b, rel) for a in objects for b in objects if a is not b
@@ -227,7 +238,7 @@ def caption(rng: np.random.Generator, objects: list[SceneObject]) -> str:
     if n == 2:
         def relation():
             a, b, rel = relation_pairs[int(rng.integers(len(relation_pairs)))]
-            return f"{object_phrase(rng, a)} {_word(rng, RELATION_PHRASES, rel)} {object_phrase(rng, b)}"
+            return f"{phrase(a)} {_word(rng, RELATION_PHRASES, rel)} {phrase(b)}"
         templates += [relation, relation]
     groups: dict[tuple[str, str], int] = {}
     for o in objects:
