@@ -454,6 +454,51 @@ def test_interleaved_generation_puts_the_users_turn_after_each_drawn_image(token
                                         after_image=asked)[0]
     assert isinstance(opened[0], torch.Tensor) and opened[1] == asked
 
+@pytest.mark.parametrize("image", ["vq", "latent"])
+def test_caption_log_likelihood_sums_each_tokens_log_probability_after_the_image(tokenizer, image):
+    m = make(tokenizer, image).eval()
+    images = torch.stack([an_image(image, 0), an_image(image, 1)])
+    texts = ["a red circle", "two green stars in the top left"]
+    got = m.caption_log_likelihood(images, texts)
+    bias = torch.zeros(m.vocab)  # text decoding's vocabulary: no padding, <bos>, <eoi>, <boi> or codes
+    bias[[tokenizer.pad_id, tokenizer.bos_id, tokenizer.eoi_id, tokenizer.boi_id]] = float("-inf")
+    bias[m.text_vocab :] = float("-inf")
+    with torch.no_grad():
+        for i, text in enumerate(texts):  # token by token: each prefix run whole, its last position read
+            ids, total = [*words(tokenizer, text), tokenizer.eos_id], 0.0
+            for k, token in enumerate(ids):
+                seq = m.pack([[[tokenizer.bos_id], images[i], [tokenizer.eos_id, *ids[:k]]]])
+                total += (m.logits(m.forward(seq))[0, -1] + bias).log_softmax(-1)[token].item()
+            assert got[i].item() == pytest.approx(total, abs=1e-4)
+    assert got[0] != m.caption_log_likelihood(images[1:], texts[:1])[0]  # the image is read
+    with pytest.raises(ValueError, match="1 texts for 2 images"):
+        m.caption_log_likelihood(images, texts[:1])
+
+
+def test_best_of_draws_n_candidates_and_keeps_the_one_whose_caption_the_prompt_most_likely_is(tokenizer, monkeypatch):
+    m = make(tokenizer, "latent").eval()
+    m.autoencoder = None  # the chosen tokens themselves, not images: decode_images returns them
+    monkeypatch.setattr(m, "decode_images", lambda tokens: tokens)
+    prompts = ["a red circle", "a blue square"]
+    plain = m.draw(prompts, steps=2, seed=3)
+    assert torch.equal(plain, m.draw(prompts, steps=2, seed=3, best_of=1))  # one candidate: the plain drawing
+    candidates = m.draw([p for p in prompts for _ in range(3)], steps=2, seed=3)  # what best_of 3 draws
+    scores = torch.tensor([0.0, 5.0, 1.0, 7.0, -1.0, 2.0])  # the model prefers candidate 1, then candidate 0
+    seen = []
+
+    def likelihood(tokens, texts):
+        seen.append(list(texts))
+        assert torch.equal(tokens, candidates)
+        return scores
+
+    monkeypatch.setattr(m, "caption_log_likelihood", likelihood)
+    chosen = m.draw(prompts, steps=2, seed=3, best_of=3)
+    assert seen == [["a red circle"] * 3 + ["a blue square"] * 3]  # each candidate read with its own prompt
+    assert torch.equal(chosen, candidates[[1, 3]])
+    with pytest.raises(ValueError, match="best_of"):
+        m.draw(prompts, steps=2, best_of=0)
+
+
 # ---- examples from data rows ----------------------------------------------------------------
 
 

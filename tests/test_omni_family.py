@@ -151,6 +151,15 @@ def test_eval_scores_under_the_captioners_and_text_to_images_keys(parts, transfu
     unjudged = evaluate(transfusion, parts / "world", ["test"], EvalOptions())  # no judge: no drawing scored
     assert set(unjudged["test"]) == set(captioner["test"])
 
+    # best of N: omni drawings are chosen by the model's own reading; a model that only draws cannot choose
+    best = evaluate(transfusion, parts / "world", ["test"], EvalOptions(judge=parts / "judge", per_category=2,
+                                                                        sample_steps=2, best_of=2, limit=2))
+    assert 0.0 <= best["test"]["overall"] <= 1.0
+    with pytest.raises(ValueError, match="TextToImage draws but does not read"):
+        evaluate(tmp_path / "t2i", parts / "world", splits, EvalOptions(judge=parts / "judge", best_of=2))
+    refused = CliRunner().invoke(app, ["generate", "image", str(tmp_path / "t2i"), "a red circle", "--best-of", "2"])
+    assert refused.exit_code == 2 and "cannot choose among its drawings" in refused.output
+
 
 def test_eval_decodes_captions_with_the_beams_asked_for(parts, transfusion, monkeypatch):
     from polymodal.models.omni import OmniModel
@@ -214,6 +223,12 @@ def test_generate_commands_caption_answer_and_draw(transfusion, parts, tmp_path)
     none = runner.invoke(app, ["generate", "text", str(transfusion), "--image", image, "--decoding", "beam",
                                "--beams", "0"])
     assert none.exit_code == 2 and "--beams must be at least 1" in none.output
+    best = runner.invoke(app, ["generate", "image", str(transfusion), "a small red circle", "--n", "2", "--steps", "2",
+                               "--best-of", "3", "--out", str(tmp_path / "best.png")])
+    assert best.exit_code == 0 and (tmp_path / "best.png").exists(), best.output
+    for bad in ("0", "-2"):
+        refused = runner.invoke(app, ["generate", "image", str(transfusion), "a red circle", "--best-of", bad])
+        assert refused.exit_code == 2 and "best-of" in refused.output and "Traceback" not in refused.output
 
 
 

@@ -34,6 +34,9 @@ def generate_image(
     seed: Annotated[int, typer.Option(help="Random seed; the same seed draws the same images.")] = 0,
     compose: Annotated[bool, typer.Option(
         help="Draw a prompt whose parts are joined by 'and' as the conjunction of its parts.")] = False,
+    best_of: Annotated[int, typer.Option(
+        "--best-of", help="Omni models: draw N candidates for each image and keep the one whose caption the model "
+                          "finds the prompt most likely to be.")] = 1,
     out: Annotated[Path | None, typer.Option(help="PNG grid to write (default: a name made from the prompt).")] = None,
     columns: Annotated[int, typer.Option(help="Images per row of the grid.")] = 8,
     scale: Annotated[int, typer.Option(help="Enlarge each image this many times in the grid.")] = 4,
@@ -45,23 +48,28 @@ def generate_image(
 
     from polymodal.modalities.image import image_grid
     from polymodal.models import load_model
+    from polymodal.models.family import check_best_of
 
     try:
         if n < 1:
             raise ValueError(f"--n must be at least 1, got {n}")
         schedule = guidance_options(cfg, cfg_interval, cfg_outside)
+        check_best_of(None, best_of)  # the number, before the model loads
         generator = load_model(model, task="generate image")
+        check_best_of(generator, best_of)
         start = time.perf_counter()
         with progress_bar("denoising", steps) as update, torch.no_grad():
             images = generator.generate([prompt] * n, guidance=cfg, steps=steps, sampler=sampler, seed=seed,
-                                        compose=compose, progress=update, **schedule)
+                                        compose=compose, progress=update, **schedule,
+                                        **({"best_of": best_of} if best_of > 1 else {}))
     except (InputError, ValueError) as e:
         raise fail(e) from None
     out = out or Path(re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60] + ".png")
     out.parent.mkdir(parents=True, exist_ok=True)
     interval = schedule["guidance_interval"]
     guided = f"cfg {cfg:g}" + (f" at t {interval[0]}-{interval[1]}, {cfg_outside:g} elsewhere" if interval else "")
-    image_grid(images, columns=columns, scale=scale, title=f"{prompt}  ({guided}{', composed' if compose else ''}, {steps} {sampler} steps, seed {seed})"
+    chosen = f", best of {best_of}" if best_of > 1 else ""
+    image_grid(images, columns=columns, scale=scale, title=f"{prompt}  ({guided}{', composed' if compose else ''}{chosen}, {steps} {sampler} steps, seed {seed})"
                ).save(out)
     console.print(f"{n} images in {time.perf_counter() - start:.1f} s -> {out}")
 

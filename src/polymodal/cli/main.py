@@ -202,6 +202,9 @@ def eval_command(
     cfg_outside: Annotated[float, typer.Option(
         "--cfg-outside", help="Text-to-image: the guidance scale at the timesteps outside --cfg-interval.")] = 1.0,
     steps: Annotated[int, typer.Option(help="Text-to-image: denoising steps.")] = 50,
+    best_of: Annotated[int, typer.Option(
+        "--best-of", help="Omni: draw N images a prompt and keep the one whose caption the model finds the prompt "
+                          "most likely to be (N times the drawing).")] = 1,
     per_category: Annotated[int, typer.Option(help="Text-to-image: prompts per GenEval category and split.")] = 50,
     compose: Annotated[bool, typer.Option(
         help="Text-to-image: draw a prompt whose parts are joined by 'and' as the conjunction of its parts.")] = False,
@@ -216,6 +219,7 @@ def eval_command(
     prompts), the judge's accuracy on real images, Frechet distance and CLIP score. Autoencoders:
     reconstruction error, and with --judge the judge's accuracy on the reconstructions."""
     from polymodal.models import EvalOptions, default_splits, evaluate
+    from polymodal.models.family import check_best_of
     from polymodal.speech.evaluate import DEFAULT_SPLITS, evaluate_recogniser, is_recogniser_spec
 
     try:
@@ -230,9 +234,10 @@ def eval_command(
             names = class_names(classes, data)
             if beams < 1:
                 raise ValueError(f"--beams must be at least 1, got {beams}")
+            check_best_of(None, best_of)
             options = EvalOptions(limit=limit, class_names=names, decoding=decoding, beams=beams, examples=examples,
                                   judge=judge, clip=clip, guidance=cfg, sample_steps=steps, per_category=per_category,
-                                  compose=compose, **guidance_options(cfg, cfg_interval, cfg_outside))
+                                  compose=compose, best_of=best_of, **guidance_options(cfg, cfg_interval, cfg_outside))
             results = evaluate(model, data, split, options)
     except (InputError, ValueError) as e:
         raise fail(e) from None

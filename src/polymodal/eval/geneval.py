@@ -389,17 +389,21 @@ def scene_generator(prompts: Sequence[dict], size: int = 32) -> Callable[[list[s
 @torch.no_grad()
 def generator_function(model, guidance: float, steps: int, batch: int = 100,
                        progress: Callable[[int], None] | None = None, compose: bool = False,
-                       guidance_interval: tuple[int, int] | str | None = None, guidance_outside: float = 1.0):
+                       guidance_interval: tuple[int, int] | str | None = None, guidance_outside: float = 1.0,
+                       best_of: int = 1):
     """``generate(prompts, seed)`` for :func:`evaluate_generator`, in chunks of ``batch``;
     ``compose``: "and"-joined prompts are drawn as conjunctions (``TextToImage.generate``);
     ``guidance_interval``: the timesteps guided at ``guidance`` (default: every step), the others
-    at ``guidance_outside``."""
+    at ``guidance_outside``; ``best_of`` N > 1: each image the model's own pick of N (a model
+    that reads what it draws: the omni model's ``draw``)."""
+    choose = {"best_of": best_of} if best_of != 1 else {}  # only models that read their drawings take it
+
     def generate(prompts: list[str], seed: int) -> torch.Tensor:
         out = []
         for k, start in enumerate(range(0, len(prompts), batch)):
             out.append(model.generate(prompts[start : start + batch], guidance=guidance, steps=steps, seed=seed * 1000 + k,
                                       compose=compose, guidance_interval=guidance_interval,
-                                      guidance_outside=guidance_outside))
+                                      guidance_outside=guidance_outside, **choose))
             if progress:
                 progress(len(out[-1]))
         return torch.cat(out)

@@ -127,6 +127,8 @@ class EvalOptions:
     guidance_interval: tuple[int, int] | str | None = None  # timesteps (low, high) guided; None: every step
     guidance_outside: float = 1.0  # the scale at the timesteps outside guidance_interval
     sample_steps: int = 50  # denoising steps
+    best_of: int = 1  # draw this many images a prompt and keep the one the model reads its prompt in most
+    # (models that also read images: omni)
     per_category: int = 50  # prompts per GenEval-style category and split
     seed: int = 0
     compose: bool = False  # draw 'and'-joined prompt parts as a conjunction
@@ -413,6 +415,18 @@ def check_denoiser_spec(spec: object, where: str) -> None:
     if kind not in kinds:
         raise _Bad(_join(where, "type"), f"unknown denoiser type {kind!r:.40}; choose from {sorted(kinds)}")
     check_settings(spec, kinds[kind], where)
+
+
+def check_best_of(model, best_of: int) -> None:
+    """``best_of`` (drawings to choose each image from) checked for ``model``: a ``ValueError``
+    unless it is a whole number of at least 1, and 1 for a model that draws but cannot read
+    what it drew (it has no ``caption_log_likelihood`` to choose with). ``model`` None: the
+    number alone."""
+    if isinstance(best_of, bool) or not isinstance(best_of, int) or best_of < 1:
+        raise ValueError(f"best-of is the number of drawings to choose each image from, at least 1; got {best_of!r}")
+    if best_of > 1 and model is not None and not callable(getattr(model, "caption_log_likelihood", None)):
+        raise ValueError(f"best-of {best_of}: a {type(model).__name__} draws but does not read images, so it cannot "
+                         "choose among its drawings (an omni model can)")
 
 
 def check_diffusion_settings(settings: object, where: str) -> None:

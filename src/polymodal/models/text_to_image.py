@@ -41,6 +41,7 @@ from polymodal.models.family import (
     BuildContext,
     EvalOptions,
     Validator,
+    check_best_of,
     check_denoiser_spec,
     check_diffusion_settings,
     check_text_encoder_spec,
@@ -356,6 +357,7 @@ class TextToImage(nn.Module):
 
         if options.judge is None:
             raise InputError(data, "a text-to-image model is scored by a judge: pass --judge (a trained detector)")
+        check_best_of(self, options.best_of)
         judge = GridDetector.load_judge(options.judge)
         contrastive = ContrastiveModel.from_pretrained(options.clip) if options.clip is not None else None
         rows, real = {}, {}
@@ -370,7 +372,7 @@ class TextToImage(nn.Module):
             raise InputError(data, "rows have no 'objects' scene graph: GenEval-style prompts need a shapes world")
         generate = generator_function(self, options.guidance, options.sample_steps, progress=options.progress,
                                       compose=options.compose, guidance_interval=options.guidance_interval,
-                                      guidance_outside=options.guidance_outside)
+                                      guidance_outside=options.guidance_outside, best_of=options.best_of)
         return evaluate_generator(generate, judge, rows, per_category=options.per_category, seed=options.seed,
                                   clip=contrastive, real_images_by_split=real)
 

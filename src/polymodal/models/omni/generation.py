@@ -299,28 +299,66 @@ class OmniGeneration:
             ids[i, longest - len(row):] = torch.tensor(row, device=device)
         return ids
 
+    def _caption_ids(self, text: str) -> list[int]:
+        """A prompt's or caption's text ids, cut as :func:`examples_from_rows` cuts captions."""
+        budget = self.config.context_length - self.config.image_tokens - 6
+        return self.tokenizer.encode(text, add_special_tokens=False)[:budget]
+
+    @torch.no_grad()
+    def caption_log_likelihood(self, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """How likely the model finds each text as the caption of its image ``(B,)``: the summed
+        log-probability of the text's tokens and the ``<eos>`` that closes it, read after ``<bos>
+        <boi> image <eoi> <eos>`` as image-first training rows are (over text tokens only, as
+        text is decoded). ``images``: image tokens as :meth:`generate_image` gives them, codes
+        ``(B, g, g)`` or scaled latents ``(B, C, g, g)``."""
+        if len(images) != len(texts):
+            raise ValueError(f"{len(texts)} texts for {len(images)} images")
+        tok = self.tokenizer
+        ids = [self._caption_ids(t) + [tok.eos_id] for t in texts]
+        seq = self.pack([[[tok.bos_id], image, [tok.eos_id, *row[:-1], tok.eos_id]]
+                         for image, row in zip(images, ids, strict=True)])
+        start = 3 + self.config.image_tokens  # the <eos> after <eoi>: where the caption's first token is predicted
+        longest = max(len(row) for row in ids)
+        target = torch.full((len(ids), longest), tok.pad_id, dtype=torch.long, device=self.device)
+        for i, row in enumerate(ids):
+            target[i, : len(row)] = torch.tensor(row, device=self.device)
+        hidden = self.forward(seq)[:, start : start + longest]  # rows are packed on the right: all start at 0
+        logp = (self.logits(hidden) + self._text_bias(False)).log_softmax(-1)
+        picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        return torch.where(target != tok.pad_id, picked, 0.0).sum(1)
+
     @torch.no_grad()
     def draw(self, prompts: Sequence[str], *, guidance: float = 3.0, steps: int = 50, sampler: str = "ddim",
              seed: int | None = 0, generator: torch.Generator | None = None, compose: bool = False,
              top_p: float = 0.9, temperature: float = 1.0, guidance_interval: tuple[int, int] | str | None = None,
-             guidance_outside: float = 1.0, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+             guidance_outside: float = 1.0, best_of: int = 1,
+             progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """Images ``(B, 3, S, S)`` in [-1, 1], one for each prompt: :meth:`generate_image` after
         ``<bos> prompt`` (cut to the caption length of training), drawn by the autoencoder. The
-        same ``seed`` draws the same images; ``steps`` and ``sampler`` concern latent images."""
+        same ``seed`` draws the same images; ``steps`` and ``sampler`` concern latent images.
+
+        ``best_of`` N > 1: N images are drawn for each prompt (in one batch) and the one kept
+        whose caption the prompt is most likely to be, by the model's own reading
+        (:meth:`caption_log_likelihood`): the model checks its drawings as it captions images,
+        at N times the cost of drawing."""
         if compose:
             raise ValueError("compose: an omni model reads a prompt as one caption; drawing 'and'-joined parts as a "
                              "conjunction is for text-to-image models")
         if not prompts:
             raise ValueError("no prompts to draw")
-        tok = self.tokenizer
-        budget = self.config.context_length - self.config.image_tokens - 6  # as examples_from_rows cuts captions
-        prefixes = [[[tok.bos_id, *tok.encode(p, add_special_tokens=False)[:budget]]] for p in prompts]
+        if not isinstance(best_of, int) or best_of < 1:
+            raise ValueError(f"best_of is the number of drawings to choose each image from, at least 1; got {best_of!r}")
+        asked = [p for p in prompts for _ in range(best_of)]  # each prompt's candidates side by side
+        prefixes = [[[self.tokenizer.bos_id, *self._caption_ids(p)]] for p in asked]
         tokens = self.generate_image(prefixes, guidance=guidance, steps=steps, sampler=sampler, seed=seed,
                                      generator=generator, top_p=top_p, temperature=temperature,
                                      guidance_interval=guidance_interval, guidance_outside=guidance_outside,
                                      progress=progress)
         if progress and self.config.image == "vq":  # codes are sampled, not denoised: all steps are done
             progress(steps)
+        if best_of > 1:
+            scores = self.caption_log_likelihood(tokens, asked).view(len(prompts), best_of)
+            tokens = tokens[scores.argmax(1) + torch.arange(len(prompts), device=scores.device) * best_of]
         return self.decode_images(tokens)
 
 
