@@ -177,6 +177,8 @@ def test_eval_decodes_captions_with_the_beams_asked_for(parts, transfusion, monk
     refused = CliRunner().invoke(app, ["eval", str(transfusion), "--data", str(parts / "world"), "--decoding", "beam",
                                        "--beams", "0"])
     assert refused.exit_code == 2 and "--beams must be at least 1" in refused.output
+    refused = CliRunner().invoke(app, ["eval", str(transfusion), "--data", str(parts / "world"), "--best-of", "0"])
+    assert refused.exit_code == 2 and "best-of is the number of drawings" in refused.output
 
 
 # ---- generation from Python and the command line -------------------------------------------------
