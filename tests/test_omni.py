@@ -495,7 +495,7 @@ def test_best_of_draws_n_candidates_and_keeps_the_one_whose_caption_the_prompt_m
     chosen = m.draw(prompts, steps=2, seed=3, best_of=3)
     assert seen == [["a red circle"] * 3 + ["a blue square"] * 3]  # each candidate read with its own prompt
     assert torch.equal(chosen, candidates[[1, 3]])
-    with pytest.raises(ValueError, match="best_of"):
+    with pytest.raises(ValueError, match="number of drawings to choose each image from"):
         m.draw(prompts, steps=2, best_of=0)
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from polymodal.models.family import check_best_of
 from polymodal.models.omni.sequence import IMAGE, TEXT, Interleaved, OmniCache, Segment
 from polymodal.nn import decoding
 from polymodal.nn.diffusion import Guidance
@@ -301,8 +302,7 @@ class OmniGeneration:
 
     def _caption_ids(self, text: str) -> list[int]:
         """A prompt's or caption's text ids, cut as :func:`examples_from_rows` cuts captions."""
-        budget = self.config.context_length - self.config.image_tokens - 6
-        return self.tokenizer.encode(text, add_special_tokens=False)[:budget]
+        return self.tokenizer.encode(text, add_special_tokens=False)[: self.config.caption_tokens]
 
     @torch.no_grad()
     def caption_log_likelihood(self, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
@@ -346,10 +346,10 @@ class OmniGeneration:
                              "conjunction is for text-to-image models")
         if not prompts:
             raise ValueError("no prompts to draw")
-        if not isinstance(best_of, int) or best_of < 1:
-            raise ValueError(f"best_of is the number of drawings to choose each image from, at least 1; got {best_of!r}")
+        check_best_of(self, best_of)
         asked = [p for p in prompts for _ in range(best_of)]  # each prompt's candidates side by side
-        prefixes = [[[self.tokenizer.bos_id, *self._caption_ids(p)]] for p in asked]
+        ids = [self._caption_ids(p) for p in prompts]
+        prefixes = [[[self.tokenizer.bos_id, *ids[i // best_of]]] for i in range(len(asked))]
         tokens = self.generate_image(prefixes, guidance=guidance, steps=steps, sampler=sampler, seed=seed,
                                      generator=generator, top_p=top_p, temperature=temperature,
                                      guidance_interval=guidance_interval, guidance_outside=guidance_outside,

@@ -172,6 +172,11 @@ class OmniConfig:
         return self.token_grid**2
 
     @property
+    def caption_tokens(self) -> int:
+        """Most text tokens of a caption or prompt: the context less an image, ``<bos> <boi> <eoi>`` and two ``<eos>``."""
+        return self.context_length - self.image_tokens - 6
+
+    @property
     def token_grid(self) -> int:
         """Side of an image's grid of tokens: the latent grid over the patch size."""
         return self.latent_grid // self.patch_size
@@ -279,7 +284,7 @@ def examples_from_rows(rows: Sequence[dict], images: torch.Tensor | Sequence[tor
         raise ValueError(f"{len(rows)} rows but {len(images)} images")
     rng = rng or random
     tok, c = tokenizer, config
-    budget = c.context_length - c.image_tokens - 6  # text tokens left beside <bos> <boi> <eoi> and two <eos>
+    budget = c.caption_tokens
     examples = []
     for row, image in zip(rows, images, strict=True):
         qa = row.get(c.qa_column) or []
