@@ -13,6 +13,7 @@ from polymodal.modalities.text import TextTokenizer
 from polymodal.models.autoencoder import Autoencoder, AutoencoderConfig
 from polymodal.models.family import _Bad, check_settings
 from polymodal.models.omni import OmniConfig, OmniExample, OmniModel, Routing, examples_from_rows
+from polymodal.models.omni.generation import CHOICE_FLOOR
 
 TEXTS = ["a red circle in the top left", "a blue square in the center", "two green stars",
          "what colour is the circle?", "red", "blue", "what shape is it?", "square"] * 3
@@ -454,25 +455,33 @@ def test_interleaved_generation_puts_the_users_turn_after_each_drawn_image(token
                                         after_image=asked)[0]
     assert isinstance(opened[0], torch.Tensor) and opened[1] == asked
 
-@pytest.mark.parametrize("image", ["vq", "latent"])
-def test_caption_log_likelihood_sums_each_tokens_log_probability_after_the_image(tokenizer, image):
+@pytest.mark.parametrize(("image", "closed"), [("vq", True), ("latent", True), ("latent", False)])
+def test_caption_log_likelihood_sums_each_tokens_log_probability_after_the_image(tokenizer, image, closed):
     m = make(tokenizer, image).eval()
     images = torch.stack([an_image(image, 0), an_image(image, 1)])
     texts = ["a red circle", "two green stars in the top left"]
-    got = m.caption_log_likelihood(images, texts)
+    got = m.caption_log_likelihood(images, texts, closed=closed)
     bias = torch.zeros(m.vocab)  # text decoding's vocabulary: no padding, <bos>, <eoi>, <boi> or codes
     bias[[tokenizer.pad_id, tokenizer.bos_id, tokenizer.eoi_id, tokenizer.boi_id]] = float("-inf")
     bias[m.text_vocab :] = float("-inf")
     with torch.no_grad():
         for i, text in enumerate(texts):  # token by token: each prefix run whole, its last position read
-            ids, total = [*words(tokenizer, text), tokenizer.eos_id], 0.0
+            ids, total = [*words(tokenizer, text), *[tokenizer.eos_id] * closed], 0.0  # open: no closing <eos>
             for k, token in enumerate(ids):
                 seq = m.pack([[[tokenizer.bos_id], images[i], [tokenizer.eos_id, *ids[:k]]]])
                 total += (m.logits(m.forward(seq))[0, -1] + bias).log_softmax(-1)[token].item()
             assert got[i].item() == pytest.approx(total, abs=1e-4)
-    assert got[0] != m.caption_log_likelihood(images[1:], texts[:1])[0]  # the image is read
+    assert got[0] != m.caption_log_likelihood(images[1:], texts[:1], closed=closed)[0]  # the image is read
     with pytest.raises(ValueError, match="1 texts for 2 images"):
         m.caption_log_likelihood(images, texts[:1])
+    logp, real = m.caption_token_log_probs(images, texts, closed=closed)  # each token's, as summed above
+    assert real.sum(1).tolist() == [len(words(tokenizer, t)) + closed for t in texts]
+    assert torch.allclose(logp.sum(1), got)
+    floored = m.caption_log_likelihood(images, texts, closed=closed, floor=0.05)
+    assert torch.allclose(floored, torch.where(real, (logp.exp() + 0.05).log(), 0.0).sum(1))
+    assert (floored > got).all()  # a floor only raises each token's score
+    with pytest.raises(ValueError, match="floor is a probability"):
+        m.caption_log_likelihood(images, texts, floor=1.0)
 
 
 def test_best_of_draws_n_candidates_and_keeps_the_one_whose_caption_the_prompt_most_likely_is(tokenizer, monkeypatch):
@@ -486,7 +495,8 @@ def test_best_of_draws_n_candidates_and_keeps_the_one_whose_caption_the_prompt_m
     scores = torch.tensor([0.0, 5.0, 1.0, 7.0, -1.0, 2.0])  # the model prefers candidate 1, then candidate 0
     seen = []
 
-    def likelihood(tokens, texts):
+    def likelihood(tokens, texts, closed=True, floor=0.0):
+        assert not closed and floor == CHOICE_FLOOR  # a prompt is read as what a caption says, not all it says
         seen.append(list(texts))
         assert torch.equal(tokens, candidates)
         return scores

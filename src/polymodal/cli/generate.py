@@ -36,7 +36,7 @@ def generate_image(
         help="Draw a prompt whose parts are joined by 'and' as the conjunction of its parts.")] = False,
     best_of: Annotated[int, typer.Option(
         "--best-of", help="Omni models: draw N candidates for each image and keep the one whose caption the model "
-                          "finds the prompt most likely to be.")] = 1,
+                          "finds the prompt's words most likely to begin.")] = 1,
     out: Annotated[Path | None, typer.Option(help="PNG grid to write (default: a name made from the prompt).")] = None,
     columns: Annotated[int, typer.Option(help="Images per row of the grid.")] = 8,
     scale: Annotated[int, typer.Option(help="Enlarge each image this many times in the grid.")] = 4,

@@ -203,8 +203,8 @@ def eval_command(
         "--cfg-outside", help="Text-to-image: the guidance scale at the timesteps outside --cfg-interval.")] = 1.0,
     steps: Annotated[int, typer.Option(help="Text-to-image: denoising steps.")] = 50,
     best_of: Annotated[int, typer.Option(
-        "--best-of", help="Omni: draw N images a prompt and keep the one whose caption the model finds the prompt "
-                          "most likely to be (N times the drawing).")] = 1,
+        "--best-of", help="Omni: draw N images a prompt and keep the one whose caption the model finds the prompt's "
+                          "words most likely to begin (N times the drawing).")] = 1,
     per_category: Annotated[int, typer.Option(help="Text-to-image: prompts per GenEval category and split.")] = 50,
     compose: Annotated[bool, typer.Option(
         help="Text-to-image: draw a prompt whose parts are joined by 'and' as the conjunction of its parts.")] = False,
