@@ -6,8 +6,9 @@ judge's verdict on it is what that way scores, per category and overall:
 
 - ``first``: the first candidate (one drawing, no choice);
 - ``closed``: the likeliest caption, its closing ``<eos>`` included;
-- ``open``: the likeliest caption's first words, no ``<eos>`` (what ``draw(best_of=k)`` uses);
-- ``open, floor F``: the same, each token's probability raised by F (``log(p + F)``);
+- ``open``: the likeliest caption's first words, no ``<eos>``;
+- ``open, floor F``: the same, each token's probability raised by F (``log(p + F)``); ``draw(best_of=k)``
+  chooses so with F = ``CHOICE_FLOOR`` (0.05);
 - ``oracle``: a right candidate whenever one of the k is right (what no chooser can beat).
 
 Prints and writes (``--json``) every score.
