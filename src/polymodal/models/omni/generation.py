@@ -21,6 +21,7 @@ CHOICE_FLOOR = 0.05  # draw(best_of=N): each prompt token's probability is raise
 # validation prompts of two runs, each candidate judged: the best of 8 right 0.517 and 0.51 of the time
 # overall, against 0.473 and 0.46 with no floor (BENCHMARKS.md, "Reading a prompt as the start of a caption")
 
+
 class OmniGeneration:
     """The generating half of :class:`~polymodal.models.omni.model.OmniModel`."""
 
