@@ -34,6 +34,7 @@ def main() -> None:
     from polymodal.models import load_model
     from polymodal.models.detector import GridDetector
     from polymodal.models.family import split_items
+    from polymodal.models.omni.generation import summed_log_probs
     from polymodal.nn.diffusion import Guidance
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -73,13 +74,11 @@ def main() -> None:
             right.append(torch.tensor([v["ok"] for v in verdicts]).view(len(chunk), k_all))
             texts = [p["prompt"] for p in asked]
             logp, real = model.caption_token_log_probs(tokens, texts, closed=True)
-            last = real.sum(1) - 1  # each row's closing <eos>
-            closed.append(logp.sum(1).view(len(chunk), k_all))
-            words = logp.scatter(1, last[:, None], 0.0)  # the same tokens less the <eos>
-            opened.append(words.sum(1).view(len(chunk), k_all))
-            without = real.scatter(1, last[:, None], False)
+            closed.append(summed_log_probs(logp, real).view(len(chunk), k_all))
+            words = real.scatter(1, real.sum(1, keepdim=True) - 1, False)  # the same tokens less the closing <eos>
+            opened.append(summed_log_probs(logp, words).view(len(chunk), k_all))
             for f in FLOORS:
-                floored[f].append(torch.where(without, (words.exp() + f).log(), 0.0).sum(1).view(len(chunk), k_all))
+                floored[f].append(summed_log_probs(logp, words, f).view(len(chunk), k_all))
     right = torch.cat(right).float()
     choosers = {"first": -torch.arange(k_all).float().expand_as(right), "closed": torch.cat(closed),
                 "open": torch.cat(opened), **{f"open, floor {f}": torch.cat(v) for f, v in floored.items()}}

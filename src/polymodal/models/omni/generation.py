@@ -22,6 +22,17 @@ CHOICE_FLOOR = 0.05  # draw(best_of=N): each prompt token's probability is raise
 # overall, against 0.473 and 0.46 with no floor (BENCHMARKS.md, "Reading a prompt as the start of a caption")
 
 
+def summed_log_probs(logp: torch.Tensor, real: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
+    """Each row's summed token log-probabilities ``(B,)`` from ``logp`` and its mask of real tokens
+    ``real`` (both ``(B, L)``, as :meth:`OmniGeneration.caption_token_log_probs` gives them); with
+    ``floor`` > 0, of ``log(p + floor)``, so no token costs more than ``-log(floor)``."""
+    if not 0.0 <= floor < 1.0:
+        raise ValueError(f"floor is a probability added to each token's, in [0, 1); got {floor}")
+    if floor:
+        logp = (logp.exp() + floor).log()
+    return torch.where(real, logp, 0.0).sum(1)
+
+
 class OmniGeneration:
     """The generating half of :class:`~polymodal.models.omni.model.OmniModel`."""
 
@@ -341,13 +352,8 @@ class OmniGeneration:
         says (a caption names every object, so its ``<eos>`` counts against an image with anything
         more in it). ``floor`` > 0 sums ``log(p + floor)``: a word the model's own captions would
         not use there (a prompt worded unlike them) costs at most ``-log(floor)``, so one such word
-        does not outweigh the rest."""
-        if not 0.0 <= floor < 1.0:
-            raise ValueError(f"floor is a probability added to each token's, in [0, 1); got {floor}")
-        logp, real = self.caption_token_log_probs(images, texts, closed=closed)
-        if floor:
-            logp = torch.where(real, (logp.exp() + floor).log(), 0.0)
-        return logp.sum(1)
+        does not outweigh the rest (:func:`summed_log_probs`)."""
+        return summed_log_probs(*self.caption_token_log_probs(images, texts, closed=closed), floor)
 
     @torch.no_grad()
     def draw(self, prompts: Sequence[str], *, guidance: float = 3.0, steps: int = 50, sampler: str = "ddim",
