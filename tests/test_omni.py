@@ -509,6 +509,29 @@ def test_best_of_draws_n_candidates_and_keeps_the_one_whose_caption_the_prompt_m
         m.draw(prompts, steps=2, best_of=0)
 
 
+def test_draw_denoises_in_batches_of_draw_rows_with_one_stream_of_noise(tokenizer, monkeypatch):
+    m = make(tokenizer, "latent").eval()
+    m.autoencoder = None
+    monkeypatch.setattr(m, "decode_images", lambda tokens: tokens)
+    prompts = ["a red circle", "a blue square", "a green star", "a red circle"]
+    whole = m.draw(prompts, steps=2, seed=3)
+    batches, done = [], []
+    generate = m.generate_image
+
+    def counted(prefixes, **options):
+        batches.append(len(prefixes))
+        return generate(prefixes, **options)
+
+    monkeypatch.setattr(m, "generate_image", counted)
+    monkeypatch.setattr("polymodal.models.omni.generation.DRAW_ROWS", 3)
+    split = m.draw(prompts, steps=2, seed=3, progress=done.append)
+    assert batches == [3, 1] and split.shape == whole.shape
+    assert torch.allclose(split[:3], whole[:3], atol=1e-5)  # the first batch: the same noise as drawn whole
+    assert not torch.allclose(split[3], split[0])  # the same prompt, later in the stream: other noise
+    assert done == sorted(done) and done[-1] == 2  # steps over both batches, ending at the last
+    assert len(m.draw(prompts[:2], steps=2, seed=3, best_of=2)) == 2  # 4 candidates in two batches, one kept a prompt
+
+
 # ---- examples from data rows ----------------------------------------------------------------
 
 
