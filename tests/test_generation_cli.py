@@ -88,3 +88,50 @@ def test_bench_generation_writes_sheets_sweep_and_training_curve(setup):
     assert [p["step"] for p in results["training"]] == [10, 20]
     for name in ("guidance.png", "training.png", "samples_single_object.png", "samples_counting.png"):
         assert (out / name).stat().st_size > 1000, name
+
+
+def test_a_model_draws_with_its_own_drawing_settings_unless_told_otherwise(setup, monkeypatch):
+    import shutil
+
+    own = setup["root"] / "own"
+    shutil.copytree(setup["run"] / "model", own)
+    config = json.loads((own / "config.json").read_text())
+    config["drawing"] = {"guidance": 2.0, "guidance_interval": [0, 500], "guidance_outside": 1.5, "steps": 2}
+    (own / "config.json").write_text(json.dumps(config))
+    out = setup["root"] / "own.json"
+
+    def scored(*extra):
+        result = invoke("eval", own, "--data", setup["world"], "--judge", setup["judge"], "--split", "test",
+                        "--per-category", 1, "--json", out, *extra)
+        assert result.exit_code == 0, result.output
+        return json.loads(out.read_text())["test"]
+
+    drawn = scored()  # every setting the model's own, recorded beside the scores
+    assert {k: drawn[k] for k in ("guidance", "guidance interval low", "guidance interval high", "guidance outside",
+                                  "denoising steps", "best of")} == {
+        "guidance": 2.0, "guidance interval low": 0.0, "guidance interval high": 500.0, "guidance outside": 1.5,
+        "denoising steps": 2.0, "best of": 1.0}
+    told = scored("--cfg", 3, "--cfg-interval", "all")  # the caller's scale, at every step: no outside scale kept
+    assert told["guidance"] == 3.0 and told["denoising steps"] == 2.0
+    assert not {"guidance interval low", "guidance outside"} & set(told)
+    assert scored("--cfg-outside", 1.0)["guidance outside"] == 1.0  # alone: on the model's own interval
+
+    calls = []
+    monkeypatch.setattr(TextToImage, "generate", lambda self, prompts, **options: (
+        calls.append(options), torch.zeros(len(prompts), 3, 32, 32))[1])
+    grid = invoke("generate", "image", own, "a red circle", "--n", 1, "--out", setup["root"] / "own.png")
+    assert grid.exit_code == 0, grid.output
+    assert {k: calls[-1][k] for k in ("guidance", "guidance_interval", "guidance_outside", "steps")} == {
+        "guidance": 2.0, "guidance_interval": (0, 500), "guidance_outside": 1.5, "steps": 2}
+    assert "best_of" not in calls[-1]  # a text-to-image model draws once a picture
+
+    config["drawing"] = {"best_of": 2}  # it cannot read what it draws: refused when the folder loads
+    (own / "config.json").write_text(json.dumps(config))
+    refused = invoke("generate", "image", own, "a red circle")
+    assert refused.exit_code == 2 and "config.json" in refused.output and "drawing.best_of" in refused.output
+    for bad, problem in (({"guidance_interval": [500, 0]}, "guidance interval"), ({"colour": 1}, "unknown setting"),
+                         ({"steps": 0}, "at least 1"), ({"guidance_outside": 2.0}, "needs the interval")):
+        config["drawing"] = bad
+        (own / "config.json").write_text(json.dumps(config))
+        refused = invoke("generate", "image", own, "a red circle")
+        assert refused.exit_code == 2 and "drawing" in refused.output and problem in refused.output, refused.output

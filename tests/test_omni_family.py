@@ -312,3 +312,59 @@ def test_the_server_lists_and_calls_an_omni_model_by_its_tasks(transfusion, part
         assert images.status_code == 200, images.text
         picture = Image.open(io.BytesIO(base64.b64decode(images.json()["data"][0]["b64_json"])))
         assert picture.size == (SIZE, SIZE)
+
+
+def test_an_omni_model_draws_with_its_own_settings_on_the_command_line_and_the_server(transfusion, parts, tmp_path,
+                                                                                       monkeypatch):
+    from test_serve import fake_speech
+
+    from polymodal.serve import Limits, Settings, create_app
+
+    own = tmp_path / "models" / "omni" / "model"
+    shutil.copytree(transfusion, own)
+    config = json.loads((own / "config.json").read_text())
+    config["drawing"] = {"guidance": 2.5, "guidance_interval": [0, 500], "guidance_outside": 1.5, "steps": 2,
+                         "best_of": 2}
+    (own / "config.json").write_text(json.dumps(config))
+    draw, calls = OmniModel.draw, []
+
+    def recorded(self, prompts, **options):
+        calls.append(options)
+        return draw(self, prompts, **options)
+
+    monkeypatch.setattr(OmniModel, "draw", recorded)
+    settings = ("guidance", "guidance_interval", "guidance_outside", "steps", "best_of")
+    mine = {"guidance": 2.5, "guidance_interval": (0, 500), "guidance_outside": 1.5, "steps": 2, "best_of": 2}
+    result = CliRunner().invoke(app, ["generate", "image", str(own), "a red circle", "--n", "1",
+                                      "--out", str(tmp_path / "own.png")])
+    assert result.exit_code == 0, result.output
+    assert {k: calls[-1][k] for k in settings} == mine
+    told = CliRunner().invoke(app, ["generate", "image", str(own), "a red circle", "--n", "1", "--best-of", "1",
+                                    "--cfg", "3", "--out", str(tmp_path / "told.png")])
+    assert told.exit_code == 0, told.output
+    assert "best_of" not in calls[-1] and calls[-1]["guidance"] == 3.0 and calls[-1]["guidance_interval"] == (0, 500)
+
+    monkeypatch.setitem(sys.modules, "polymodal.speech", fake_speech())
+    limits = Limits(max_best_of=4, max_diffusion_steps=10)
+    with TestClient(create_app(own.parent.parent, Settings(store=tmp_path / "store.sqlite", limits=limits))) as client:
+        def image(**body):
+            return client.post("/v1/images/generations", json={"model": "omni", "prompt": "a red circle", **body})
+
+        assert image().status_code == 200
+        assert {k: calls[-1][k] for k in settings} == mine  # the model's own, as on the command line
+        assert image(best_of=3, guidance=4.0).status_code == 200
+        assert calls[-1]["best_of"] == 3 and calls[-1]["guidance"] == 4.0 and calls[-1]["steps"] == 2
+        for body, param in (({"best_of": 5}, "best_of"), ({"steps": 11}, "steps")):
+            over = image(**body)
+            assert over.status_code == 400 and over.json()["error"]["param"] == param, over.text
+        drawn = client.post("/v1/chat/completions", json={"model": "assistant", "modalities": ["image", "text"],
+                                                          "messages": [{"role": "user", "content": "draw a red circle"}]})
+        assert drawn.status_code == 200, drawn.text
+        assert {k: calls[-1][k] for k in settings} == mine  # the assistant draws as the model would
+    config["drawing"]["steps"] = 20  # more than the server allows: said so, naming whose setting it is
+    (own / "config.json").write_text(json.dumps(config))
+    with TestClient(create_app(own.parent.parent, Settings(store=tmp_path / "store2.sqlite", limits=limits))) as client:
+        over = client.post("/v1/images/generations", json={"model": "omni", "prompt": "a red circle"})
+        assert over.status_code == 400 and "the model's own drawing setting" in over.json()["error"]["message"]
+        assert client.post("/v1/images/generations", json={"model": "omni", "prompt": "a red circle",
+                                                           "steps": 3}).status_code == 200

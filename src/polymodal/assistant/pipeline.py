@@ -469,8 +469,7 @@ class Assistant(ModelResponder):
             raise APIError(400, "nothing to draw: the request does not say what to draw", param="messages",
                            code="invalid_value")
         served = drawers[0]
-        images = served.call(draw_images, [prompt], options.seed or 0, self.settings.image_steps, self.settings.guidance,
-                             options.image_size)
+        images = served.call(draw_images, [prompt], options.seed or 0, self.settings, options.image_size)
         return Reply.of(f"Here is a picture of {prompt}.", images=images, models=[served.id])
 
     # ---- images: facts from polymodal's models ----

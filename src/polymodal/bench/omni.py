@@ -52,6 +52,8 @@ CAPTION_METRIC, IMAGE_METRIC = "scene-graph objects right", "overall"
 # project's bars, but sit at 0 for the first few hundred steps, where CIDEr and the Frechet distance move.
 PARITY_METRICS = {"caption": (CAPTION_METRIC, True), "cider": ("CIDEr", True),
                   "image": (IMAGE_METRIC, True), "frechet": ("frechet distance", False)}
+EVERY_ARM_DRAWS = {"guidance_interval": "all", "best_of": 1}  # one drawing a prompt, guided at every step,
+# whatever drawing settings an arm's recipe gives its model: the arms are compared as they draw alike
 TRAIN_TIME = "train_time.json"  # in a run's folder: the seconds its training took
 
 
@@ -223,7 +225,7 @@ def run_scores(model, data, judge, *, splits, per_category: int, limit: int | No
     from polymodal.models import EvalOptions
 
     options = EvalOptions(judge=judge, per_category=per_category, limit=limit, sample_steps=sample_steps,
-                          guidance=guidance)
+                          guidance=guidance, **EVERY_ARM_DRAWS)
     return model.evaluate(data, list(splits), options)
 
 
@@ -317,7 +319,8 @@ def bench_omni(data: str | os.PathLike, out: str | os.PathLike, *, judge: str | 
                 row["guidance"] = {}
                 for scale in scales:
                     drawn = TextToImage.evaluate(model, data, ["test"], EvalOptions(
-                        judge=judge, per_category=per_category, sample_steps=sample_steps, guidance=scale))
+                        judge=judge, per_category=per_category, sample_steps=sample_steps, guidance=scale,
+                        **EVERY_ARM_DRAWS))
                     row["guidance"][f"{scale:g}"] = drawn["test"][IMAGE_METRIC]
             row["scored_with"] = scoring
             results = read_results()  # another process scoring other arms into this folder may have written

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from polymodal.cli.common import fail, guidance_options
+from polymodal.cli.common import check_drawing_options, drawn_with, fail
 from polymodal.errors import InputError
 from polymodal.progress import console, progress_bar
 
@@ -23,20 +23,22 @@ def generate_image(
     model: Annotated[Path, typer.Argument(help="A saved text-to-image model folder.")],
     prompt: Annotated[str, typer.Argument(help="What to draw.")],
     n: Annotated[int, typer.Option("--n", help="Images to draw.")] = 8,
-    cfg: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale (1: none).")] = 3.0,
+    cfg: Annotated[float | None, typer.Option(
+        "--cfg", help="Classifier-free guidance scale (1: none). Default, as for each drawing setting: the model's "
+                      "own (its config's drawing section), else 3.")] = None,
     cfg_interval: Annotated[str | None, typer.Option(
-        "--cfg-interval", help="Guide at --cfg only at timesteps LOW,HIGH (0-999; high is noisy), e.g. 0,400 "
-                               "(default: every step).")] = None,
-    cfg_outside: Annotated[float, typer.Option(
-        "--cfg-outside", help="The guidance scale at the timesteps outside --cfg-interval.")] = 1.0,
-    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 50,
+        "--cfg-interval", help="Guide at --cfg only at timesteps LOW,HIGH (0-999; high is noisy), e.g. 0,400, or "
+                               "'all' (every step; the default unless the model has its own).")] = None,
+    cfg_outside: Annotated[float | None, typer.Option(
+        "--cfg-outside", help="The guidance scale at the timesteps outside --cfg-interval (default: 1).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps (default: 50).")] = None,
     sampler: Annotated[str, typer.Option(help="ddim (deterministic) or ddpm (ancestral).")] = "ddim",
     seed: Annotated[int, typer.Option(help="Random seed; the same seed draws the same images.")] = 0,
     compose: Annotated[bool, typer.Option(
         help="Draw a prompt whose parts are joined by 'and' as the conjunction of its parts.")] = False,
-    best_of: Annotated[int, typer.Option(
+    best_of: Annotated[int | None, typer.Option(
         "--best-of", help="Omni models: draw N candidates for each image and keep the one whose caption the model "
-                          "finds the prompt's words most likely to begin.")] = 1,
+                          "finds the prompt's words most likely to begin (default: 1).")] = None,
     out: Annotated[Path | None, typer.Option(help="PNG grid to write (default: a name made from the prompt).")] = None,
     columns: Annotated[int, typer.Option(help="Images per row of the grid.")] = 8,
     scale: Annotated[int, typer.Option(help="Enlarge each image this many times in the grid.")] = 4,
@@ -48,29 +50,29 @@ def generate_image(
 
     from polymodal.modalities.image import image_grid
     from polymodal.models import load_model
-    from polymodal.models.family import check_best_of
+    from polymodal.models.family import drawing_settings
 
     try:
         if n < 1:
             raise ValueError(f"--n must be at least 1, got {n}")
-        schedule = guidance_options(cfg, cfg_interval, cfg_outside)
-        check_best_of(None, best_of)  # the number, before the model loads
+        check_drawing_options(best_of, cfg_interval, steps)  # before the model loads
         generator = load_model(model, task="generate image")
-        check_best_of(generator, best_of)
+        drawing = drawing_settings(generator, guidance=cfg, guidance_interval=cfg_interval, guidance_outside=cfg_outside,
+                                   steps=steps, best_of=best_of)
+        chosen = {"best_of": drawing["best_of"]} if drawing["best_of"] > 1 else {}  # only models that read drawings
         start = time.perf_counter()
-        with progress_bar("denoising", steps) as update, torch.no_grad():
-            images = generator.generate([prompt] * n, guidance=cfg, steps=steps, sampler=sampler, seed=seed,
-                                        compose=compose, progress=update, **schedule,
-                                        **({"best_of": best_of} if best_of > 1 else {}))
+        with progress_bar("denoising", drawing["steps"]) as update, torch.no_grad():
+            images = generator.generate([prompt] * n, guidance=drawing["guidance"], steps=drawing["steps"],
+                                        sampler=sampler, seed=seed, compose=compose, progress=update,
+                                        guidance_interval=drawing["guidance_interval"],
+                                        guidance_outside=drawing["guidance_outside"], **chosen)
     except (InputError, ValueError) as e:
         raise fail(e) from None
     out = out or Path(re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60] + ".png")
     out.parent.mkdir(parents=True, exist_ok=True)
-    interval = schedule["guidance_interval"]
-    guided = f"cfg {cfg:g}" + (f" at t {interval[0]}-{interval[1]}, {cfg_outside:g} elsewhere" if interval else "")
-    chosen = f", best of {best_of}" if best_of > 1 else ""
-    image_grid(images, columns=columns, scale=scale, title=f"{prompt}  ({guided}{', composed' if compose else ''}{chosen}, {steps} {sampler} steps, seed {seed})"
-               ).save(out)
+    composed = ", composed" if compose else ""
+    image_grid(images, columns=columns, scale=scale,
+               title=f"{prompt}  ({drawn_with(drawing)} {sampler}{composed}, seed {seed})").save(out)
     console.print(f"{n} images in {time.perf_counter() - start:.1f} s -> {out}")
 
 
@@ -121,13 +123,15 @@ def generate_interleaved(
     ask: Annotated[str | None, typer.Option(help="After each drawn image, ask the model this about it.")] = None,
     max_images: Annotated[int, typer.Option(help="Most images to draw.")] = 1,
     max_tokens: Annotated[int, typer.Option(help="Most text tokens to write.")] = 40,
-    cfg: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale of the images (1: none).")] = 3.0,
+    cfg: Annotated[float | None, typer.Option(
+        "--cfg", help="Classifier-free guidance scale of the images (1: none). Default, as for each drawing "
+                      "setting: the model's own (its config's drawing section), else 3.")] = None,
     cfg_interval: Annotated[str | None, typer.Option(
-        "--cfg-interval", help="Guide at --cfg only at timesteps LOW,HIGH (0-999; high is noisy), e.g. 0,400 "
-                               "(default: every step).")] = None,
-    cfg_outside: Annotated[float, typer.Option(
-        "--cfg-outside", help="The guidance scale at the timesteps outside --cfg-interval.")] = 1.0,
-    steps: Annotated[int, typer.Option(help="Denoising steps of each latent image.")] = 50,
+        "--cfg-interval", help="Guide at --cfg only at timesteps LOW,HIGH (0-999; high is noisy), e.g. 0,400, or "
+                               "'all' (every step; the default unless the model has its own).")] = None,
+    cfg_outside: Annotated[float | None, typer.Option(
+        "--cfg-outside", help="The guidance scale at the timesteps outside --cfg-interval (default: 1).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps of each latent image (default: 50).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed writes and draws the same.")] = 0,
     out: Annotated[Path, typer.Option(help="Folder for the drawn images (image-1.png, ...) and sequence.json.")] = Path(
         "interleaved"),
@@ -139,22 +143,24 @@ def generate_interleaved(
 
     from polymodal.modalities.image import to_pil
     from polymodal.models import load_model
+    from polymodal.models.family import drawing_settings
 
     if describe and ask is not None:
         raise fail(ValueError("give --describe or --ask, not both"))
     if ask is not None and not ask.strip():
         raise fail(ValueError("--ask is empty"))
-    for name, value in (("--max-images", max_images), ("--max-tokens", max_tokens), ("--steps", steps),
-                        ("--scale", scale)):
+    for name, value in (("--max-images", max_images), ("--max-tokens", max_tokens), ("--scale", scale)):
         if value < 1:
             raise fail(ValueError(f"{name} must be at least 1, got {value}"))
     if not prompt.strip():
         raise fail(ValueError("the prompt is empty"))
     try:
-        schedule = guidance_options(cfg, cfg_interval, cfg_outside)
+        check_drawing_options(None, cfg_interval, steps)
         omni = load_model(model, task="generate image")
         if not hasattr(omni, "generate_interleaved"):
             raise InputError(model, "this model does not write interleaved text and images (an omni model does)")
+        drawing = drawing_settings(omni, guidance=cfg, guidance_interval=cfg_interval, guidance_outside=cfg_outside,
+                                   steps=steps, best_of=1)  # each image drawn once, in place
         tok = omni.tokenizer
         prefix = omni.text_prompt(prompt.strip())
         if describe or ask is not None:
@@ -164,8 +170,10 @@ def generate_interleaved(
         start = time.perf_counter()
         with torch.no_grad():
             segments = omni.generate_interleaved([prefix], max_new_tokens=max_tokens, max_images=max_images,
-                                                 guidance=cfg, steps=steps, seed=seed, after_image=after,
-                                                 open_image=draw, **schedule)[0]
+                                                 guidance=drawing["guidance"], steps=drawing["steps"], seed=seed,
+                                                 after_image=after, open_image=draw,
+                                                 guidance_interval=drawing["guidance_interval"],
+                                                 guidance_outside=drawing["guidance_outside"])[0]
             pictures = [s for s in segments if isinstance(s, torch.Tensor)]
             drawn = omni.decode_images(torch.stack(pictures)) if pictures else None
     except (InputError, ValueError) as e:

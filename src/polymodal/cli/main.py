@@ -13,7 +13,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from polymodal.cli.common import fail, guidance_options
+from polymodal.cli.common import check_drawing_options, fail
 from polymodal.cli.generate import generate_app
 from polymodal.errors import InputError
 from polymodal.progress import console, progress_bar
@@ -195,16 +195,19 @@ def eval_command(
     examples: Annotated[int, typer.Option(help="Captioners: keep this many generated examples in the JSON.")] = 0,
     judge: Annotated[Path | None, typer.Option(help="Text-to-image and autoencoders: the detector that judges the images.")] = None,
     clip: Annotated[Path | None, typer.Option(help="Text-to-image: a contrastive model for the CLIP score.")] = None,
-    cfg: Annotated[float, typer.Option("--cfg", help="Text-to-image: guidance scale.")] = 3.0,
+    cfg: Annotated[float | None, typer.Option(
+        "--cfg", help="Text-to-image: guidance scale (default, as for each drawing setting: the model's own, "
+                      "its config's drawing section, else 3).")] = None,
     cfg_interval: Annotated[str | None, typer.Option(
         "--cfg-interval", help="Text-to-image: guide at --cfg only at timesteps LOW,HIGH (0-999; high is noisy), "
-                               "e.g. 0,400 (default: every step).")] = None,
-    cfg_outside: Annotated[float, typer.Option(
-        "--cfg-outside", help="Text-to-image: the guidance scale at the timesteps outside --cfg-interval.")] = 1.0,
-    steps: Annotated[int, typer.Option(help="Text-to-image: denoising steps.")] = 50,
-    best_of: Annotated[int, typer.Option(
+                               "e.g. 0,400, or 'all' (every step; the default unless the model has its own).")] = None,
+    cfg_outside: Annotated[float | None, typer.Option(
+        "--cfg-outside", help="Text-to-image: the guidance scale at the timesteps outside --cfg-interval "
+                              "(default: 1, no guidance).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Text-to-image: denoising steps (default: 50).")] = None,
+    best_of: Annotated[int | None, typer.Option(
         "--best-of", help="Omni: draw N images a prompt and keep the one whose caption the model finds the prompt's "
-                          "words most likely to begin (N times the drawing).")] = 1,
+                          "words most likely to begin (N times the drawing; default: 1).")] = None,
     per_category: Annotated[int, typer.Option(help="Text-to-image: prompts per GenEval category and split.")] = 50,
     compose: Annotated[bool, typer.Option(
         help="Text-to-image: draw a prompt whose parts are joined by 'and' as the conjunction of its parts.")] = False,
@@ -219,7 +222,6 @@ def eval_command(
     prompts), the judge's accuracy on real images, Frechet distance and CLIP score. Autoencoders:
     reconstruction error, and with --judge the judge's accuracy on the reconstructions."""
     from polymodal.models import EvalOptions, default_splits, evaluate
-    from polymodal.models.family import check_best_of
     from polymodal.speech.evaluate import DEFAULT_SPLITS, evaluate_recogniser, is_recogniser_spec
 
     try:
@@ -234,10 +236,11 @@ def eval_command(
             names = class_names(classes, data)
             if beams < 1:
                 raise ValueError(f"--beams must be at least 1, got {beams}")
-            check_best_of(None, best_of)
+            check_drawing_options(best_of, cfg_interval, steps)
             options = EvalOptions(limit=limit, class_names=names, decoding=decoding, beams=beams, examples=examples,
-                                  judge=judge, clip=clip, guidance=cfg, sample_steps=steps, per_category=per_category,
-                                  compose=compose, best_of=best_of, **guidance_options(cfg, cfg_interval, cfg_outside))
+                                  judge=judge, clip=clip, guidance=cfg, guidance_interval=cfg_interval,
+                                  guidance_outside=cfg_outside, sample_steps=steps, per_category=per_category,
+                                  compose=compose, best_of=best_of)
             results = evaluate(model, data, split, options)
     except (InputError, ValueError) as e:
         raise fail(e) from None

@@ -123,12 +123,13 @@ class EvalOptions:
     examples: int = 0  # generated examples kept in the results
     judge: str | os.PathLike | None = None  # a detector that judges generated or reconstructed images
     clip: str | os.PathLike | None = None  # a contrastive model for a CLIP score
-    guidance: float = 3.0  # classifier-free guidance scale
-    guidance_interval: tuple[int, int] | str | None = None  # timesteps (low, high) guided; None: every step
-    guidance_outside: float = 1.0  # the scale at the timesteps outside guidance_interval
-    sample_steps: int = 50  # denoising steps
-    best_of: int = 1  # draw this many images a prompt and keep the one the model reads its prompt in most
-    # (models that also read images: omni)
+    # drawing; None: the model's own (its config's drawing section), else DrawingSettings' default
+    guidance: float | None = None  # classifier-free guidance scale
+    guidance_interval: tuple[int, int] | str | None = None  # timesteps (low, high) guided; "all": every step
+    guidance_outside: float | None = None  # the scale at the timesteps outside guidance_interval
+    sample_steps: int | None = None  # denoising steps
+    best_of: int | None = None  # draw this many images a prompt and keep the one the model reads its prompt in
+    # most (models that also read images: omni)
     per_category: int = 50  # prompts per GenEval-style category and split
     seed: int = 0
     compose: bool = False  # draw 'and'-joined prompt parts as a conjunction
@@ -427,6 +428,63 @@ def check_best_of(model, best_of: int) -> None:
     if best_of > 1 and model is not None and not callable(getattr(model, "caption_log_likelihood", None)):
         raise ValueError(f"best-of {best_of}: a {type(model).__name__} draws but does not read images, so it cannot "
                          "choose among its drawings (an omni model can)")
+
+
+@dataclass
+class DrawingSettings:
+    """How a model draws when its caller does not say: a config's ``drawing`` section (a recipe's
+    ``model.drawing``, kept in the saved model's ``config.json``), each setting as the option of
+    ``polymodal generate image`` and ``polymodal eval`` of that name (``--cfg``, ``--cfg-interval``,
+    ``--cfg-outside``, ``--steps``, ``--best-of``). An option given on the command line or in a
+    request wins; a setting the section leaves out is the default here."""
+
+    guidance: float = 3.0  # classifier-free guidance scale (1: none)
+    guidance_interval: list[int] | None = None  # [low, high]: the timesteps guided at guidance; None: every step
+    guidance_outside: float = 1.0  # the scale at the timesteps outside guidance_interval
+    steps: int = 50  # denoising steps
+    best_of: int = 1  # drawings to choose each image from (models that read what they draw)
+
+
+def check_drawing_settings(settings: object, where: str) -> None:
+    """A config's ``drawing`` section: :class:`DrawingSettings`' keys and types, an interval of
+    two timesteps in order, a scale outside it only with one, at least one step and one drawing."""
+    from polymodal.nn.diffusion import Guidance
+
+    check_settings(settings, DrawingSettings, where)
+    own = DrawingSettings(**settings)
+    try:
+        Guidance.of(own.guidance, own.guidance_interval, own.guidance_outside)
+    except ValueError as e:
+        raise _Bad(where, str(e)) from None
+    for name in ("steps", "best_of"):
+        if getattr(own, name) < 1:
+            raise _Bad(_join(where, name), f"at least 1; got {getattr(own, name)}")
+
+
+def drawing_settings(model, **given) -> dict:
+    """The settings ``model`` draws with, as its ``generate`` takes them (``guidance``,
+    ``guidance_interval``, ``guidance_outside``, ``steps``, ``best_of``): each one ``given`` (not
+    None), else the model's own (its config's ``drawing`` section, :class:`DrawingSettings`),
+    else the default. An interval the caller gives (``"all"``: every step) replaces the model's
+    with its outside scale too; an outside scale given alone applies to the model's interval.
+    Checked (a ValueError names the problem); ``best_of`` above 1 only for a model that reads
+    its drawings."""
+    from polymodal.nn.diffusion import Guidance
+
+    unknown = [k for k in given if k not in {f.name for f in dataclasses.fields(DrawingSettings)}]
+    if unknown:
+        raise TypeError(f"unknown drawing settings: {', '.join(unknown)}")
+    own = getattr(getattr(model, "config", None), "drawing", None) or {}
+    given = {k: v for k, v in given.items() if v is not None}
+    if "guidance_interval" in given:  # the caller's schedule, whole
+        own = {k: v for k, v in own.items() if k not in ("guidance_interval", "guidance_outside")}
+    settings = dataclasses.asdict(DrawingSettings(**{**own, **given}))
+    schedule = Guidance.of(settings["guidance"], settings["guidance_interval"], settings["guidance_outside"])
+    if settings["steps"] < 1:
+        raise ValueError(f"steps: at least 1 denoising step; got {settings['steps']}")
+    check_best_of(model, settings["best_of"])
+    return {**settings, "guidance": schedule.scale, "guidance_interval": schedule.interval,
+            "guidance_outside": schedule.outside}
 
 
 def check_diffusion_settings(settings: object, where: str) -> None:

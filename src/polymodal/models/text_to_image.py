@@ -41,10 +41,11 @@ from polymodal.models.family import (
     BuildContext,
     EvalOptions,
     Validator,
-    check_best_of,
     check_denoiser_spec,
     check_diffusion_settings,
+    check_drawing_settings,
     check_text_encoder_spec,
+    drawing_settings,
     load_saved,
     pretrained_standin,
     saved_config,
@@ -71,6 +72,8 @@ class TextToImageConfig:
     # text encoder: {"type": "text", ...} trained with the denoiser; {"type": "clip", "path": MODEL}
     # the text tower of a saved contrastive model, frozen; {"type": "minilm"} the locked MiniLM
     diffusion: dict = field(default_factory=dict, metadata={"check": check_diffusion_settings})
+    drawing: dict = field(default_factory=dict, metadata={"check": check_drawing_settings})  # how it draws when
+    # not told: guidance, guidance_interval, guidance_outside, steps, best_of (DrawingSettings)
     # DiffusionConfig settings
     image_size: int = 32  # side of the generated images, in pixels
     image_field: str = "image"  # batch field of the training images
@@ -90,6 +93,9 @@ class TextToImageConfig:
             raise ValueError(f"denoiser type {self.denoiser.get('type')!r}; choose from ['dit', 'unet']")
         if not 0.0 <= self.condition_dropout < 1.0:
             raise ValueError(f"condition_dropout must be in [0, 1), got {self.condition_dropout}")
+        if self.drawing.get("best_of", 1) > 1:
+            raise ValueError(f"drawing.best_of: {self.drawing['best_of']}, but a text-to-image model draws without "
+                             "reading what it draws, so it cannot choose among its drawings (an omni model can)")
 
 
 def build_denoiser(spec: dict, in_channels: int, context_dim: int) -> nn.Module:
@@ -349,7 +355,10 @@ class TextToImage(nn.Module):
         """GenEval-style scores on prompts built from each split's scenes (see
         :mod:`polymodal.eval.geneval`), judged by a detector trained on real images
         (``options.judge``), beside the judge's own accuracy on the split's real images; a CLIP
-        score with ``options.clip``."""
+        score with ``options.clip``. Drawn with the options' settings, else the model's own
+        (:func:`~polymodal.models.family.drawing_settings`), recorded beside the scores
+        (``guidance``, ``guidance interval low`` / ``high`` and ``guidance outside`` with an
+        interval, ``denoising steps``, ``best of``)."""
         from polymodal.eval.geneval import evaluate_generator, generator_function
         from polymodal.models.clip import ContrastiveModel
         from polymodal.models.detector import GridDetector
@@ -357,7 +366,9 @@ class TextToImage(nn.Module):
 
         if options.judge is None:
             raise InputError(data, "a text-to-image model is scored by a judge: pass --judge (a trained detector)")
-        check_best_of(self, options.best_of)
+        drawing = drawing_settings(self, guidance=options.guidance, guidance_interval=options.guidance_interval,
+                                   guidance_outside=options.guidance_outside, steps=options.sample_steps,
+                                   best_of=options.best_of)
         judge = GridDetector.load_judge(options.judge)
         contrastive = ContrastiveModel.from_pretrained(options.clip) if options.clip is not None else None
         rows, real = {}, {}
@@ -370,11 +381,17 @@ class TextToImage(nn.Module):
             raise InputError(data, f"no samples in the splits {list(splits)}")
         if "objects" not in next(iter(rows.values()))[0]:
             raise InputError(data, "rows have no 'objects' scene graph: GenEval-style prompts need a shapes world")
-        generate = generator_function(self, options.guidance, options.sample_steps, progress=options.progress,
-                                      compose=options.compose, guidance_interval=options.guidance_interval,
-                                      guidance_outside=options.guidance_outside, best_of=options.best_of)
-        return evaluate_generator(generate, judge, rows, per_category=options.per_category, seed=options.seed,
-                                  clip=contrastive, real_images_by_split=real)
+        generate = generator_function(self, drawing["guidance"], drawing["steps"], progress=options.progress,
+                                      compose=options.compose, guidance_interval=drawing["guidance_interval"],
+                                      guidance_outside=drawing["guidance_outside"], best_of=drawing["best_of"])
+        results = evaluate_generator(generate, judge, rows, per_category=options.per_category, seed=options.seed,
+                                     clip=contrastive, real_images_by_split=real)
+        low, high = drawing["guidance_interval"] or (None, None)
+        drawn_with = {"guidance": drawing["guidance"], "guidance interval low": low, "guidance interval high": high,
+                      "guidance outside": drawing["guidance_outside"] if low is not None else None,
+                      "denoising steps": drawing["steps"], "best of": drawing["best_of"]}
+        return {split: {**metrics, **{k: float(v) for k, v in drawn_with.items() if v is not None}}
+                for split, metrics in results.items()}
 
     # ---- saving ----
 

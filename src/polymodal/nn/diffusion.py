@@ -42,8 +42,9 @@ TIMESTEPS = ("uniform", "logit_normal")
 
 def check_guidance_interval(interval, train_steps: int = 1000) -> tuple[int, int] | None:
     """``interval`` as ``(low, high)`` timesteps (``None``: guidance at every step), checked: two
-    whole numbers with ``0 <= low <= high < train_steps``. A string ``"low,high"`` is read too."""
-    if interval is None:
+    whole numbers with ``0 <= low <= high < train_steps``. A string ``"low,high"`` is read too, and
+    ``"all"``: every step, as ``None``."""
+    if interval is None or (isinstance(interval, str) and interval.strip() == "all"):
         return None
     if isinstance(interval, str):
         parts = [p.strip() for p in interval.split(",")]

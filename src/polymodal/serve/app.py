@@ -595,10 +595,10 @@ def create_app(models_dir: str | Path, settings: Settings | None = None, respond
         if body.response_format == "url":
             raise bad_request("'response_format' \"url\" is not supported: images come as b64_json", "response_format",
                               code="unsupported_parameter")
-        steps = body.steps or settings.image_steps
-        if steps > limits.max_diffusion_steps:
-            raise bad_request(f"'steps' is {steps}; the limit is {limits.max_diffusion_steps}", "steps",
-                              code="integer_above_max_value")
+        for param, most in (("steps", limits.max_diffusion_steps), ("best_of", limits.max_best_of)):
+            if (getattr(body, param) or 0) > most:  # before the model loads (draw_images checks the model's own)
+                raise bad_request(f"'{param}' is {getattr(body, param)}; the limit is {most}", param,
+                                  code="integer_above_max_value")
         native = await run_in_threadpool(lambda: served.get().config.image_size)
         side = native
         if body.size not in (None, "auto"):
@@ -611,8 +611,8 @@ def create_app(models_dir: str | Path, settings: Settings | None = None, respond
                                   f"{limits.max_image_side} pixels a side (it draws {native}x{native})", "size")
             side = width
         fmt = body.output_format or "png"
-        pngs = await served.run(draw_images, [prompt] * n, body.seed or 0, steps,
-                                settings.guidance if body.guidance is None else body.guidance, side)
+        pngs = await served.run(partial(draw_images, guidance=body.guidance, steps=body.steps, best_of=body.best_of),
+                                [prompt] * n, body.seed or 0, settings, side)
         if fmt != "png":
             pngs = [await run_in_threadpool(convert_image, p, fmt) for p in pngs]
         return {"created": timestamp(), "data": [{"b64_json": base64.b64encode(p).decode(), "revised_prompt": None}

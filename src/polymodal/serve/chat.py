@@ -228,8 +228,7 @@ class ModelResponder:
         if not request.strip():
             raise APIError(400, "nothing to draw: the last user message has no text", param="messages")
         prompt = drawing_prompt(request)
-        images = served.call(draw_images, [prompt], options.seed or 0, self.settings.image_steps,
-                             self.settings.guidance, options.image_size)
+        images = served.call(draw_images, [prompt], options.seed or 0, self.settings, options.image_size)
         return Reply.of(f"Here is a picture of {prompt}.", images=images, models=[served.id])
 
     # ---- looking ----
@@ -295,9 +294,29 @@ def generate_text(model, image: Image.Image, prompt: str | None, options: ReplyO
     return text, "length" if used >= budget else "stop"
 
 
-def draw_images(model, prompts: list[str], seed: int, steps: int, guidance: float, side: int | None) -> list[bytes]:
-    """PNG files of ``prompts`` drawn by a text-to-image model, at ``side`` pixels if given."""
-    images = model.generate(prompts, guidance=guidance, steps=steps, seed=seed)  # (B, 3, S, S) in [-1, 1]
+def draw_images(model, prompts: list[str], seed: int, settings: Settings, side: int | None = None, *,
+                guidance: float | None = None, steps: int | None = None, best_of: int | None = None) -> list[bytes]:
+    """PNG files of ``prompts`` drawn by a text-to-image model, at ``side`` pixels if given. Each
+    drawing setting is the one given (a request's), else the server's (``settings``), else the
+    model's own (:func:`~polymodal.models.family.drawing_settings`), within the server's limits:
+    an :class:`APIError` names the setting otherwise."""
+    from polymodal.models.family import drawing_settings
+
+    try:
+        drawing = drawing_settings(model, guidance=settings.guidance if guidance is None else guidance,
+                                   steps=steps or settings.image_steps, best_of=best_of)
+    except ValueError as e:  # the settings the model was saved with are checked when it loads: a request's
+        raise APIError(400, str(e), param="best_of", code="invalid_value") from None
+    limits = settings.limits
+    for name, most, param in (("steps", limits.max_diffusion_steps, "steps"), ("best_of", limits.max_best_of, "best_of")):
+        if drawing[name] > most:
+            whose = "" if {"steps": steps, "best_of": best_of}[name] else " (the model's own drawing setting)"
+            raise APIError(400, f"'{param}' is {drawing[name]}{whose}; the limit is {most}", param=param,
+                           code="integer_above_max_value")
+    chosen = {"best_of": drawing["best_of"]} if drawing["best_of"] > 1 else {}  # only models that read drawings
+    images = model.generate(prompts, guidance=drawing["guidance"], steps=drawing["steps"], seed=seed,
+                            guidance_interval=drawing["guidance_interval"], guidance_outside=drawing["guidance_outside"],
+                            **chosen)  # (B, 3, S, S) in [-1, 1]
     out = []
     for x in images:
         picture = to_pil(x * 0.5 + 0.5)

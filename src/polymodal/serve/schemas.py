@@ -153,6 +153,7 @@ class ImageGenerationRequest(Request):
     seed: Seed | None = None  # polymodal: the same seed draws the same images
     steps: int | None = Field(None, ge=1)  # polymodal: denoising steps
     guidance: float | None = Field(None, ge=0, le=50)  # polymodal: classifier-free guidance
+    best_of: int | None = Field(None, ge=1)  # polymodal: drawings to choose each image from (omni models)
     user: str | None = None
 
 

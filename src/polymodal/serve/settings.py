@@ -30,6 +30,7 @@ class Limits:
     max_media_parts: int = 16  # images and audio clips in one chat request
     max_image_side: int = 1024  # of a requested image size (WxH)
     max_diffusion_steps: int = 200  # denoising steps one generated image may take
+    max_best_of: int = 16  # drawings one generated image may be chosen from (a model's own best_of included)
     max_remote_bytes: int = 16 * MIB  # of a remote image fetched with --allow-remote-urls
 
     def __post_init__(self):
@@ -65,8 +66,9 @@ class Settings:
     embedding_batch_window_ms: float = 5.0  # embedding requests arriving this close together share one
     # forward pass (0: each request runs alone)
     embedding_max_batch: int = 64  # inputs in one forward pass at most
-    image_steps: int = 50  # denoising steps of a generated image unless the request says otherwise
-    guidance: float = 3.0  # classifier-free guidance of generated images
+    image_steps: int | None = None  # denoising steps of a generated image unless the request says otherwise
+    # (None: the model's own, its config's drawing section, else 50)
+    guidance: float | None = None  # classifier-free guidance of generated images (None: the model's own, else 3)
     recogniser: str | None = None  # a served model id, or what polymodal.speech.load_recogniser is given
     remote_timeout_s: float = 10.0  # for fetching a remote image
     audio_expires_s: int = 3600  # message.audio.expires_at is this long after the reply

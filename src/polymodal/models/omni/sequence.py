@@ -17,6 +17,7 @@ from polymodal.data.shapes import caption
 from polymodal.modalities.text import TextTokenizer
 from polymodal.models.family import (
     check_diffusion_settings,
+    check_drawing_settings,
 )
 from polymodal.nn.diffusion import DiffusionConfig
 from polymodal.nn.encoders import config_from_spec
@@ -63,6 +64,8 @@ class OmniConfig:
     z_loss: float = 1e-5  # weight of log^2 Z of the next-token logits (both image kinds)
     diffusion_weight: float = 5.0  # latent: lambda, the weight of the diffusion loss against the text loss
     diffusion: dict = field(default_factory=dict, metadata={"check": check_diffusion_settings})
+    drawing: dict = field(default_factory=dict, metadata={"check": check_drawing_settings})  # how it draws when
+    # not told: guidance, guidance_interval, guidance_outside, steps, best_of (DrawingSettings)
     # latent: DiffusionConfig settings over DIFFUSION_DEFAULTS (epsilon, cosine, unweighted)
     latent_channels: int = 4  # latent: channels of a latent cell (the autoencoder's)
     patch: str = "linear"  # latent: how cells become tokens and tokens predictions: linear (one map a
@@ -131,6 +134,9 @@ class OmniConfig:
         for name in ("z_loss", "diffusion_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} is a loss weight, at least 0; got {getattr(self, name)}")
+        if self.image == "vq" and self.drawing.get("guidance_interval") is not None:
+            raise ValueError("drawing.guidance_interval is a range of diffusion timesteps: it is for latent images; "
+                             "a vq model samples its codes")
         if self.time_conditioning == "adaln" and self.image != "latent":
             raise ValueError("time_conditioning adaln needs image: latent (vq codes have no timestep)")
         if self.align_encoder is not None and self.image != "latent":
