@@ -59,20 +59,17 @@ def generate_image(
         generator = load_model(model, task="generate image")
         drawing = drawing_settings(generator, guidance=cfg, guidance_interval=cfg_interval, guidance_outside=cfg_outside,
                                    steps=steps, best_of=best_of)
-        chosen = {"best_of": drawing["best_of"]} if drawing["best_of"] > 1 else {}  # only models that read drawings
         start = time.perf_counter()
         with progress_bar("denoising", drawing["steps"]) as update, torch.no_grad():
-            images = generator.generate([prompt] * n, guidance=drawing["guidance"], steps=drawing["steps"],
-                                        sampler=sampler, seed=seed, compose=compose, progress=update,
-                                        guidance_interval=drawing["guidance_interval"],
-                                        guidance_outside=drawing["guidance_outside"], **chosen)
+            images = generator.generate([prompt] * n, sampler=sampler, seed=seed, compose=compose, progress=update,
+                                        **drawing)
     except (InputError, ValueError) as e:
         raise fail(e) from None
     out = out or Path(re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60] + ".png")
     out.parent.mkdir(parents=True, exist_ok=True)
     composed = ", composed" if compose else ""
     image_grid(images, columns=columns, scale=scale,
-               title=f"{prompt}  ({drawn_with(drawing)} {sampler}{composed}, seed {seed})").save(out)
+               title=f"{prompt}  ({drawn_with(drawing)}, {sampler}{composed}, seed {seed})").save(out)
     console.print(f"{n} images in {time.perf_counter() - start:.1f} s -> {out}")
 
 
@@ -170,10 +167,7 @@ def generate_interleaved(
         start = time.perf_counter()
         with torch.no_grad():
             segments = omni.generate_interleaved([prefix], max_new_tokens=max_tokens, max_images=max_images,
-                                                 guidance=drawing["guidance"], steps=drawing["steps"], seed=seed,
-                                                 after_image=after, open_image=draw,
-                                                 guidance_interval=drawing["guidance_interval"],
-                                                 guidance_outside=drawing["guidance_outside"])[0]
+                                                 seed=seed, after_image=after, open_image=draw, **drawing)[0]
             pictures = [s for s in segments if isinstance(s, torch.Tensor)]
             drawn = omni.decode_images(torch.stack(pictures)) if pictures else None
     except (InputError, ValueError) as e:

@@ -463,9 +463,10 @@ def check_drawing_settings(settings: object, where: str) -> None:
 
 def drawing_settings(model, **given) -> dict:
     """The settings ``model`` draws with, as its ``generate`` takes them (``guidance``,
-    ``guidance_interval``, ``guidance_outside``, ``steps``, ``best_of``): each one ``given`` (not
-    None), else the model's own (its config's ``drawing`` section, :class:`DrawingSettings`),
-    else the default. An interval the caller gives (``"all"``: every step) replaces the model's
+    ``guidance_interval``, ``guidance_outside``, ``steps``, and ``best_of`` when above 1, so
+    ``model.generate(prompts, **drawing_settings(model))`` draws as the model would): each one
+    ``given`` (not None), else the model's own (its config's ``drawing`` section,
+    :class:`DrawingSettings`), else the default. An interval the caller gives (``"all"``: every step) replaces the model's
     with its outside scale too; an outside scale given alone applies to the model's interval.
     Checked (a ValueError names the problem); ``best_of`` above 1 only for a model that reads
     its drawings."""
@@ -483,8 +484,9 @@ def drawing_settings(model, **given) -> dict:
     if settings["steps"] < 1:
         raise ValueError(f"steps: at least 1 denoising step; got {settings['steps']}")
     check_best_of(model, settings["best_of"])
-    return {**settings, "guidance": schedule.scale, "guidance_interval": schedule.interval,
-            "guidance_outside": schedule.outside}
+    chosen = {"best_of": settings["best_of"]} if settings["best_of"] > 1 else {}  # only models that read drawings
+    return {"guidance": schedule.scale, "guidance_interval": schedule.interval, "guidance_outside": schedule.outside,
+            "steps": settings["steps"], **chosen}
 
 
 def check_diffusion_settings(settings: object, where: str) -> None:

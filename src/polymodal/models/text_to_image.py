@@ -383,13 +383,13 @@ class TextToImage(nn.Module):
             raise InputError(data, "rows have no 'objects' scene graph: GenEval-style prompts need a shapes world")
         generate = generator_function(self, drawing["guidance"], drawing["steps"], progress=options.progress,
                                       compose=options.compose, guidance_interval=drawing["guidance_interval"],
-                                      guidance_outside=drawing["guidance_outside"], best_of=drawing["best_of"])
+                                      guidance_outside=drawing["guidance_outside"], best_of=drawing.get("best_of", 1))
         results = evaluate_generator(generate, judge, rows, per_category=options.per_category, seed=options.seed,
                                      clip=contrastive, real_images_by_split=real)
         low, high = drawing["guidance_interval"] or (None, None)
         drawn_with = {"guidance": drawing["guidance"], "guidance interval low": low, "guidance interval high": high,
                       "guidance outside": drawing["guidance_outside"] if low is not None else None,
-                      "denoising steps": drawing["steps"], "best of": drawing["best_of"]}
+                      "denoising steps": drawing["steps"], "best of": drawing.get("best_of", 1)}
         return {split: {**metrics, **{k: float(v) for k, v in drawn_with.items() if v is not None}}
                 for split, metrics in results.items()}
 

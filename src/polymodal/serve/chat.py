@@ -309,14 +309,11 @@ def draw_images(model, prompts: list[str], seed: int, settings: Settings, side: 
         raise APIError(400, str(e), param="best_of", code="invalid_value") from None
     limits = settings.limits
     for name, most, param in (("steps", limits.max_diffusion_steps, "steps"), ("best_of", limits.max_best_of, "best_of")):
-        if drawing[name] > most:
+        if drawing.get(name, 1) > most:
             whose = "" if {"steps": steps, "best_of": best_of}[name] else " (the model's own drawing setting)"
             raise APIError(400, f"'{param}' is {drawing[name]}{whose}; the limit is {most}", param=param,
                            code="integer_above_max_value")
-    chosen = {"best_of": drawing["best_of"]} if drawing["best_of"] > 1 else {}  # only models that read drawings
-    images = model.generate(prompts, guidance=drawing["guidance"], steps=drawing["steps"], seed=seed,
-                            guidance_interval=drawing["guidance_interval"], guidance_outside=drawing["guidance_outside"],
-                            **chosen)  # (B, 3, S, S) in [-1, 1]
+    images = model.generate(prompts, seed=seed, **drawing)  # (B, 3, S, S) in [-1, 1]
     out = []
     for x in images:
         picture = to_pil(x * 0.5 + 0.5)
