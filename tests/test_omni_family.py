@@ -82,6 +82,9 @@ def test_chameleon_and_mot_train_from_their_recipes(parts, recipe, kind, image, 
     drawn = model.generate(["a red circle"], steps=2, seed=1)
     assert drawn.shape == (1, 3, SIZE, SIZE) and drawn.abs().max() <= 1.0
     assert torch.equal(drawn, model.generate(["a red circle"], steps=2, seed=1))  # seeded
+    from polymodal.train.recipe import load_recipe
+
+    assert model.config.drawing == load_recipe(recipe).model.get("drawing", {})  # kept as the recipe gives it
 
 
 def test_an_autoencoder_of_another_size_than_the_data_is_named(parts, tmp_path):

@@ -23,7 +23,8 @@ CHOICE_FLOOR = 0.05  # draw(best_of=N): each prompt token's probability is raise
 
 
 DRAW_ROWS = 800  # draw: images denoised in one batch at most (twice as many rows with guidance). On CPU-2 a
-# step cost 14 ms an image in batches of 400 and 800, 21 ms in one of 1,600 (best of 16 for 100 prompts)
+# sampler step cost 2.8 ms an image in batches of 800, 3.5 in 400 and 3.6 in one of 1,600 (best of 16 for
+# 100 prompts; benchmarks/omni_draw_batch.py, median of 3)
 
 
 def summed_log_probs(logp: torch.Tensor, real: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
