@@ -342,6 +342,7 @@ def test_an_omni_model_draws_with_its_own_settings_on_the_command_line_and_the_s
                                       "--out", str(tmp_path / "own.png")])
     assert result.exit_code == 0, result.output
     assert {k: calls[-1][k] for k in settings} == mine
+    assert "at t 0-500, 1.5 elsewhere, best of 2, 2 steps" in " ".join(result.output.split())  # said, as drawn
     told = CliRunner().invoke(app, ["generate", "image", str(own), "a red circle", "--n", "1", "--best-of", "1",
                                     "--cfg", "3", "--out", str(tmp_path / "told.png")])
     assert told.exit_code == 0, told.output

@@ -70,7 +70,7 @@ def generate_image(
     composed = ", composed" if compose else ""
     image_grid(images, columns=columns, scale=scale,
                title=f"{prompt}  ({drawn_with(drawing)}, {sampler}{composed}, seed {seed})").save(out)
-    console.print(f"{n} images in {time.perf_counter() - start:.1f} s -> {out}")
+    console.print(f"{n} images in {time.perf_counter() - start:.1f} s ({drawn_with(drawing)}) -> {out}")
 
 
 @generate_app.command("text")

@@ -466,10 +466,10 @@ def drawing_settings(model, **given) -> dict:
     ``guidance_interval``, ``guidance_outside``, ``steps``, and ``best_of`` when above 1, so
     ``model.generate(prompts, **drawing_settings(model))`` draws as the model would): each one
     ``given`` (not None), else the model's own (its config's ``drawing`` section,
-    :class:`DrawingSettings`), else the default. An interval the caller gives (``"all"``: every step) replaces the model's
-    with its outside scale too; an outside scale given alone applies to the model's interval.
-    Checked (a ValueError names the problem); ``best_of`` above 1 only for a model that reads
-    its drawings."""
+    :class:`DrawingSettings`), else the default. An interval the caller gives (``"all"``: every
+    step) replaces the model's with its outside scale too; an outside scale given alone applies
+    to the model's interval. Checked (a ValueError names the problem); ``best_of`` above 1 only
+    for a model that reads its drawings."""
     from polymodal.nn.diffusion import Guidance
 
     unknown = [k for k in given if k not in {f.name for f in dataclasses.fields(DrawingSettings)}]

@@ -310,7 +310,8 @@ def draw_images(model, prompts: list[str], seed: int, settings: Settings, side: 
     limits = settings.limits
     for name, most, param in (("steps", limits.max_diffusion_steps, "steps"), ("best_of", limits.max_best_of, "best_of")):
         if drawing.get(name, 1) > most:
-            whose = "" if {"steps": steps, "best_of": best_of}[name] else " (the model's own drawing setting)"
+            whose = "" if {"steps": steps or settings.image_steps, "best_of": best_of}[name] else \
+                " (the model's own drawing setting)"
             raise APIError(400, f"'{param}' is {drawing[name]}{whose}; the limit is {most}", param=param,
                            code="integer_above_max_value")
     images = model.generate(prompts, seed=seed, **drawing)  # (B, 3, S, S) in [-1, 1]
