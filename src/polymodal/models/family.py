@@ -444,21 +444,32 @@ class DrawingSettings:
     steps: int = 50  # denoising steps
     best_of: int = 1  # drawings to choose each image from (models that read what they draw)
 
+    def schedule(self):
+        """The guidance schedule (:class:`~polymodal.nn.diffusion.Guidance`) these settings draw
+        with, after checking them: a ``(setting, problem)`` ``ValueError`` for an interval out of
+        order, an outside scale with no interval, or fewer than one step or drawing. The one check
+        of a config's ``drawing`` section and of the settings a call resolves to."""
+        from polymodal.nn.diffusion import Guidance
+
+        for name in ("steps", "best_of"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(name, f"at least 1; got {value!r}")
+        try:
+            return Guidance.of(self.guidance, self.guidance_interval, self.guidance_outside)
+        except ValueError as e:
+            raise ValueError("guidance", str(e)) from None
+
 
 def check_drawing_settings(settings: object, where: str) -> None:
     """A config's ``drawing`` section: :class:`DrawingSettings`' keys and types, an interval of
     two timesteps in order, a scale outside it only with one, at least one step and one drawing."""
-    from polymodal.nn.diffusion import Guidance
-
     check_settings(settings, DrawingSettings, where)
-    own = DrawingSettings(**settings)
     try:
-        Guidance.of(own.guidance, own.guidance_interval, own.guidance_outside)
+        DrawingSettings(**settings).schedule()
     except ValueError as e:
-        raise _Bad(where, str(e)) from None
-    for name in ("steps", "best_of"):
-        if getattr(own, name) < 1:
-            raise _Bad(_join(where, name), f"at least 1; got {getattr(own, name)}")
+        name, problem = e.args
+        raise _Bad(where if name == "guidance" else _join(where, name), problem) from None
 
 
 def drawing_settings(model, **given) -> dict:
@@ -470,8 +481,6 @@ def drawing_settings(model, **given) -> dict:
     step) replaces the model's with its outside scale too; an outside scale given alone applies
     to the model's interval. Checked (a ValueError names the problem); ``best_of`` above 1 only
     for a model that reads its drawings."""
-    from polymodal.nn.diffusion import Guidance
-
     unknown = [k for k in given if k not in {f.name for f in dataclasses.fields(DrawingSettings)}]
     if unknown:
         raise TypeError(f"unknown drawing settings: {', '.join(unknown)}")
@@ -479,14 +488,16 @@ def drawing_settings(model, **given) -> dict:
     given = {k: v for k, v in given.items() if v is not None}
     if "guidance_interval" in given:  # the caller's schedule, whole
         own = {k: v for k, v in own.items() if k not in ("guidance_interval", "guidance_outside")}
-    settings = dataclasses.asdict(DrawingSettings(**{**own, **given}))
-    schedule = Guidance.of(settings["guidance"], settings["guidance_interval"], settings["guidance_outside"])
-    if settings["steps"] < 1:
-        raise ValueError(f"steps: at least 1 denoising step; got {settings['steps']}")
-    check_best_of(model, settings["best_of"])
-    chosen = {"best_of": settings["best_of"]} if settings["best_of"] > 1 else {}  # only models that read drawings
+    settings = DrawingSettings(**{**own, **given})
+    try:
+        schedule = settings.schedule()
+    except ValueError as e:
+        name, problem = e.args
+        raise ValueError(problem if name == "guidance" else f"{name.replace('_', '-')}: {problem}") from None
+    check_best_of(model, settings.best_of)
+    chosen = {"best_of": settings.best_of} if settings.best_of > 1 else {}  # only models that read drawings
     return {"guidance": schedule.scale, "guidance_interval": schedule.interval, "guidance_outside": schedule.outside,
-            "steps": settings["steps"], **chosen}
+            "steps": settings.steps, **chosen}
 
 
 def check_diffusion_settings(settings: object, where: str) -> None:
