@@ -7,8 +7,13 @@ judge's verdict on it is what that way scores, per category and overall:
 - ``first``: the first candidate (one drawing, no choice);
 - ``closed``: the likeliest caption, its closing ``<eos>`` included;
 - ``open``: the likeliest caption's first words, no ``<eos>``;
-- ``open, floor F``: the same, each token's probability raised by F (``log(p + F)``); ``draw(best_of=k)``
-  chooses so with F = ``CHOICE_FLOOR`` (0.05);
+- ``open, floor F``: the same, each token's probability raised by F (``log(p + F)``);
+- ``caption shows, then open, floor 0.05``: the model captions each candidate (greedy); candidates whose
+  caption shows the prompt (``data.scene.caption_shows``) first, then those whose caption tells nothing,
+  then the rest, each group by ``open, floor`` ``CHOICE_FLOOR``;
+- ``pixels: ...``: the same two readings of each candidate's pixels encoded again by the autoencoder (as
+  the model reads any image), not of the latents it drew; ``draw(best_of=k)`` chooses as
+  ``pixels: caption shows, then open, floor 0.05`` (``choose``);
 - ``oracle``: a right candidate whenever one of the k is right (what no chooser can beat).
 
 Prints and writes (``--json``) every score.
@@ -30,11 +35,12 @@ FLOORS = (0.02, 0.05, 0.1)
 
 
 def main() -> None:
+    from polymodal.data.scene import caption_shows
     from polymodal.eval.geneval import CATEGORIES, geneval_prompts, judge_prompts
     from polymodal.models import load_model
     from polymodal.models.detector import GridDetector
     from polymodal.models.family import split_items
-    from polymodal.models.omni.generation import summed_log_probs
+    from polymodal.models.omni.generation import CAPTION_SHOWS, CHOICE_FLOOR, summed_log_probs
     from polymodal.nn.diffusion import Guidance
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -62,6 +68,7 @@ def main() -> None:
     schedule = Guidance.of(args.cfg, args.cfg_interval, args.cfg_outside)
     k_all, tok = args.candidates, model.tokenizer
     right, closed, opened, floored = [], [], [], {f: [] for f in FLOORS}
+    shown, pixels, shown_pixels = [], [], []
     start_time = time.perf_counter()
     with torch.no_grad():
         for n, start in enumerate(range(0, len(prompts), args.chunk)):
@@ -70,7 +77,8 @@ def main() -> None:
             prefixes = [[[tok.bos_id, *model._caption_ids(p["prompt"])]] for p in asked]
             tokens = model.generate_image(prefixes, guidance=schedule.scale, steps=args.steps, seed=1000 + n,
                                           guidance_interval=schedule.interval, guidance_outside=schedule.outside)
-            verdicts = judge_prompts(judge, asked, model.decode_images(tokens))
+            images = model.decode_images(tokens)
+            verdicts = judge_prompts(judge, asked, images)
             right.append(torch.tensor([v["ok"] for v in verdicts]).view(len(chunk), k_all))
             texts = [p["prompt"] for p in asked]
             logp, real = model.caption_token_log_probs(tokens, texts, closed=True)
@@ -79,9 +87,20 @@ def main() -> None:
             opened.append(summed_log_probs(logp, words).view(len(chunk), k_all))
             for f in FLOORS:
                 floored[f].append(summed_log_probs(logp, words, f).view(len(chunk), k_all))
+            read = model.image_tokens(images)  # the pixels, encoded again
+            pixels.append(model.caption_log_likelihood(read, texts, closed=False, floor=CHOICE_FLOOR).view(len(chunk), k_all))
+            for seen, levels in ((tokens, shown), (read, shown_pixels)):
+                captions = [tok.decode(ids) for ids in model.generate_text([model.image_prompt(t) for t in seen])]
+                levels.append(torch.tensor([CAPTION_SHOWS[caption_shows(c, t)] for c, t in zip(captions, texts, strict=True)],
+                                           dtype=torch.float).view(len(chunk), k_all))
     right = torch.cat(right).float()
     choosers = {"first": -torch.arange(k_all).float().expand_as(right), "closed": torch.cat(closed),
                 "open": torch.cat(opened), **{f"open, floor {f}": torch.cat(v) for f, v in floored.items()}}
+    # caption shows: ranked first by (2, 1, 0) for shown, tells nothing, contradicted; then by the reading
+    choosers[f"caption shows, then open, floor {CHOICE_FLOOR}"] = (torch.cat(shown) * 1e6
+                                                                  + choosers[f"open, floor {CHOICE_FLOOR}"])
+    choosers[f"pixels: open, floor {CHOICE_FLOOR}"] = torch.cat(pixels)
+    choosers[f"pixels: caption shows, then open, floor {CHOICE_FLOOR}"] = torch.cat(shown_pixels) * 1e6 + torch.cat(pixels)
     categories = [c for c in CATEGORIES if any(p["category"] == c for p in prompts)]
     members = {c: [i for i, p in enumerate(prompts) if p["category"] == c] for c in categories}
 

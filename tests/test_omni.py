@@ -484,11 +484,11 @@ def test_caption_log_likelihood_sums_each_tokens_log_probability_after_the_image
         m.caption_log_likelihood(images, texts, floor=1.0)
 
 
-def test_best_of_draws_n_candidates_and_keeps_the_one_whose_caption_the_prompt_most_likely_is(tokenizer, monkeypatch):
+def test_best_of_keeps_a_candidate_its_caption_shows_then_the_one_whose_caption_the_prompt_most_likely_is(tokenizer, monkeypatch):
     m = make(tokenizer, "latent").eval()
     m.autoencoder = None  # the chosen tokens themselves, not images: decode_images returns them
     monkeypatch.setattr(m, "decode_images", lambda tokens: tokens)
-    prompts = ["a red circle", "a blue square"]
+    prompts = ["a small red circle in the top left", "a blue square"]
     plain = m.draw(prompts, steps=2, seed=3)
     assert torch.equal(plain, m.draw(prompts, steps=2, seed=3, best_of=1))  # one candidate: the plain drawing
     candidates = m.draw([p for p in prompts for _ in range(3)], steps=2, seed=3)  # what best_of 3 draws
@@ -501,10 +501,29 @@ def test_best_of_draws_n_candidates_and_keeps_the_one_whose_caption_the_prompt_m
         assert torch.equal(tokens, candidates)
         return scores
 
+    captions = ["a picture"] * 6  # captions that describe no whole scene tell nothing: the reading alone chooses
+    captioned = []
+
+    def write(prefixes, **options):
+        captioned.append(torch.stack([prefix[1] for prefix in prefixes]))  # <bos>, the candidate, <eos>
+        return [tokenizer.encode(c, add_special_tokens=False) for c in captions]
+
     monkeypatch.setattr(m, "caption_log_likelihood", likelihood)
+    monkeypatch.setattr(m, "generate_text", write)
+    encoded = []  # each picture is read as the model reads any image: encoded again from its pixels
+    monkeypatch.setattr(m, "image_tokens", lambda images: encoded.append(images) or images)
     chosen = m.draw(prompts, steps=2, seed=3, best_of=3)
-    assert seen == [["a red circle"] * 3 + ["a blue square"] * 3]  # each candidate read with its own prompt
+    assert seen[0] == [prompts[0]] * 3 + [prompts[1]] * 3  # each candidate read with its own prompt
+    assert torch.equal(captioned[0], candidates) and torch.equal(encoded[0], candidates)  # each one read
     assert torch.equal(chosen, candidates[[1, 3]])
+    # a candidate whose own caption shows the prompt comes first, then one whose caption tells nothing, then one
+    # it contradicts, each group by the reading
+    captions = ["a small red circle in the top left", "a small blue circle in the top left", "a picture",
+                "a picture", "a large blue square at the bottom", "a small red square at the top"]
+    assert torch.equal(m.draw(prompts, steps=2, seed=3, best_of=3), candidates[[0, 4]])
+    captions = ["a small red circle in the top left and a small blue star on the right"] * 3 + ["a picture"] * 3
+    assert torch.equal(m.draw(prompts, steps=2, seed=3, best_of=3)[:1], candidates[[1]])  # a prompt that places
+    # every object it names is the whole picture: a caption with a star besides contradicts it
     with pytest.raises(ValueError, match="number of drawings to choose each image from"):
         m.draw(prompts, steps=2, best_of=0)
 
@@ -529,6 +548,7 @@ def test_draw_denoises_in_batches_of_draw_rows_with_one_stream_of_noise(tokenize
     assert torch.allclose(split[:3], whole[:3], atol=1e-5)  # the first batch: the same noise as drawn whole
     assert not torch.allclose(split[3], split[0])  # the same prompt, later in the stream: other noise
     assert done == sorted(done) and done[-1] == 2  # steps over both batches, ending at the last
+    monkeypatch.setattr(m, "image_tokens", lambda images: images)  # the pictures read back as they were drawn
     assert len(m.draw(prompts[:2], steps=2, seed=3, best_of=2)) == 2  # 4 candidates in two batches, one kept a prompt
 
 

@@ -3,7 +3,9 @@ import pytest
 from polymodal.data.scene import (
     SceneObject,
     answer_question,
+    caption_shows,
     check_caption,
+    described_scene,
     parse_claims,
     question_type,
 )
@@ -78,3 +80,39 @@ def test_ambiguous_and_foreign_questions_raise():
         answer_question("what colour is the triangle?", SCENE)
     with pytest.raises(ValueError, match="not a shapes-world question"):
         question_type("why is the sky blue?")
+
+
+def test_described_scene_reads_a_caption_that_pins_every_object_down():
+    scene = described_scene("there are two shapes: a tiny orange cross at the bottom and a small red square in the top right")
+    assert [(o.size, o.colour, o.shape, o.cell) for o in scene] == [("small", "orange", "cross", 7),
+                                                                    ("small", "red", "square", 2)]
+    for vague in ("a small blue circle below a small blue circle",  # no place
+                  "a red circle in the top left",  # no size
+                  "two small red circles in the top left",  # a number of them
+                  "a picture of nothing much"):
+        assert described_scene(vague) is None, vague
+
+
+@pytest.mark.parametrize(("caption", "prompt", "shown"), [
+    ("a small red circle in the top right", "a small red circle in the top right", True),
+    ("a small red circle in the top right", "a red circle", True),
+    ("a small red circle in the top right", "a red square", False),
+    ("a small red circle in the top right", "a large red circle in the top right", False),
+    ("a small red circle in the top right", "a small red circle at the bottom", False),
+    # a prompt that places every object it names is the whole picture: nothing besides
+    ("a small red circle in the top right and a large blue star on the left", "a small red circle in the top right",
+     False),
+    # otherwise more is allowed
+    ("a small red circle in the top right and a large blue star on the left", "a red circle and a blue star", True),
+    ("a small red circle in the top right and a large blue star on the left", "a blue star and a red square", False),
+    ("a small red circle in the top right and a large blue star on the left",
+     "a blue star to the left of a red circle", True),
+    ("a small red circle in the top right and a large blue star on the left",
+     "a blue star to the right of a red circle", False),
+    ("a small red circle in the top left, a small red circle at the bottom and a large blue star in the center",
+     "two red circles", True),
+    ("a small red circle in the top left and a large blue star in the center", "two red circles", False),
+    ("a small blue circle below a small blue circle", "a blue circle", None),  # no whole scene: it tells nothing
+])
+def test_caption_shows_what_a_prompt_asks_for(caption, prompt, shown):
+    assert caption_shows(caption, prompt) is shown

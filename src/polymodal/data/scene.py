@@ -232,6 +232,34 @@ def check_caption(text: str, objects: list[SceneObject]) -> list[str]:
     return problems
 
 
+def described_scene(text: str) -> list[SceneObject] | None:
+    """The scene ``text`` describes object by object, as most of the world's captions do ("a
+    small red circle in the top left and a large blue star at the bottom"): an object for each
+    mention, of its size, colour, shape and place. None when ``text`` does not pin a whole scene
+    down so: it mentions no object, or one without its size, colour, shape or place, or a number
+    of them ("two red circles")."""
+    mentions = parse_claims(text).mentions
+    if not mentions or any(None in (m.shape, m.colour, m.size, m.cell) or m.count not in (None, 1) for m in mentions):
+        return None
+    return [SceneObject(m.shape, m.colour, m.size, m.cell // 3, m.cell % 3) for m in mentions]
+
+
+def caption_shows(caption: str, prompt: str) -> bool | None:
+    """Whether the scene ``caption`` describes (:func:`described_scene`) shows what ``prompt``
+    asks for: no claim of the prompt false in it (:func:`check_caption`) and, when the prompt
+    places every object it names (written as a caption is: "a red circle in the top left"), no
+    object besides. None when the caption describes no whole scene: it can tell nothing."""
+    scene = described_scene(caption)
+    if scene is None:
+        return None
+    if check_caption(prompt, scene):
+        return False
+    asked = parse_claims(prompt).mentions
+    if asked and all(m.cell is not None for m in asked):
+        return len(scene) == sum(m.count or 1 for m in asked)
+    return True
+
+
 def _describe(m: Mention) -> str:
     words = [w for w in (m.size, m.colour, m.shape) if w]
     where = f" {POSITIONS[m.cell]}" if m.cell is not None else ""

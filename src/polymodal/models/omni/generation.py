@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from polymodal.data.scene import caption_shows
 from polymodal.models.family import check_best_of
 from polymodal.models.omni.sequence import IMAGE, TEXT, Interleaved, OmniCache, Segment
 from polymodal.nn import decoding
@@ -21,6 +22,8 @@ CHOICE_FLOOR = 0.05  # draw(best_of=N): each prompt token's probability is raise
 # validation prompts of two runs, each candidate judged: the best of 8 right 0.517 and 0.51 of the time
 # overall, against 0.473 and 0.46 with no floor (BENCHMARKS.md, "Reading a prompt as the start of a caption")
 
+CAPTION_SHOWS = {True: 2, None: 1, False: 0}  # choose: candidates whose own caption shows the prompt first, then
+# those it tells nothing of, then those it contradicts (data.scene.caption_shows)
 
 DRAW_ROWS = 800  # draw: images denoised in one batch at most (twice as many rows with guidance). On CPU-2 a
 # sampler step cost 2.8 ms an image in batches of 800, 3.5 in 400 and 3.6 in one of 1,600 (best of 16 for
@@ -370,12 +373,11 @@ class OmniGeneration:
         ``<bos> prompt`` (cut to the caption length of training), drawn by the autoencoder. The
         same ``seed`` draws the same images; ``steps`` and ``sampler`` concern latent images.
 
-        ``best_of`` N > 1: N images are drawn for each prompt (in one batch) and the one kept
-        whose caption the prompt's words are most likely to begin, by the model's own reading
-        (:meth:`caption_log_likelihood`, not ``closed``, each token floored at
-        :data:`CHOICE_FLOOR`: a prompt says what a picture must show, not all it shows, and is not
-        worded as the model's captions are): the model checks its drawings as it captions
-        images, at N times the cost of drawing. Images are denoised :data:`DRAW_ROWS` at a time,
+        ``best_of`` N > 1: N images are drawn for each prompt and the model keeps one by its own
+        reading of the pictures (:meth:`choose`): one its own caption says shows the prompt, the
+        one whose caption the prompt's words are likeliest to begin (a prompt says what a picture
+        must show, not all it shows, and is not worded as the model's captions are): the model
+        checks its drawings as it captions images, at N times the cost of drawing. Images are denoised :data:`DRAW_ROWS` at a time,
         one stream of noise from ``seed`` (or ``generator``) running through the batches."""
         if compose:
             raise ValueError("compose: an omni model reads a prompt as one caption; drawing 'and'-joined parts as a "
@@ -397,10 +399,34 @@ class OmniGeneration:
             for j, start in enumerate(starts)])
         if progress and self.config.image == "vq":  # codes are sampled, not denoised: all steps are done
             progress(steps)
-        if best_of > 1:
-            scores = self.caption_log_likelihood(tokens, asked, closed=False, floor=CHOICE_FLOOR)
-            tokens = tokens[scores.view(len(prompts), best_of).argmax(1) + torch.arange(len(prompts), device=scores.device) * best_of]
-        return self.decode_images(tokens)
+        images = torch.cat([self.decode_images(tokens[start : start + DRAW_ROWS])
+                            for start in range(0, len(tokens), DRAW_ROWS)])
+        return images[self.choose(images, asked, best_of)] if best_of > 1 else images
+
+    @torch.no_grad()
+    def choose(self, images: torch.Tensor, prompts: Sequence[str], best_of: int) -> torch.Tensor:
+        """Which picture to keep of each prompt's ``best_of`` (``images`` ``(B, 3, S, S)`` in
+        [-1, 1] and ``prompts``, each prompt's candidates side by side, as :meth:`draw` draws
+        them): the indices ``(B / best_of,)`` into ``images``. The model reads each picture as it
+        reads any image (encoded by its autoencoder: what the pixels show, not the latents it
+        drew), captions it (greedy) and checks the scene its caption describes against the
+        prompt (:func:`~polymodal.data.scene.caption_shows`). The pictures whose caption shows the
+        prompt come first, then those whose caption tells nothing (no whole scene), then those
+        it contradicts; within the first such group the one kept is the one whose caption the
+        prompt's words are likeliest to begin (:meth:`caption_log_likelihood`, not ``closed``,
+        each token floored at :data:`CHOICE_FLOOR`)."""
+        if len(images) != len(prompts) or not prompts or len(prompts) % best_of:
+            raise ValueError(f"{len(images)} pictures for {len(prompts)} prompts, not {best_of} for each prompt")
+        scores, shown = [], []
+        for start in range(0, len(images), DRAW_ROWS):
+            read, asked = self.image_tokens(images[start : start + DRAW_ROWS]), prompts[start : start + DRAW_ROWS]
+            scores.append(self.caption_log_likelihood(read, asked, closed=False, floor=CHOICE_FLOOR))
+            captions = [self.tokenizer.decode(ids) for ids in self.generate_text([self.image_prompt(t) for t in read])]
+            shown += [CAPTION_SHOWS[caption_shows(c, p)] for c, p in zip(captions, asked, strict=True)]
+        scores = torch.cat(scores).view(-1, best_of)
+        shown = torch.tensor(shown, device=scores.device).view(-1, best_of)
+        scores = scores.masked_fill(shown < shown.max(1, keepdim=True).values, float("-inf"))
+        return scores.argmax(1) + torch.arange(len(scores), device=scores.device) * best_of
 
 
 class AsCaptioner:
