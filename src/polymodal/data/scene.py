@@ -8,6 +8,7 @@ claims against a scene. The same reader is the judge of generated captions and i
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -232,32 +233,69 @@ def check_caption(text: str, objects: list[SceneObject]) -> list[str]:
     return problems
 
 
-def described_scene(text: str) -> list[SceneObject] | None:
-    """The scene ``text`` describes object by object, as most of the world's captions do ("a
-    small red circle in the top left and a large blue star at the bottom"): an object for each
-    mention, of its size, colour, shape and place. None when ``text`` does not pin a whole scene
-    down so: it mentions no object, or one without its size, colour, shape or place, or a number
-    of them ("two red circles")."""
-    mentions = parse_claims(text).mentions
-    if not mentions or any(None in (m.shape, m.colour, m.size, m.cell) or m.count not in (None, 1) for m in mentions):
-        return None
-    return [SceneObject(m.shape, m.colour, m.size, m.cell // 3, m.cell % 3) for m in mentions]
+INVERSE_RELATIONS = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def _fits(asked: Mention, said: Mention) -> bool | None:
+    """Whether an object a caption mentions (``said``) is one a prompt asks for (``asked``):
+    None when the caption leaves out its size or place and the prompt asks for one."""
+    if any(a is not None and a != b for a, b in ((asked.shape, said.shape), (asked.colour, said.colour))):
+        return False
+    unknown = False
+    for want, got in ((asked.size, said.size), (asked.cell, said.cell)):
+        if want is not None and got is None:
+            unknown = True
+        elif want is not None and want != got:
+            return False
+    return None if unknown else True
+
+
+def _related(rel: str, a: tuple[int, Mention], b: tuple[int, Mention], stated: set) -> bool | None:
+    """Whether object ``a`` is ``rel`` object ``b`` (each ``(mention index, mention)`` of a
+    caption): by their places, else as the caption relates their mentions (``stated``, with
+    each relation's inverse); None when it says neither."""
+    (i, ma), (j, mb) = a, b
+    if ma.cell is not None and mb.cell is not None:
+        return relation_holds(rel, SceneObject("", "", "", ma.cell // 3, ma.cell % 3),
+                              SceneObject("", "", "", mb.cell // 3, mb.cell % 3))
+    if (i, rel, j) in stated:
+        return True
+    return False if (i, INVERSE_RELATIONS[rel], j) in stated else None
 
 
 def caption_shows(caption: str, prompt: str) -> bool | None:
-    """Whether the scene ``caption`` describes (:func:`described_scene`) shows what ``prompt``
-    asks for: no claim of the prompt false in it (:func:`check_caption`) and, when the prompt
-    places every object it names (written as a caption is: "a red circle in the top left"), no
-    object besides. None when the caption describes no whole scene: it can tell nothing."""
-    scene = described_scene(caption)
-    if scene is None:
+    """Whether the picture a caption describes shows what ``prompt`` asks for, by the caption's
+    claims alone: every object the prompt names there (as many as it says; "a": at least one),
+    each relation it asks for holding (by the objects' places, or as the caption relates the
+    two), and, when the prompt places every object it names (written as a caption is: "a red
+    circle in the top left"), no object besides. None when the caption cannot tell: it names
+    an object without its shape or colour, or leaves out a size, place or relation the prompt
+    asks for."""
+    said, asked = parse_claims(caption), parse_claims(prompt)
+    if not said.mentions or not asked.mentions or any(None in (m.shape, m.colour) for m in said.mentions):
         return None
-    if check_caption(prompt, scene):
+    objects = [(i, m) for i, m in enumerate(said.mentions) for _ in range(m.count or 1)]  # (mention, its object)
+    unknown = False
+    for m in asked.mentions:
+        verdicts = [_fits(m, o) for _, o in objects]
+        sure, maybe = verdicts.count(True), verdicts.count(None)
+        if (sure > m.count or sure + maybe < m.count) if m.count is not None else not sure + maybe:
+            return False
+        unknown |= (sure != m.count) if m.count is not None else not sure
+    stated = {(a, rel, b) for a, rel, b in said.relations} | {(b, INVERSE_RELATIONS[rel], a) for a, rel, b in said.relations}
+    for a, rel, b in asked.relations:
+        pairs = [(x, y) for x, y in itertools.permutations(range(len(objects)), 2)
+                 if _fits(asked.mentions[a], objects[x][1]) and _fits(asked.mentions[b], objects[y][1])]
+        holds = [_related(rel, objects[x], objects[y], stated) for x, y in pairs]
+        if True not in holds:
+            if None not in holds:
+                return False
+            unknown = True
+    placed = all(m.cell is not None for m in asked.mentions)
+    if (placed and len(objects) != sum(m.count or 1 for m in asked.mentions)) or (
+            asked.total is not None and asked.total != len(objects)):
         return False
-    asked = parse_claims(prompt).mentions
-    if asked and all(m.cell is not None for m in asked):
-        return len(scene) == sum(m.count or 1 for m in asked)
-    return True
+    return None if unknown else True
 
 
 def _describe(m: Mention) -> str:
