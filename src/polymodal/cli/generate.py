@@ -37,8 +37,9 @@ def generate_image(
     compose: Annotated[bool, typer.Option(
         help="Draw a prompt whose parts are joined by 'and' as the conjunction of its parts.")] = False,
     best_of: Annotated[int | None, typer.Option(
-        "--best-of", help="Omni models: draw N candidates for each image and keep the one whose caption the model "
-                          "finds the prompt's words most likely to begin (default: 1).")] = None,
+        "--best-of", help="Omni models: draw N candidates for each image and keep one the model, reading the "
+                          "pictures, captions as showing the prompt, the one whose caption the prompt's words are "
+                          "likeliest to begin (default: the model's own, else 1).")] = None,
     out: Annotated[Path | None, typer.Option(help="PNG grid to write (default: a name made from the prompt).")] = None,
     columns: Annotated[int, typer.Option(help="Images per row of the grid.")] = 8,
     scale: Annotated[int, typer.Option(help="Enlarge each image this many times in the grid.")] = 4,

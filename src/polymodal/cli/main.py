@@ -206,8 +206,9 @@ def eval_command(
                               "(default: 1, no guidance).")] = None,
     steps: Annotated[int | None, typer.Option(help="Text-to-image: denoising steps (default: 50).")] = None,
     best_of: Annotated[int | None, typer.Option(
-        "--best-of", help="Omni: draw N images a prompt and keep the one whose caption the model finds the prompt's "
-                          "words most likely to begin (N times the drawing; default: 1).")] = None,
+        "--best-of", help="Omni: draw N images a prompt and keep one the model, reading the pictures, captions as "
+                          "showing the prompt, the one whose caption the prompt's words are likeliest to begin (N "
+                          "times the drawing; default: the model's own, else 1).")] = None,
     per_category: Annotated[int, typer.Option(help="Text-to-image: prompts per GenEval category and split.")] = 50,
     compose: Annotated[bool, typer.Option(
         help="Text-to-image: draw a prompt whose parts are joined by 'and' as the conjunction of its parts.")] = False,

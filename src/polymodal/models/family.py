@@ -128,8 +128,8 @@ class EvalOptions:
     guidance_interval: tuple[int, int] | str | None = None  # timesteps (low, high) guided; "all": every step
     guidance_outside: float | None = None  # the scale at the timesteps outside guidance_interval
     sample_steps: int | None = None  # denoising steps
-    best_of: int | None = None  # draw this many images a prompt and keep the one the model reads its prompt in
-    # most (models that also read images: omni)
+    best_of: int | None = None  # draw this many images a prompt and keep the one the model reads as showing it
+    # best (models that also read images: omni; OmniModel.choose)
     per_category: int = 50  # prompts per GenEval-style category and split
     seed: int = 0
     compose: bool = False  # draw 'and'-joined prompt parts as a conjunction
