@@ -9,7 +9,7 @@ judge's verdict on it is what that way scores, per category and overall:
 - ``open``: the likeliest caption's first words, no ``<eos>``;
 - ``open, floor F``: the same, each token's probability raised by F (``log(p + F)``);
 - ``caption shows, then open, floor 0.05``: the model captions each candidate (greedy); candidates whose
-  caption shows the prompt (``data.scene.caption_shows``) first, then those whose caption tells nothing,
+  caption shows the prompt (``shows_prompts``) first, then those whose caption cannot tell,
   then the rest, each group by ``open, floor`` ``CHOICE_FLOOR``;
 - ``pixels: ...``: the same two readings of each candidate's pixels encoded again by the autoencoder (as
   the model reads any image), not of the latents it drew; ``draw(best_of=k)`` chooses as
@@ -35,12 +35,11 @@ FLOORS = (0.02, 0.05, 0.1)
 
 
 def main() -> None:
-    from polymodal.data.scene import caption_shows
     from polymodal.eval.geneval import CATEGORIES, geneval_prompts, judge_prompts
     from polymodal.models import load_model
     from polymodal.models.detector import GridDetector
     from polymodal.models.family import split_items
-    from polymodal.models.omni.generation import CAPTION_SHOWS, CHOICE_FLOOR, summed_log_probs
+    from polymodal.models.omni.generation import CHOICE_FLOOR, summed_log_probs
     from polymodal.nn.diffusion import Guidance
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -89,14 +88,12 @@ def main() -> None:
                 floored[f].append(summed_log_probs(logp, words, f).view(len(chunk), k_all))
             read = model.image_tokens(images)  # the pixels, encoded again
             pixels.append(model.caption_log_likelihood(read, texts, closed=False, floor=CHOICE_FLOOR).view(len(chunk), k_all))
-            for seen, levels in ((tokens, shown), (read, shown_pixels)):
-                captions = [tok.decode(ids) for ids in model.generate_text([model.image_prompt(t) for t in seen])]
-                levels.append(torch.tensor([CAPTION_SHOWS[caption_shows(c, t)] for c, t in zip(captions, texts, strict=True)],
-                                           dtype=torch.float).view(len(chunk), k_all))
+            shown.append(model.shows_prompts(tokens, texts).float().view(len(chunk), k_all))
+            shown_pixels.append(model.shows_prompts(read, texts).float().view(len(chunk), k_all))
     right = torch.cat(right).float()
     choosers = {"first": -torch.arange(k_all).float().expand_as(right), "closed": torch.cat(closed),
                 "open": torch.cat(opened), **{f"open, floor {f}": torch.cat(v) for f, v in floored.items()}}
-    # caption shows: ranked first by (2, 1, 0) for shown, tells nothing, contradicted; then by the reading
+    # caption shows: ranked first by (2, 1, 0) for shown, cannot tell, contradicted; then by the reading
     choosers[f"caption shows, then open, floor {CHOICE_FLOOR}"] = (torch.cat(shown) * 1e6
                                                                   + choosers[f"open, floor {CHOICE_FLOOR}"])
     choosers[f"pixels: open, floor {CHOICE_FLOOR}"] = torch.cat(pixels)

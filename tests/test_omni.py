@@ -501,7 +501,7 @@ def test_best_of_keeps_a_candidate_its_caption_shows_then_the_one_whose_caption_
         assert torch.equal(tokens, candidates)
         return scores
 
-    captions = ["a picture"] * 6  # captions that describe no whole scene tell nothing: the reading alone chooses
+    captions = ["a picture"] * 6  # captions that name no object cannot tell: the reading alone chooses
     captioned = []
 
     def write(prefixes, **options):
@@ -516,7 +516,7 @@ def test_best_of_keeps_a_candidate_its_caption_shows_then_the_one_whose_caption_
     assert seen[0] == [prompts[0]] * 3 + [prompts[1]] * 3  # each candidate read with its own prompt
     assert torch.equal(captioned[0], candidates) and torch.equal(encoded[0], candidates)  # each one read
     assert torch.equal(chosen, candidates[[1, 3]])
-    # a candidate whose own caption shows the prompt comes first, then one whose caption tells nothing, then one
+    # a candidate whose own caption shows the prompt comes first, then one whose caption cannot tell, then one
     # it contradicts, each group by the reading
     captions = ["a small red circle in the top left", "a small blue circle in the top left", "a picture",
                 "a picture", "a large blue square at the bottom", "a small red square at the top"]

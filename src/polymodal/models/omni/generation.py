@@ -23,7 +23,7 @@ CHOICE_FLOOR = 0.05  # draw(best_of=N): each prompt token's probability is raise
 # overall, against 0.473 and 0.46 with no floor (BENCHMARKS.md, "Reading a prompt as the start of a caption")
 
 CAPTION_SHOWS = {True: 2, None: 1, False: 0}  # choose: candidates whose own caption shows the prompt first, then
-# those it tells nothing of, then those it contradicts (data.scene.caption_shows)
+# those it cannot tell of, then those it contradicts (data.scene.caption_shows)
 
 DRAW_ROWS = 800  # draw: images denoised in one batch at most (twice as many rows with guidance). On CPU-2 a
 # sampler step cost 2.8 ms an image in batches of 800, 3.5 in 400 and 3.6 in one of 1,600 (best of 16 for
@@ -377,8 +377,9 @@ class OmniGeneration:
         reading of the pictures (:meth:`choose`): one its own caption says shows the prompt, the
         one whose caption the prompt's words are likeliest to begin (a prompt says what a picture
         must show, not all it shows, and is not worded as the model's captions are): the model
-        checks its drawings as it captions images, at N times the cost of drawing. Images are denoised :data:`DRAW_ROWS` at a time,
-        one stream of noise from ``seed`` (or ``generator``) running through the batches."""
+        checks its drawings as it captions images, at N times the cost of drawing. Images are
+        denoised :data:`DRAW_ROWS` at a time, one stream of noise from ``seed`` (or
+        ``generator``) running through the batches."""
         if compose:
             raise ValueError("compose: an omni model reads a prompt as one caption; drawing 'and'-joined parts as a "
                              "conjunction is for text-to-image models")
@@ -404,27 +405,34 @@ class OmniGeneration:
         return images[self.choose(images, asked, best_of)] if best_of > 1 else images
 
     @torch.no_grad()
+    def shows_prompts(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """How far the model's own caption of each image (greedy) shows its prompt ``(B,)``:
+        :data:`CAPTION_SHOWS` of :func:`~polymodal.data.scene.caption_shows` (2 shows it, 1
+        cannot tell, 0 contradicts it). ``images``: image tokens, as :meth:`caption_log_likelihood`
+        reads them."""
+        captions = [self.tokenizer.decode(ids) for ids in self.generate_text([self.image_prompt(t) for t in images])]
+        return torch.tensor([CAPTION_SHOWS[caption_shows(c, p)] for c, p in zip(captions, prompts, strict=True)])
+
+    @torch.no_grad()
     def choose(self, images: torch.Tensor, prompts: Sequence[str], best_of: int) -> torch.Tensor:
         """Which picture to keep of each prompt's ``best_of`` (``images`` ``(B, 3, S, S)`` in
         [-1, 1] and ``prompts``, each prompt's candidates side by side, as :meth:`draw` draws
         them): the indices ``(B / best_of,)`` into ``images``. The model reads each picture as it
         reads any image (encoded by its autoencoder: what the pixels show, not the latents it
-        drew), captions it (greedy) and checks the scene its caption describes against the
-        prompt (:func:`~polymodal.data.scene.caption_shows`). The pictures whose caption shows the
-        prompt come first, then those whose caption tells nothing (no whole scene), then those
-        it contradicts; within the first such group the one kept is the one whose caption the
-        prompt's words are likeliest to begin (:meth:`caption_log_likelihood`, not ``closed``,
-        each token floored at :data:`CHOICE_FLOOR`)."""
+        drew) and checks its own caption against the prompt (:meth:`shows_prompts`). The pictures
+        whose caption shows the prompt come first, then those whose caption cannot tell, then
+        those it contradicts; within the first such group the one kept is the one whose caption
+        the prompt's words are likeliest to begin (:meth:`caption_log_likelihood`, not
+        ``closed``, each token floored at :data:`CHOICE_FLOOR`)."""
         if len(images) != len(prompts) or not prompts or len(prompts) % best_of:
             raise ValueError(f"{len(images)} pictures for {len(prompts)} prompts, not {best_of} for each prompt")
         scores, shown = [], []
         for start in range(0, len(images), DRAW_ROWS):
             read, asked = self.image_tokens(images[start : start + DRAW_ROWS]), prompts[start : start + DRAW_ROWS]
             scores.append(self.caption_log_likelihood(read, asked, closed=False, floor=CHOICE_FLOOR))
-            captions = [self.tokenizer.decode(ids) for ids in self.generate_text([self.image_prompt(t) for t in read])]
-            shown += [CAPTION_SHOWS[caption_shows(c, p)] for c, p in zip(captions, asked, strict=True)]
+            shown.append(self.shows_prompts(read, asked))
         scores = torch.cat(scores).view(-1, best_of)
-        shown = torch.tensor(shown, device=scores.device).view(-1, best_of)
+        shown = torch.cat(shown).to(scores.device).view(-1, best_of)
         scores = scores.masked_fill(shown < shown.max(1, keepdim=True).values, float("-inf"))
         return scores.argmax(1) + torch.arange(len(scores), device=scores.device) * best_of
 
